@@ -1,0 +1,124 @@
+#include "blas.h"
+
+#include <ATen/ATen.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <climits>
+#include <cstring>
+
+// The Fortran BLAS entry points that libtorch_cpu exports when it links MKL or OpenBLAS
+// statically (ATen's own CPUBlas.cpp calls these). Weak, so that a torch without them still
+// loads this library; a null address means "not available" and the ATen path is taken.
+extern "C" {
+void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const float* alpha,
+            const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
+            const int* ldc) __attribute__((weak));
+void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const double* alpha,
+            const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
+            const int* ldc) __attribute__((weak));
+}
+
+namespace rnnfused::cpu {
+namespace {
+
+bool g_force_aten = false;
+
+template <typename T>
+struct FortranGemm;
+template <>
+struct FortranGemm<float> {
+  static bool available() { return sgemm_ != nullptr; }
+  static void call(const char* ta, const char* tb, const int* m, const int* n, const int* k, const float* alpha,
+                   const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
+                   const int* ldc) {
+    sgemm_(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+  }
+};
+template <>
+struct FortranGemm<double> {
+  static bool available() { return dgemm_ != nullptr; }
+  static void call(const char* ta, const char* tb, const int* m, const int* n, const int* k, const double* alpha,
+                   const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
+                   const int* ldc) {
+    dgemm_(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+  }
+};
+
+bool fits_int(int64_t v) { return v <= INT_MAX; }
+
+template <typename T>
+void gemm_aten(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda,
+               const T* b, int64_t ldb, T beta, T* c, int64_t ldc) {
+  const auto options = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+  auto wrap = [&](const T* p, int64_t rows, int64_t cols, int64_t ld) {
+    return at::from_blob(const_cast<T*>(p), {rows, cols}, {ld, 1}, options);
+  };
+  at::Tensor A = trans_a ? wrap(a, k, m, lda).t() : wrap(a, m, k, lda);
+  at::Tensor B = trans_b ? wrap(b, n, k, ldb).t() : wrap(b, k, n, ldb);
+  at::Tensor C = wrap(c, m, n, ldc);
+  if (beta == T(0)) {
+    // addmm with beta = 0 still reads C in some kernels; mm does not.
+    at::Tensor product = at::mm(A, B);
+    if (alpha != T(1)) product.mul_(alpha);
+    C.copy_(product);
+  } else {
+    C.copy_(at::addmm(C, A, B, beta, alpha));
+  }
+}
+
+}  // namespace
+
+template <typename T>
+void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda,
+          const T* b, int64_t ldb, T beta, T* c, int64_t ldc) {
+  if (m == 0 || n == 0) return;
+  if (k == 0) {
+    for (int64_t i = 0; i < m; ++i) {
+      T* row = c + i * ldc;
+      if (beta == T(0)) {
+        std::fill(row, row + n, T(0));
+      } else {
+        for (int64_t j = 0; j < n; ++j) row[j] *= beta;
+      }
+    }
+    return;
+  }
+  const bool direct = !g_force_aten && FortranGemm<T>::available() && fits_int(m) && fits_int(n) && fits_int(k) &&
+                      fits_int(lda) && fits_int(ldb) && fits_int(ldc);
+  if (!direct) {
+    gemm_aten(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+    return;
+  }
+  // Row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T: the same buffers with the
+  // operands swapped and the same transpose flags.
+  const char ta = trans_a ? 'T' : 'N';
+  const char tb = trans_b ? 'T' : 'N';
+  const int im = static_cast<int>(m), in = static_cast<int>(n), ik = static_cast<int>(k);
+  const int ilda = static_cast<int>(std::max<int64_t>(lda, 1));
+  const int ildb = static_cast<int>(std::max<int64_t>(ldb, 1));
+  const int ildc = static_cast<int>(std::max<int64_t>(ldc, 1));
+  FortranGemm<T>::call(&tb, &ta, &in, &im, &ik, &alpha, b, &ildb, a, &ilda, &beta, c, &ildc);
+}
+
+template void gemm<float>(bool, bool, int64_t, int64_t, int64_t, float, const float*, int64_t, const float*, int64_t,
+                          float, float*, int64_t);
+template void gemm<double>(bool, bool, int64_t, int64_t, int64_t, double, const double*, int64_t, const double*,
+                           int64_t, double, double*, int64_t);
+
+const char* blas_backend() {
+  return (!g_force_aten && FortranGemm<float>::available() && FortranGemm<double>::available()) ? "blas" : "aten";
+}
+
+void set_blas_backend(const char* name) {
+  if (std::strcmp(name, "aten") == 0) {
+    g_force_aten = true;
+  } else {
+    TORCH_CHECK(std::strcmp(name, "blas") == 0, "set_blas_backend: expected 'blas' or 'aten', got '", name, "'");
+    TORCH_CHECK(FortranGemm<float>::available() && FortranGemm<double>::available(),
+                "set_blas_backend('blas'): this torch exports no sgemm_/dgemm_");
+    g_force_aten = false;
+  }
+}
+
+}  // namespace rnnfused::cpu

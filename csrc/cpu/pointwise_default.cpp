@@ -1,0 +1,9 @@
+// The per-step passes for any processor: at::vec at the build's baseline instruction set.
+#define RNNFUSED_ISA default_isa
+#define RNNFUSED_ISA_NAME "default"
+#include "pointwise_impl.h"
+
+namespace rnnfused::cpu::default_isa {
+template PointwiseKernels<float> make_kernels<float>();
+template PointwiseKernels<double> make_kernels<double>();
+}  // namespace rnnfused::cpu::default_isa

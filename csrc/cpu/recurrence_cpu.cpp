@@ -1,0 +1,461 @@
+// The recurrence ops on the CPU: the time loops around one GEMM per step (h_{t-1} W_hh^T into a
+// preallocated buffer) and one fused, vectorized, multi-threaded pass over the gates
+// (pointwise.h). Backward mirrors the loop in reverse; dW_hh, db_hh and dW_hr are one GEMM /
+// reduction each over all steps, after the loop. Nothing is allocated inside a time loop.
+//
+// float32 and float64 run in their own type. bfloat16 and float16 run the float32 loop on
+// float copies, rounding h_t to the input dtype every step (so the state carried forward is
+// exactly the output the caller sees, and backward differentiates what forward computed)
+// while the cell state and the workspace stay float32.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <c10/util/irange.h>
+#include <torch/library.h>
+
+#include <cstring>
+
+#include "../cell_math.h"
+#include "../recurrence.h"
+#include "blas.h"
+#include "pointwise.h"
+
+namespace rnnfused::cpu {
+namespace {
+
+// A fresh, contiguous copy in `dtype` (the states are updated in place and must never alias a
+// caller's tensor).
+at::Tensor state_copy(const at::Tensor& t, at::ScalarType dtype) {
+  return at::empty(t.sizes(), t.options().dtype(dtype)).copy_(t);
+}
+
+// Contiguous view or copy in `dtype` (no copy when it already is).
+at::Tensor compute_view(const at::Tensor& t, at::ScalarType dtype) { return t.to(dtype).contiguous(); }
+
+at::Tensor optional_compute_view(const c10::optional<at::Tensor>& t, at::ScalarType dtype) {
+  return present(t) ? compute_view(*t, dtype) : at::Tensor();
+}
+
+// b_hh in the compute dtype, or zeros for a layer without bias (one add per gate is cheaper
+// than a second copy of every pass).
+at::Tensor bias_or_zeros(const c10::optional<at::Tensor>& b_hh, int64_t size, const at::Tensor& like,
+                         at::ScalarType dtype) {
+  return present(b_hh) ? compute_view(*b_hh, dtype) : at::zeros({size}, like.options().dtype(dtype));
+}
+
+template <typename T>
+const T* ptr_or_null(const at::Tensor& t) {
+  return t.defined() ? t.data_ptr<T>() : nullptr;
+}
+
+// Rounds a float state to `storage` (bfloat16 / float16) in place; no-op for float32/float64.
+template <typename T>
+void round_to_storage(at::ScalarType storage, T* data, int64_t count) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (storage == at::kBFloat16) {
+      for (int64_t i = 0; i < count; ++i) data[i] = static_cast<float>(static_cast<at::BFloat16>(data[i]));
+    } else if (storage == at::kHalf) {
+      for (int64_t i = 0; i < count; ++i) data[i] = static_cast<float>(static_cast<at::Half>(data[i]));
+    }
+  }
+}
+
+// hprev [N, P]: row r holds the h_{t-1} that the row's step read: the previous step's output row
+// for rows that continue, h0 for rows that start at this step. Feeds dW_hh = dG^T hprev.
+template <typename T>
+void gather_previous_h(const StepPlan& plan, const T* output, const T* h0, int64_t width, T* hprev) {
+  for (const auto t : c10::irange(plan.steps())) {
+    const int64_t rows = plan.batch_sizes[t];
+    const int64_t from_prev = plan.rows_from_previous(t);
+    T* dst = hprev + plan.offsets[t] * width;
+    if (from_prev > 0) {
+      std::memcpy(dst, output + plan.offsets[plan.previous_step(t)] * width, from_prev * width * sizeof(T));
+    }
+    std::memcpy(dst + from_prev * width, h0 + from_prev * width, (rows - from_prev) * width * sizeof(T));
+  }
+}
+
+at::Tensor previous_h(const StepPlan& plan, const at::Tensor& output, const at::Tensor& h0) {
+  at::Tensor hprev = at::empty_like(output);
+  AT_DISPATCH_FLOATING_TYPES(output.scalar_type(), "rnnfused_previous_h", [&] {
+    gather_previous_h<scalar_t>(plan, output.data_ptr<scalar_t>(), h0.data_ptr<scalar_t>(), output.size(1),
+                                hprev.data_ptr<scalar_t>());
+  });
+  return hprev;
+}
+
+// Gradients leave in the dtype of the tensors they belong to.
+at::Tensor to_dtype(const at::Tensor& t, at::ScalarType dtype) { return t.to(dtype); }
+
+// ---------------------------------------------------------------------------------------------
+// LSTM
+// ---------------------------------------------------------------------------------------------
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_recurrence_cpu(
+    const at::Tensor& gates_x, const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_hh,
+    const c10::optional<at::Tensor>& w_hr, const at::Tensor& h0, const at::Tensor& c0,
+    const c10::optional<at::Tensor>& batch_sizes, bool reverse, bool training) {
+  const char* op = kLstmOp;
+  const int64_t H = check_recurrence_inputs(op, 4, gates_x, w_hh, b_hh, h0);
+  const int64_t P = w_hh.size(1);
+  const bool proj = present(w_hr);
+  if (proj) {
+    check_matrix(op, "w_hr", *w_hr, gates_x, P, H);
+  } else {
+    TORCH_CHECK(P == H, op, ": without w_hr, w_hh must be [4 * hidden, hidden] = [", 4 * H, ", ", H, "], got ",
+                w_hh.sizes());
+  }
+  check_matrix(op, "c0", c0, gates_x, h0.size(0), H);
+  const int64_t B = h0.size(0);
+  const StepPlan plan = make_step_plan(op, gates_x.size(0), B, batch_sizes, reverse);
+
+  const auto dtype = gates_x.scalar_type();
+  const auto acc = compute_dtype(dtype);
+  const at::Tensor gx = compute_view(gates_x, acc);
+  const at::Tensor whh = compute_view(w_hh, acc);
+  const at::Tensor whr = optional_compute_view(w_hr, acc);
+  const at::Tensor bias = bias_or_zeros(b_hh, 4 * H, gates_x, acc);
+  at::Tensor h_state = state_copy(h0, acc);
+  at::Tensor c_state = state_copy(c0, acc);
+  at::Tensor output = at::empty({plan.rows, P}, gates_x.options().dtype(acc));
+  at::Tensor workspace = empty_workspace(gates_x, training, kLstmWorkspaceGates, H);
+  at::Tensor gates_h = at::empty({B, 4 * H}, gx.options());
+  at::Tensor r_buffer = proj ? at::empty({B, H}, gx.options()) : at::Tensor();
+
+  AT_DISPATCH_FLOATING_TYPES(acc, "rnnfused_lstm_cpu", [&] {
+    using T = scalar_t;
+    const auto& kernels = pointwise_kernels<T>();
+    T* hs = h_state.data_ptr<T>();
+    T* out = output.data_ptr<T>();
+    T* ws = training ? workspace.data_ptr<T>() : nullptr;
+    T* gh = gates_h.data_ptr<T>();
+    T* r = proj ? r_buffer.data_ptr<T>() : nullptr;
+    LstmForwardStep<T> step;
+    step.hidden = H;
+    step.gates_h = gh;
+    step.bias = bias.data_ptr<T>();
+    step.c_state = c_state.data_ptr<T>();
+    step.r_out = proj ? r : hs;
+    for (const auto s : c10::irange(plan.steps())) {
+      const int64_t t = plan.step_at(s);
+      const int64_t rows = plan.batch_sizes[t], off = plan.offsets[t];
+      gemm<T>(false, true, rows, 4 * H, P, T(1), hs, P, whh.data_ptr<T>(), P, T(0), gh, 4 * H);
+      step.rows = rows;
+      step.gates_x = gx.data_ptr<T>() + off * 4 * H;
+      step.workspace = ws ? ws + off * kLstmWorkspaceGates * H : nullptr;
+      kernels.lstm_forward(step);
+      if (proj) gemm<T>(false, true, rows, P, H, T(1), r, H, whr.data_ptr<T>(), H, T(0), hs, P);
+      round_to_storage(dtype, hs, rows * P);
+      std::memcpy(out + off * P, hs, rows * P * sizeof(T));
+    }
+  });
+  return {to_dtype(output, dtype), to_dtype(h_state, dtype), to_dtype(c_state, dtype), workspace};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_recurrence_backward_cpu(
+    const c10::optional<at::Tensor>& grad_output, const c10::optional<at::Tensor>& grad_h_n,
+    const c10::optional<at::Tensor>& grad_c_n, const at::Tensor& w_hh, const c10::optional<at::Tensor>& w_hr,
+    const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& output, const at::Tensor& workspace,
+    const c10::optional<at::Tensor>& batch_sizes, bool reverse) {
+  const char* op = kLstmBackwardOp;
+  TORCH_CHECK(output.dim() == 2, op, ": output must be 2-D, got ", output.dim(), "-D");
+  TORCH_CHECK(w_hh.dim() == 2 && w_hh.size(0) % 4 == 0, op, ": w_hh must be [4 * hidden, P], got ", w_hh.sizes());
+  const int64_t H = w_hh.size(0) / 4;
+  const int64_t P = w_hh.size(1);
+  const bool proj = present(w_hr);
+  check_matrix(op, "w_hh", w_hh, output, 4 * H, output.size(1));
+  if (proj) {
+    check_matrix(op, "w_hr", *w_hr, output, P, H);
+  } else {
+    TORCH_CHECK(P == H, op, ": without w_hr, w_hh must be [4 * hidden, hidden] = [", 4 * H, ", ", H, "], got ",
+                w_hh.sizes());
+  }
+  check_matrix(op, "h0", h0, output, -1, P);
+  check_matrix(op, "c0", c0, output, h0.size(0), H);
+  check_workspace(op, workspace, output, kLstmWorkspaceGates, H);
+  check_optional_grad(op, "grad_output", grad_output, output);
+  check_optional_grad(op, "grad_h_n", grad_h_n, h0);
+  check_optional_grad(op, "grad_c_n", grad_c_n, c0);
+  const int64_t B = h0.size(0);
+  const StepPlan plan = make_step_plan(op, output.size(0), B, batch_sizes, reverse);
+
+  const auto dtype = output.scalar_type();
+  const auto acc = compute_dtype(dtype);
+  const auto options = output.options().dtype(acc);
+  const at::Tensor whh = compute_view(w_hh, acc);
+  const at::Tensor whr = optional_compute_view(w_hr, acc);
+  const at::Tensor h0_c = compute_view(h0, acc);
+  const at::Tensor c0_c = compute_view(c0, acc);
+  const at::Tensor out = compute_view(output, acc);
+  const at::Tensor go = optional_compute_view(grad_output, acc);
+  at::Tensor dh_state = present(grad_h_n) ? state_copy(*grad_h_n, acc) : at::zeros({B, P}, options);
+  at::Tensor dc_state = present(grad_c_n) ? state_copy(*grad_c_n, acc) : at::zeros({B, H}, options);
+  at::Tensor grad_gates = at::empty({plan.rows, 4 * H}, options);
+  // With a projection: dL/dh per row (for dW_hr), o tanh(c) per row, and dL/dr of one step.
+  at::Tensor grad_h_rows = proj ? at::empty({plan.rows, P}, options) : at::Tensor();
+  at::Tensor r_rows = proj ? at::empty({plan.rows, H}, options) : at::Tensor();
+  at::Tensor grad_r = proj ? at::empty({B, H}, options) : at::Tensor();
+
+  AT_DISPATCH_FLOATING_TYPES(acc, "rnnfused_lstm_backward_cpu", [&] {
+    using T = scalar_t;
+    const auto& kernels = pointwise_kernels<T>();
+    const T* ws = workspace.data_ptr<T>();
+    const T* go_p = ptr_or_null<T>(go);
+    T* dh = dh_state.data_ptr<T>();
+    T* dg = grad_gates.data_ptr<T>();
+    LstmBackwardStep<T> step;
+    step.hidden = H;
+    step.c0 = c0_c.data_ptr<T>();
+    step.dc_state = dc_state.data_ptr<T>();
+    for (int64_t s = plan.steps() - 1; s >= 0; --s) {
+      const int64_t t = plan.step_at(s);
+      const int64_t rows = plan.batch_sizes[t], off = plan.offsets[t];
+      const int64_t prev = plan.previous_step(t);
+      step.rows = rows;
+      step.workspace = ws + off * kLstmWorkspaceGates * H;
+      step.prev_workspace = prev >= 0 ? ws + plan.offsets[prev] * kLstmWorkspaceGates * H : nullptr;
+      step.rows_from_prev = plan.rows_from_previous(t);
+      step.grad_gates = dg + off * 4 * H;
+      if (proj) {
+        // dL/dh_t = dL/doutput_t + dL/dh_t from step t+1, kept for dW_hr; dL/dr = (dL/dh_t) W_hr.
+        T* gh_rows = grad_h_rows.data_ptr<T>() + off * P;
+        for (int64_t i = 0; i < rows * P; ++i) gh_rows[i] = dh[i] + (go_p ? go_p[off * P + i] : T(0));
+        gemm<T>(false, false, rows, H, P, T(1), gh_rows, P, whr.data_ptr<T>(), H, T(0), grad_r.data_ptr<T>(), H);
+        step.grad_r = grad_r.data_ptr<T>();
+        step.grad_r_extra = nullptr;
+        step.r_out = r_rows.data_ptr<T>() + off * H;
+      } else {
+        step.grad_r = dh;
+        step.grad_r_extra = go_p ? go_p + off * P : nullptr;
+        step.r_out = nullptr;
+      }
+      kernels.lstm_backward(step);
+      // dL/dh_{t-1} = dG_t W_hh, into the state rows the pointwise pass has just consumed.
+      gemm<T>(false, false, rows, P, 4 * H, T(1), dg + off * 4 * H, 4 * H, whh.data_ptr<T>(), P, T(0), dh, P);
+    }
+  });
+  const at::Tensor hprev = previous_h(plan, out, h0_c);
+  at::Tensor grad_w_hh = grad_gates.t().mm(hprev);
+  at::Tensor grad_b_hh = grad_gates.sum(0);
+  at::Tensor grad_w_hr = proj ? grad_h_rows.t().mm(r_rows) : at::empty({0}, options);
+  return {to_dtype(grad_gates, dtype), to_dtype(grad_w_hh, dtype), to_dtype(grad_b_hh, dtype),
+          to_dtype(grad_w_hr, dtype), to_dtype(dh_state, dtype), to_dtype(dc_state, dtype)};
+}
+
+// ---------------------------------------------------------------------------------------------
+// GRU
+// ---------------------------------------------------------------------------------------------
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_recurrence_cpu(const at::Tensor& gates_x, const at::Tensor& w_hh,
+                                                                   const c10::optional<at::Tensor>& b_hh,
+                                                                   const at::Tensor& h0,
+                                                                   const c10::optional<at::Tensor>& batch_sizes,
+                                                                   bool reverse, bool training) {
+  const char* op = kGruOp;
+  const int64_t H = check_recurrence_inputs(op, 3, gates_x, w_hh, b_hh, h0);
+  TORCH_CHECK(w_hh.size(1) == H, op, ": w_hh must be [3 * hidden, hidden] = [", 3 * H, ", ", H, "], got ",
+              w_hh.sizes());
+  const int64_t B = h0.size(0);
+  const StepPlan plan = make_step_plan(op, gates_x.size(0), B, batch_sizes, reverse);
+
+  const auto dtype = gates_x.scalar_type();
+  const auto acc = compute_dtype(dtype);
+  const at::Tensor gx = compute_view(gates_x, acc);
+  const at::Tensor whh = compute_view(w_hh, acc);
+  const at::Tensor bias = bias_or_zeros(b_hh, 3 * H, gates_x, acc);
+  at::Tensor h_state = state_copy(h0, acc);
+  at::Tensor output = at::empty({plan.rows, H}, gates_x.options().dtype(acc));
+  at::Tensor workspace = empty_workspace(gates_x, training, kGruWorkspaceGates, H);
+  at::Tensor gates_h = at::empty({B, 3 * H}, gx.options());
+
+  AT_DISPATCH_FLOATING_TYPES(acc, "rnnfused_gru_cpu", [&] {
+    using T = scalar_t;
+    const auto& kernels = pointwise_kernels<T>();
+    T* hs = h_state.data_ptr<T>();
+    T* out = output.data_ptr<T>();
+    T* ws = training ? workspace.data_ptr<T>() : nullptr;
+    T* gh = gates_h.data_ptr<T>();
+    GruForwardStep<T> step;
+    step.hidden = H;
+    step.gates_h = gh;
+    step.bias = bias.data_ptr<T>();
+    step.h_state = hs;
+    for (const auto s : c10::irange(plan.steps())) {
+      const int64_t t = plan.step_at(s);
+      const int64_t rows = plan.batch_sizes[t], off = plan.offsets[t];
+      gemm<T>(false, true, rows, 3 * H, H, T(1), hs, H, whh.data_ptr<T>(), H, T(0), gh, 3 * H);
+      step.rows = rows;
+      step.gates_x = gx.data_ptr<T>() + off * 3 * H;
+      step.workspace = ws ? ws + off * kGruWorkspaceGates * H : nullptr;
+      kernels.gru_forward(step);
+      round_to_storage(dtype, hs, rows * H);
+      std::memcpy(out + off * H, hs, rows * H * sizeof(T));
+    }
+  });
+  return {to_dtype(output, dtype), to_dtype(h_state, dtype), workspace};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_recurrence_backward_cpu(
+    const c10::optional<at::Tensor>& grad_output, const c10::optional<at::Tensor>& grad_h_n, const at::Tensor& w_hh,
+    const at::Tensor& h0, const at::Tensor& output, const at::Tensor& workspace,
+    const c10::optional<at::Tensor>& batch_sizes, bool reverse) {
+  const char* op = kGruBackwardOp;
+  TORCH_CHECK(output.dim() == 2, op, ": output must be 2-D, got ", output.dim(), "-D");
+  const int64_t H = output.size(1);
+  check_matrix(op, "w_hh", w_hh, output, 3 * H, H);
+  check_matrix(op, "h0", h0, output, -1, H);
+  check_workspace(op, workspace, output, kGruWorkspaceGates, H);
+  check_optional_grad(op, "grad_output", grad_output, output);
+  check_optional_grad(op, "grad_h_n", grad_h_n, h0);
+  const int64_t B = h0.size(0);
+  const StepPlan plan = make_step_plan(op, output.size(0), B, batch_sizes, reverse);
+
+  const auto dtype = output.scalar_type();
+  const auto acc = compute_dtype(dtype);
+  const auto options = output.options().dtype(acc);
+  const at::Tensor whh = compute_view(w_hh, acc);
+  const at::Tensor go = optional_compute_view(grad_output, acc);
+  at::Tensor dh_state = present(grad_h_n) ? state_copy(*grad_h_n, acc) : at::zeros({B, H}, options);
+  const at::Tensor hprev = previous_h(plan, compute_view(output, acc), compute_view(h0, acc));
+  at::Tensor grad_gates_x = at::empty({plan.rows, 3 * H}, options);
+  at::Tensor grad_gates_h = at::empty({plan.rows, 3 * H}, options);
+
+  AT_DISPATCH_FLOATING_TYPES(acc, "rnnfused_gru_backward_cpu", [&] {
+    using T = scalar_t;
+    const auto& kernels = pointwise_kernels<T>();
+    const T* go_p = ptr_or_null<T>(go);
+    T* dh = dh_state.data_ptr<T>();
+    GruBackwardStep<T> step;
+    step.hidden = H;
+    step.dh_state = dh;
+    for (int64_t s = plan.steps() - 1; s >= 0; --s) {
+      const int64_t t = plan.step_at(s);
+      const int64_t rows = plan.batch_sizes[t], off = plan.offsets[t];
+      step.rows = rows;
+      step.workspace = workspace.data_ptr<T>() + off * kGruWorkspaceGates * H;
+      step.h_prev = hprev.data_ptr<T>() + off * H;
+      step.grad_output = go_p ? go_p + off * H : nullptr;
+      step.grad_gates_x = grad_gates_x.data_ptr<T>() + off * 3 * H;
+      step.grad_gates_h = grad_gates_h.data_ptr<T>() + off * 3 * H;
+      kernels.gru_backward(step);  // leaves dh_t * z in the state rows
+      gemm<T>(false, false, rows, H, 3 * H, T(1), step.grad_gates_h, 3 * H, whh.data_ptr<T>(), H, T(1), dh, H);
+    }
+  });
+  at::Tensor grad_w_hh = grad_gates_h.t().mm(hprev);
+  at::Tensor grad_b_hh = grad_gates_h.sum(0);
+  return {to_dtype(grad_gates_x, dtype), to_dtype(grad_w_hh, dtype), to_dtype(grad_b_hh, dtype),
+          to_dtype(dh_state, dtype)};
+}
+
+// ---------------------------------------------------------------------------------------------
+// Elman RNN (tanh / relu)
+// ---------------------------------------------------------------------------------------------
+
+template <Activation act>
+std::tuple<at::Tensor, at::Tensor> rnn_recurrence_cpu(const at::Tensor& gates_x, const at::Tensor& w_hh,
+                                                       const c10::optional<at::Tensor>& b_hh, const at::Tensor& h0,
+                                                       const c10::optional<at::Tensor>& batch_sizes, bool reverse) {
+  const char* op = act == Activation::Tanh ? kRnnTanhOp : kRnnReluOp;
+  const int64_t H = check_recurrence_inputs(op, 1, gates_x, w_hh, b_hh, h0);
+  TORCH_CHECK(w_hh.size(1) == H, op, ": w_hh must be [hidden, hidden] = [", H, ", ", H, "], got ", w_hh.sizes());
+  const int64_t B = h0.size(0);
+  const StepPlan plan = make_step_plan(op, gates_x.size(0), B, batch_sizes, reverse);
+
+  const auto dtype = gates_x.scalar_type();
+  const auto acc = compute_dtype(dtype);
+  const at::Tensor gx = compute_view(gates_x, acc);
+  const at::Tensor whh = compute_view(w_hh, acc);
+  const at::Tensor bias = bias_or_zeros(b_hh, H, gates_x, acc);
+  at::Tensor h_state = state_copy(h0, acc);
+  at::Tensor output = at::empty({plan.rows, H}, gates_x.options().dtype(acc));
+  at::Tensor gates_h = at::empty({B, H}, gx.options());
+
+  AT_DISPATCH_FLOATING_TYPES(acc, "rnnfused_rnn_cpu", [&] {
+    using T = scalar_t;
+    const auto& kernels = pointwise_kernels<T>();
+    const auto pass = act == Activation::Tanh ? kernels.rnn_tanh_forward : kernels.rnn_relu_forward;
+    T* hs = h_state.data_ptr<T>();
+    T* out = output.data_ptr<T>();
+    T* gh = gates_h.data_ptr<T>();
+    RnnForwardStep<T> step;
+    step.hidden = H;
+    step.gates_h = gh;
+    step.bias = bias.data_ptr<T>();
+    step.h_state = hs;
+    for (const auto s : c10::irange(plan.steps())) {
+      const int64_t t = plan.step_at(s);
+      const int64_t rows = plan.batch_sizes[t], off = plan.offsets[t];
+      gemm<T>(false, true, rows, H, H, T(1), hs, H, whh.data_ptr<T>(), H, T(0), gh, H);
+      step.rows = rows;
+      step.gates_x = gx.data_ptr<T>() + off * H;
+      pass(step);
+      round_to_storage(dtype, hs, rows * H);
+      std::memcpy(out + off * H, hs, rows * H * sizeof(T));
+    }
+  });
+  return {to_dtype(output, dtype), to_dtype(h_state, dtype)};
+}
+
+template <Activation act>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_recurrence_backward_cpu(
+    const c10::optional<at::Tensor>& grad_output, const c10::optional<at::Tensor>& grad_h_n, const at::Tensor& w_hh,
+    const at::Tensor& h0, const at::Tensor& output, const c10::optional<at::Tensor>& batch_sizes, bool reverse) {
+  const char* op = act == Activation::Tanh ? kRnnTanhBackwardOp : kRnnReluBackwardOp;
+  TORCH_CHECK(output.dim() == 2, op, ": output must be 2-D, got ", output.dim(), "-D");
+  const int64_t H = output.size(1);
+  check_matrix(op, "w_hh", w_hh, output, H, H);
+  check_matrix(op, "h0", h0, output, -1, H);
+  check_optional_grad(op, "grad_output", grad_output, output);
+  check_optional_grad(op, "grad_h_n", grad_h_n, h0);
+  const int64_t B = h0.size(0);
+  const StepPlan plan = make_step_plan(op, output.size(0), B, batch_sizes, reverse);
+
+  const auto dtype = output.scalar_type();
+  const auto acc = compute_dtype(dtype);
+  const auto options = output.options().dtype(acc);
+  const at::Tensor whh = compute_view(w_hh, acc);
+  const at::Tensor out = compute_view(output, acc);
+  const at::Tensor go = optional_compute_view(grad_output, acc);
+  at::Tensor dh_state = present(grad_h_n) ? state_copy(*grad_h_n, acc) : at::zeros({B, H}, options);
+  at::Tensor grad_gates = at::empty({plan.rows, H}, options);
+
+  AT_DISPATCH_FLOATING_TYPES(acc, "rnnfused_rnn_backward_cpu", [&] {
+    using T = scalar_t;
+    const auto& kernels = pointwise_kernels<T>();
+    const auto pass = act == Activation::Tanh ? kernels.rnn_tanh_backward : kernels.rnn_relu_backward;
+    const T* go_p = ptr_or_null<T>(go);
+    T* dh = dh_state.data_ptr<T>();
+    RnnBackwardStep<T> step;
+    step.hidden = H;
+    step.dh_state = dh;
+    for (int64_t s = plan.steps() - 1; s >= 0; --s) {
+      const int64_t t = plan.step_at(s);
+      const int64_t rows = plan.batch_sizes[t], off = plan.offsets[t];
+      step.rows = rows;
+      step.h = out.data_ptr<T>() + off * H;
+      step.grad_output = go_p ? go_p + off * H : nullptr;
+      step.grad_gates = grad_gates.data_ptr<T>() + off * H;
+      pass(step);
+      gemm<T>(false, false, rows, H, H, T(1), step.grad_gates, H, whh.data_ptr<T>(), H, T(0), dh, H);
+    }
+  });
+  const at::Tensor hprev = previous_h(plan, out, compute_view(h0, acc));
+  at::Tensor grad_w_hh = grad_gates.t().mm(hprev);
+  at::Tensor grad_b_hh = grad_gates.sum(0);
+  return {to_dtype(grad_gates, dtype), to_dtype(grad_w_hh, dtype), to_dtype(grad_b_hh, dtype),
+          to_dtype(dh_state, dtype)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(rnnfused, CPU, m) {
+  m.impl("lstm_recurrence", &lstm_recurrence_cpu);
+  m.impl("lstm_recurrence_backward", &lstm_recurrence_backward_cpu);
+  m.impl("gru_recurrence", &gru_recurrence_cpu);
+  m.impl("gru_recurrence_backward", &gru_recurrence_backward_cpu);
+  m.impl("rnn_tanh_recurrence", &rnn_recurrence_cpu<Activation::Tanh>);
+  m.impl("rnn_relu_recurrence", &rnn_recurrence_cpu<Activation::Relu>);
+  m.impl("rnn_tanh_recurrence_backward", &rnn_recurrence_backward_cpu<Activation::Tanh>);
+  m.impl("rnn_relu_recurrence_backward", &rnn_recurrence_backward_cpu<Activation::Relu>);
+}
+
+}  // namespace rnnfused::cpu

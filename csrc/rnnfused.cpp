@@ -1,0 +1,72 @@
+// rnnfused._C: the op schemas (every op of the library, in one place) and build information.
+//
+// One op = one layer, one direction, the whole sequence. The input projection
+// x W_ih^T + b_ih of all steps is one GEMM done by the caller; the ops run only the recurrence.
+//   gates_x     [N, G*H]  input projection of every row, packed layout
+//   w_hh        [G*H, P]  b_hh [G*H] (optional)     w_hr [P, H] (LSTM projection, optional)
+//   h0          [B, P]    c0 [B, H] (LSTM)
+//   batch_sizes [T] int64 on the CPU (PackedSequence.batch_sizes); None for a padded batch of
+//                         B rows per step
+//   reverse     run the steps from last to first (the reverse direction of a bidirectional layer)
+//   training    record the workspace that backward needs (empty [0] otherwise)
+// Outputs: output [N, P], h_n [B, P], c_n [B, H] (LSTM), workspace.
+// The backward ops take the forward's saved tensors and the gradients of its outputs (None
+// reads as zero) and return the gradients of gates_x, w_hh, b_hh, [w_hr: [0] without
+// projection], h0 and [c0].
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include "cpu/blas.h"
+#include "cpu/pointwise.h"
+
+TORCH_LIBRARY(rnnfused, m) {
+  m.def(
+      "lstm_recurrence(Tensor gates_x, Tensor w_hh, Tensor? b_hh, Tensor? w_hr, Tensor h0, Tensor c0, "
+      "Tensor? batch_sizes, bool reverse, bool training) -> (Tensor output, Tensor h_n, Tensor c_n, Tensor workspace)");
+  m.def(
+      "lstm_recurrence_backward(Tensor? grad_output, Tensor? grad_h_n, Tensor? grad_c_n, Tensor w_hh, Tensor? w_hr, "
+      "Tensor h0, Tensor c0, Tensor output, Tensor workspace, Tensor? batch_sizes, bool reverse) -> "
+      "(Tensor grad_gates_x, Tensor grad_w_hh, Tensor grad_b_hh, Tensor grad_w_hr, Tensor grad_h0, Tensor grad_c0)");
+  m.def(
+      "gru_recurrence(Tensor gates_x, Tensor w_hh, Tensor? b_hh, Tensor h0, Tensor? batch_sizes, bool reverse, "
+      "bool training) -> (Tensor output, Tensor h_n, Tensor workspace)");
+  m.def(
+      "gru_recurrence_backward(Tensor? grad_output, Tensor? grad_h_n, Tensor w_hh, Tensor h0, Tensor output, "
+      "Tensor workspace, Tensor? batch_sizes, bool reverse) -> "
+      "(Tensor grad_gates_x, Tensor grad_w_hh, Tensor grad_b_hh, Tensor grad_h0)");
+  // The Elman RNN needs no workspace: its backward reads the output itself (tanh' = 1 - h^2,
+  // relu' = [h > 0]).
+  m.def(
+      "rnn_tanh_recurrence(Tensor gates_x, Tensor w_hh, Tensor? b_hh, Tensor h0, Tensor? batch_sizes, bool reverse) "
+      "-> (Tensor output, Tensor h_n)");
+  m.def(
+      "rnn_tanh_recurrence_backward(Tensor? grad_output, Tensor? grad_h_n, Tensor w_hh, Tensor h0, Tensor output, "
+      "Tensor? batch_sizes, bool reverse) -> (Tensor grad_gates_x, Tensor grad_w_hh, Tensor grad_b_hh, Tensor grad_h0)");
+  m.def(
+      "rnn_relu_recurrence(Tensor gates_x, Tensor w_hh, Tensor? b_hh, Tensor h0, Tensor? batch_sizes, bool reverse) "
+      "-> (Tensor output, Tensor h_n)");
+  m.def(
+      "rnn_relu_recurrence_backward(Tensor? grad_output, Tensor? grad_h_n, Tensor w_hh, Tensor h0, Tensor output, "
+      "Tensor? batch_sizes, bool reverse) -> (Tensor grad_gates_x, Tensor grad_w_hh, Tensor grad_b_hh, Tensor grad_h0)");
+}
+
+namespace rnnfused {
+// setup.py defines RNNFUSED_WITH_CUDA when it compiles csrc/cuda.
+bool cuda_built() {
+#ifdef RNNFUSED_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+}  // namespace rnnfused
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "rnnfused: fused LSTM, GRU and Elman RNN recurrences (C++ CPU and CUDA kernels)";
+  m.def("cuda_built", &rnnfused::cuda_built, "Whether this build carries the CUDA kernels");
+  m.def("cpu_isa", &rnnfused::cpu::pointwise_isa, "Instruction set of the CPU gate kernels: 'avx2' or 'default'");
+  m.def("cpu_blas", &rnnfused::cpu::blas_backend, "GEMM path of the CPU time loops: 'blas' or 'aten'");
+  m.def(
+      "_set_cpu_blas", [](const std::string& name) { rnnfused::cpu::set_blas_backend(name.c_str()); },
+      "Testing hook: run the CPU time loops on 'blas' (direct sgemm_/dgemm_) or 'aten' (at::addmm)");
+}

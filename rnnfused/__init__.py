@@ -1,0 +1,22 @@
+"""rnnfused: fused LSTM, GRU and Elman RNN kernels for PyTorch.
+
+``rnnfused.LSTM``, ``GRU``, ``RNN``, ``LSTMCell``, ``GRUCell`` and ``RNNCell`` are drop-in
+replacements for their torch.nn namesakes: same constructor, parameters, state_dict, outputs and
+errors, computed by rnnfused's own C++ (CPU) and CUDA (GPU) kernels.
+"""
+from . import _C, _ops, functional  # noqa: F401
+from .modules import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell
+
+__version__ = "0.1.0"
+
+__all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "functional", "cuda_built", "build_info"]
+
+
+def cuda_built():
+    """Whether this build of rnnfused carries its CUDA kernels."""
+    return _C.cuda_built()
+
+
+def build_info():
+    """What this build runs on: CUDA kernels present, CPU instruction set, CPU GEMM path."""
+    return {"version": __version__, "cuda": _C.cuda_built(), "cpu_isa": _C.cpu_isa(), "cpu_blas": _C.cpu_blas()}

@@ -1,0 +1,77 @@
+"""One recurrent layer, one direction, over a whole sequence.
+
+Rows are in the packed layout of :class:`torch.nn.utils.rnn.PackedSequence`: step ``t`` owns
+``batch_sizes[t]`` consecutive rows, batch sizes never grow with ``t``. A padded ``[T, B, I]``
+batch is passed as its ``[T * B, I]`` reshape with ``batch_sizes=None``.
+
+Shapes (N rows, B batch, I input, H hidden, P = proj_size or H):
+    input [N, I]; w_ih [G*H, I]; w_hh [G*H, P]; b_ih, b_hh [G*H]; w_hr [P, H];
+    h0 [B, P]; c0 [B, H]  ->  output [N, P], h_n [B, P], c_n [B, H]
+
+The input projection of all steps is one GEMM here (so autograd gives dx, dW_ih and db_ih
+from it); the recurrence is one fused op of rnnfused.
+"""
+import torch
+import torch.nn.functional as F
+
+from . import _C, _ops  # noqa: F401  (registers the ops, their fake kernels and autograd)
+
+__all__ = ["lstm_layer", "gru_layer", "rnn_tanh_layer", "rnn_relu_layer", "supported_device"]
+
+_ops_ns = torch.ops.rnnfused
+
+
+def supported_device(device):
+    """Whether rnnfused has kernels for ``device`` in this build (meta: shapes only)."""
+    device = torch.device(device)
+    if device.type in ("cpu", "meta"):
+        return True
+    return device.type == "cuda" and _C.cuda_built()
+
+
+def _check_device(tensor):
+    if supported_device(tensor.device):
+        return
+    if tensor.device.type == "cuda":
+        raise RuntimeError(
+            "rnnfused was built without its CUDA kernels, so it cannot run on "
+            f"{tensor.device}; rebuild it with a CUDA toolkit and a CUDA build of torch "
+            "(FORCE_CUDA=1 pip install --no-build-isolation -e .) or move the module to the CPU"
+        )
+    raise RuntimeError(f"rnnfused has no kernels for device type '{tensor.device.type}' (supported: cpu, cuda)")
+
+
+def _records_workspace(*tensors):
+    """True when autograd will need the backward pass: grad mode on and some input requires grad."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _project(input, w_ih, b_ih):
+    _check_device(input)
+    return F.linear(input, w_ih, b_ih)
+
+
+def lstm_layer(input, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0, batch_sizes=None, reverse=False):
+    """LSTM layer (with a projection when ``w_hr`` is given). Returns ``output, h_n, c_n``."""
+    gates_x = _project(input, w_ih, b_ih)
+    training = _records_workspace(gates_x, w_hh, b_hh, w_hr, h0, c0)
+    output, h_n, c_n, _ = _ops_ns.lstm_recurrence(gates_x, w_hh, b_hh, w_hr, h0, c0, batch_sizes, reverse, training)
+    return output, h_n, c_n
+
+
+def gru_layer(input, w_ih, w_hh, b_ih, b_hh, h0, batch_sizes=None, reverse=False):
+    """GRU layer. Returns ``output, h_n``."""
+    gates_x = _project(input, w_ih, b_ih)
+    training = _records_workspace(gates_x, w_hh, b_hh, h0)
+    output, h_n, _ = _ops_ns.gru_recurrence(gates_x, w_hh, b_hh, h0, batch_sizes, reverse, training)
+    return output, h_n
+
+
+def rnn_tanh_layer(input, w_ih, w_hh, b_ih, b_hh, h0, batch_sizes=None, reverse=False):
+    """Elman RNN layer with tanh. Returns ``output, h_n``."""
+    return _ops_ns.rnn_tanh_recurrence(_project(input, w_ih, b_ih), w_hh, b_hh, h0, batch_sizes, reverse)
+
+
+def rnn_relu_layer(input, w_ih, w_hh, b_ih, b_hh, h0, batch_sizes=None, reverse=False):
+    """Elman RNN layer with ReLU. Returns ``output, h_n``."""
+    return _ops_ns.rnn_relu_recurrence(_project(input, w_ih, b_ih), w_hh, b_hh, h0, batch_sizes, reverse)

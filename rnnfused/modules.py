@@ -1,0 +1,391 @@
+"""Drop-in replacements for torch.nn.LSTM, GRU, RNN and their Cell classes.
+
+The layer classes derive from ``torch.nn.RNNBase`` (as torch.nn.LSTM, GRU and RNN do, but not from
+those classes themselves: torch.compile refuses to trace any instance of them) and the cells from
+their torch.nn counterparts. The constructor, parameter names, ``state_dict``, ``repr``,
+``all_weights``, ``flatten_parameters`` and the argument checks are torch.nn's own, so a state_dict moves between the two with strict=True and
+bad input raises torch.nn's exception with torch.nn's message. The forward passes follow
+torch.nn's line by line up to the point where torch.nn calls its ATen/cuDNN kernels; there
+rnnfused runs its own fused ops, layer by layer and direction by direction.
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.utils.rnn import PackedSequence
+
+from . import functional as rf
+
+__all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell"]
+
+_ZERO_LENGTH_MESSAGE = "Expected sequence length to be larger than 0 in RNN"
+
+
+class _FusedStack:
+    """Runs the stacked, possibly bidirectional layers of an RNNBase on rnnfused's ops."""
+
+    def _layer_parameters(self, index):
+        """w_ih, w_hh, b_ih, b_hh, w_hr of layer-direction ``index`` (None where absent)."""
+        # Read by name rather than from ``_flat_weights``: the result is the same, it follows a
+        # reparametrization such as weight_norm without ``_update_flat_weights``, and
+        # torch.compile traces it.
+        names = self._flat_weights_names
+        per_layer = len(names) // (self.num_layers * (2 if self.bidirectional else 1))
+        weights = [getattr(self, name) for name in names[index * per_layer : (index + 1) * per_layer]]
+        w_ih, w_hh = weights[0], weights[1]
+        b_ih, b_hh = (weights[2], weights[3]) if self.bias else (None, None)
+        w_hr = weights[-1] if self.proj_size > 0 else None
+        return w_ih, w_hh, b_ih, b_hh, w_hr
+
+    def _run_layer(self, layer_input, index, h0, c0, batch_sizes, reverse):
+        w_ih, w_hh, b_ih, b_hh, w_hr = self._layer_parameters(index)
+        if self.mode == "LSTM":
+            return rf.lstm_layer(layer_input, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0, batch_sizes, reverse)
+        if self.mode == "GRU":
+            return rf.gru_layer(layer_input, w_ih, w_hh, b_ih, b_hh, h0, batch_sizes, reverse)
+        if self.mode == "RNN_TANH":
+            return rf.rnn_tanh_layer(layer_input, w_ih, w_hh, b_ih, b_hh, h0, batch_sizes, reverse)
+        if self.mode == "RNN_RELU":
+            return rf.rnn_relu_layer(layer_input, w_ih, w_hh, b_ih, b_hh, h0, batch_sizes, reverse)
+        raise ValueError("Unrecognized RNN mode: " + self.mode)
+
+    def _run_stack(self, input, batch_sizes, h0, c0=None):
+        """The equivalent of torch.nn's ``_VF.lstm/gru/rnn_*`` call.
+
+        input: padded [T, B, I] ([B, T, I] with batch_first) or packed data [N, I];
+        h0: [L*D, B, P]; c0: [L*D, B, H] (LSTM). Returns output in the input's layout, h_n, c_n.
+        """
+        if batch_sizes is None:
+            steps_first = input.transpose(0, 1) if self.batch_first else input
+            steps, batch = steps_first.shape[0], steps_first.shape[1]
+            if steps == 0:
+                raise RuntimeError(_ZERO_LENGTH_MESSAGE)
+            layer_input = steps_first.reshape(steps * batch, steps_first.shape[2])
+        else:
+            layer_input = input
+        num_directions = 2 if self.bidirectional else 1
+        h_n, c_n = [], []
+        for layer in range(self.num_layers):
+            outputs = []
+            for direction in range(num_directions):
+                index = layer * num_directions + direction
+                result = self._run_layer(
+                    layer_input, index, h0[index], None if c0 is None else c0[index], batch_sizes, direction == 1
+                )
+                outputs.append(result[0])
+                h_n.append(result[1])
+                if c0 is not None:
+                    c_n.append(result[2])
+            layer_output = outputs[0] if num_directions == 1 else torch.cat(outputs, 1)
+            # Inter-layer dropout, in training only, as torch.nn applies it (same RNG draws).
+            if self.dropout != 0 and self.training and layer < self.num_layers - 1:
+                layer_output = F.dropout(layer_output, self.dropout, True)
+            layer_input = layer_output
+        output = layer_input
+        if batch_sizes is None:
+            output = output.view(steps, batch, output.shape[1])
+            if self.batch_first:
+                output = output.transpose(0, 1).contiguous()
+        return output, torch.stack(h_n, 0), (torch.stack(c_n, 0) if c0 is not None else None)
+
+
+def _refuse_projection(kwargs):
+    if "proj_size" in kwargs:
+        raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
+
+
+def _single_state_forward(module, name, input, hx):
+    """forward of torch.nn.RNN and torch.nn.GRU (they differ only in a message), on rnnfused's ops."""
+    num_directions = 2 if module.bidirectional else 1
+    orig_input = input
+    if isinstance(orig_input, PackedSequence):
+        input, batch_sizes, sorted_indices, unsorted_indices = input
+        max_batch_size = int(batch_sizes[0])
+        if hx is None:
+            hx = torch.zeros(
+                module.num_layers * num_directions,
+                max_batch_size,
+                module.hidden_size,
+                dtype=input.dtype,
+                device=input.device,
+            )
+        else:
+            hx = module.permute_hidden(hx, sorted_indices)
+    else:
+        batch_sizes = None
+        if input.dim() not in (2, 3):
+            suffix = " tensor instead" if name == "RNN" else " instead"
+            raise ValueError(f"{name}: Expected input to be 2D or 3D, got {input.dim()}D{suffix}")
+        is_batched = input.dim() == 3
+        batch_dim = 0 if module.batch_first else 1
+        if not is_batched:
+            input = input.unsqueeze(batch_dim)
+            if hx is not None:
+                if hx.dim() != 2:
+                    raise RuntimeError(
+                        f"For unbatched 2-D input, hx should also be 2-D but got {hx.dim()}-D tensor"
+                    )
+                hx = hx.unsqueeze(1)
+        else:
+            if hx is not None and hx.dim() != 3:
+                raise RuntimeError(f"For batched 3-D input, hx should also be 3-D but got {hx.dim()}-D tensor")
+        max_batch_size = input.size(0) if module.batch_first else input.size(1)
+        sorted_indices = None
+        unsorted_indices = None
+        if hx is None:
+            hx = torch.zeros(
+                module.num_layers * num_directions,
+                max_batch_size,
+                module.hidden_size,
+                dtype=input.dtype,
+                device=input.device,
+            )
+        else:
+            hx = module.permute_hidden(hx, sorted_indices)
+
+    module.check_forward_args(input, hx, batch_sizes)
+    output, hidden, _ = module._run_stack(input, batch_sizes, hx)
+
+    if isinstance(orig_input, PackedSequence):
+        output_packed = PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices)
+        return output_packed, module.permute_hidden(hidden, unsorted_indices)
+    if not is_batched:
+        output = output.squeeze(batch_dim)
+        hidden = hidden.squeeze(1)
+    return output, module.permute_hidden(hidden, unsorted_indices)
+
+
+class RNN(_FusedStack, nn.RNNBase):
+    __doc__ = "rnnfused's drop-in for :class:`torch.nn.RNN` (fused kernels).\n\n" + (nn.RNN.__doc__ or "")
+
+    def __init__(self, *args, **kwargs):
+        # torch.nn.RNN.__init__, which picks the mode from ``nonlinearity``.
+        _refuse_projection(kwargs)
+        if len(args) > 3:
+            self.nonlinearity = args[3]
+            args = args[:3] + args[4:]
+        else:
+            self.nonlinearity = kwargs.pop("nonlinearity", "tanh")
+        if self.nonlinearity == "tanh":
+            mode = "RNN_TANH"
+        elif self.nonlinearity == "relu":
+            mode = "RNN_RELU"
+        else:
+            raise ValueError(f"Unknown nonlinearity '{self.nonlinearity}'. Select from 'tanh' or 'relu'.")
+        super().__init__(mode, *args, **kwargs)
+
+    def forward(self, input, hx=None):
+        return _single_state_forward(self, "RNN", input, hx)
+
+
+class GRU(_FusedStack, nn.RNNBase):
+    __doc__ = "rnnfused's drop-in for :class:`torch.nn.GRU` (fused kernels).\n\n" + (nn.GRU.__doc__ or "")
+
+    def __init__(self, *args, **kwargs):
+        _refuse_projection(kwargs)
+        super().__init__("GRU", *args, **kwargs)
+
+    def forward(self, input, hx=None):
+        return _single_state_forward(self, "GRU", input, hx)
+
+
+class LSTM(_FusedStack, nn.RNNBase):
+    __doc__ = "rnnfused's drop-in for :class:`torch.nn.LSTM` (fused kernels).\n\n" + (nn.LSTM.__doc__ or "")
+
+    def __init__(self, *args, **kwargs):
+        super().__init__("LSTM", *args, **kwargs)
+
+    # torch.nn.LSTM's own checks of the two states, and its permutation of both.
+    get_expected_cell_size = nn.LSTM.get_expected_cell_size
+    check_forward_args = nn.LSTM.check_forward_args
+    permute_hidden = nn.LSTM.permute_hidden
+
+    def forward(self, input, hx=None):
+        orig_input = input
+        batch_sizes = None
+        num_directions = 2 if self.bidirectional else 1
+        real_hidden_size = self.proj_size if self.proj_size > 0 else self.hidden_size
+        if isinstance(orig_input, PackedSequence):
+            input, batch_sizes, sorted_indices, unsorted_indices = input
+            max_batch_size = int(batch_sizes[0])
+            if hx is None:
+                h_zeros = torch.zeros(
+                    self.num_layers * num_directions,
+                    max_batch_size,
+                    real_hidden_size,
+                    dtype=input.dtype,
+                    device=input.device,
+                )
+                c_zeros = torch.zeros(
+                    self.num_layers * num_directions,
+                    max_batch_size,
+                    self.hidden_size,
+                    dtype=input.dtype,
+                    device=input.device,
+                )
+                hx = (h_zeros, c_zeros)
+            else:
+                _check_two_states(hx)
+                hx = self.permute_hidden(hx, sorted_indices)
+            # torch.nn.LSTM leaves a packed batch unchecked here (its kernels then fail with
+            # unrelated messages, or not at all); rnnfused applies the padded path's checks.
+            self.check_forward_args(input, hx, batch_sizes)
+        else:
+            if input.dim() not in (2, 3):
+                raise ValueError(f"LSTM: Expected input to be 2D or 3D, got {input.dim()}D instead")
+            is_batched = input.dim() == 3
+            batch_dim = 0 if self.batch_first else 1
+            if not is_batched:
+                input = input.unsqueeze(batch_dim)
+            max_batch_size = input.size(0) if self.batch_first else input.size(1)
+            sorted_indices = None
+            unsorted_indices = None
+            if hx is None:
+                h_zeros = torch.zeros(
+                    self.num_layers * num_directions,
+                    max_batch_size,
+                    real_hidden_size,
+                    dtype=input.dtype,
+                    device=input.device,
+                )
+                c_zeros = torch.zeros(
+                    self.num_layers * num_directions,
+                    max_batch_size,
+                    self.hidden_size,
+                    dtype=input.dtype,
+                    device=input.device,
+                )
+                hx = (h_zeros, c_zeros)
+                self.check_forward_args(input, hx, batch_sizes)
+            else:
+                if is_batched:
+                    if hx[0].dim() != 3 or hx[1].dim() != 3:
+                        msg = (
+                            "For batched 3-D input, hx and cx should "
+                            f"also be 3-D but got ({hx[0].dim()}-D, {hx[1].dim()}-D) tensors"
+                        )
+                        raise RuntimeError(msg)
+                else:
+                    if hx[0].dim() != 2 or hx[1].dim() != 2:
+                        msg = (
+                            "For unbatched 2-D input, hx and cx should "
+                            f"also be 2-D but got ({hx[0].dim()}-D, {hx[1].dim()}-D) tensors"
+                        )
+                        raise RuntimeError(msg)
+                    hx = (hx[0].unsqueeze(1), hx[1].unsqueeze(1))
+                self.check_forward_args(input, hx, batch_sizes)
+                _check_two_states(hx)
+                hx = self.permute_hidden(hx, sorted_indices)
+
+        output, h_n, c_n = self._run_stack(input, batch_sizes, hx[0], hx[1])
+        hidden = (h_n, c_n)
+        if isinstance(orig_input, PackedSequence):
+            output_packed = PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices)
+            return output_packed, self.permute_hidden(hidden, unsorted_indices)
+        if not is_batched:
+            output = output.squeeze(batch_dim)
+            hidden = (hidden[0].squeeze(1), hidden[1].squeeze(1))
+        return output, self.permute_hidden(hidden, unsorted_indices)
+
+
+def _check_two_states(hx):
+    if len(hx) != 2:
+        raise RuntimeError("lstm expects two hidden states")
+
+
+# ----------------------------------------------------------------------------------------------
+# Cells: one step of the same ops (T = 1). Shape checks and messages are ATen's for the cells.
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_cell_input(input, weight_ih):
+    if input.size(1) != weight_ih.size(1):
+        raise RuntimeError(f"input has inconsistent input_size: got {input.size(1)} expected {weight_ih.size(1)}")
+
+
+def _check_cell_hidden(input, hx, hidden_size, label):
+    if input.size(0) != hx.size(0):
+        raise RuntimeError(f"Input batch size {input.size(0)} doesn't match hidden{label} batch size {hx.size(0)}")
+    if hx.size(1) != hidden_size:
+        raise RuntimeError(f"hidden{label} has inconsistent hidden_size: got {hx.size(1)}, expected {hidden_size}")
+
+
+class RNNCell(nn.RNNCell):
+    __doc__ = "rnnfused's drop-in for :class:`torch.nn.RNNCell`.\n\n" + (nn.RNNCell.__doc__ or "")
+
+    def forward(self, input, hx=None):
+        if input.dim() not in (1, 2):
+            raise ValueError(f"RNNCell: Expected input to be 1D or 2D, got {input.dim()}D instead")
+        if hx is not None and hx.dim() not in (1, 2):
+            raise ValueError(f"RNNCell: Expected hidden to be 1D or 2D, got {hx.dim()}D instead")
+        is_batched = input.dim() == 2
+        if not is_batched:
+            input = input.unsqueeze(0)
+        if hx is None:
+            hx = torch.zeros(input.size(0), self.hidden_size, dtype=input.dtype, device=input.device)
+        else:
+            hx = hx.unsqueeze(0) if not is_batched else hx
+        if self.nonlinearity == "tanh":
+            layer = rf.rnn_tanh_layer
+        elif self.nonlinearity == "relu":
+            layer = rf.rnn_relu_layer
+        else:
+            raise RuntimeError(f"Unknown nonlinearity: {self.nonlinearity}")
+        _check_cell_input(input, self.weight_ih)
+        _check_cell_hidden(input, hx, self.weight_hh.size(1), "0")
+        ret, _ = layer(input, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh, hx)
+        if not is_batched:
+            ret = ret.squeeze(0)
+        return ret
+
+
+class GRUCell(nn.GRUCell):
+    __doc__ = "rnnfused's drop-in for :class:`torch.nn.GRUCell`.\n\n" + (nn.GRUCell.__doc__ or "")
+
+    def forward(self, input, hx=None):
+        if input.dim() not in (1, 2):
+            raise ValueError(f"GRUCell: Expected input to be 1D or 2D, got {input.dim()}D instead")
+        if hx is not None and hx.dim() not in (1, 2):
+            raise ValueError(f"GRUCell: Expected hidden to be 1D or 2D, got {hx.dim()}D instead")
+        is_batched = input.dim() == 2
+        if not is_batched:
+            input = input.unsqueeze(0)
+        if hx is None:
+            hx = torch.zeros(input.size(0), self.hidden_size, dtype=input.dtype, device=input.device)
+        else:
+            hx = hx.unsqueeze(0) if not is_batched else hx
+        _check_cell_input(input, self.weight_ih)
+        _check_cell_hidden(input, hx, self.weight_hh.size(1), "0")
+        ret, _ = rf.gru_layer(input, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh, hx)
+        if not is_batched:
+            ret = ret.squeeze(0)
+        return ret
+
+
+class LSTMCell(nn.LSTMCell):
+    __doc__ = "rnnfused's drop-in for :class:`torch.nn.LSTMCell`.\n\n" + (nn.LSTMCell.__doc__ or "")
+
+    def forward(self, input, hx=None):
+        if input.dim() not in (1, 2):
+            raise ValueError(f"LSTMCell: Expected input to be 1D or 2D, got {input.dim()}D instead")
+        if hx is not None:
+            for idx, value in enumerate(hx):
+                if value.dim() not in (1, 2):
+                    raise ValueError(f"LSTMCell: Expected hx[{idx}] to be 1D or 2D, got {value.dim()}D instead")
+        is_batched = input.dim() == 2
+        if not is_batched:
+            input = input.unsqueeze(0)
+        if hx is None:
+            zeros = torch.zeros(input.size(0), self.hidden_size, dtype=input.dtype, device=input.device)
+            hx = (zeros, zeros)
+        else:
+            hx = (hx[0].unsqueeze(0), hx[1].unsqueeze(0)) if not is_batched else hx
+        if len(hx) != 2:
+            raise RuntimeError("lstm_cell expects two hidden states")
+        _check_cell_input(input, self.weight_ih)
+        _check_cell_hidden(input, hx[0], self.weight_hh.size(1), "0")
+        _check_cell_hidden(input, hx[1], self.weight_hh.size(1), "1")
+        h, _, c = rf.lstm_layer(input, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh, None, hx[0], hx[1])
+        ret = (h, c)
+        if not is_batched:
+            ret = (ret[0].squeeze(0), ret[1].squeeze(0))
+        return ret

@@ -1,0 +1,119 @@
+"""Build of rnnfused._C: the C++ CPU kernels always, the CUDA kernels when a CUDA build is possible.
+
+Environment switches:
+  FORCE_CUDA=1          build the CUDA kernels even where torch sees no GPU (needs nvcc and a CUDA build of torch)
+  FORCE_ONLY_CPU=1      never build the CUDA kernels
+  TORCH_CUDA_ARCH_LIST  GPU architectures (default "8.0;9.0+PTX": sm_80 and sm_90 with PTX)
+  MAX_JOBS              parallel compile jobs (ninja)
+  RNNFUSED_DEBUG=1      -O0 -g instead of -O3
+Build with `pip install --no-build-isolation -e .` so that the installed torch is the one built against.
+"""
+import glob
+import os
+import platform
+
+from setuptools import find_packages, setup
+from torch.utils import cpp_extension
+
+
+def env_flag(name):
+    return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
+
+
+def want_cuda():
+    if env_flag("FORCE_ONLY_CPU"):
+        return False
+    import torch
+
+    if env_flag("FORCE_CUDA"):
+        if torch.version.cuda is None:
+            raise RuntimeError("FORCE_CUDA=1 but this torch is a CPU-only build; install a CUDA build of torch")
+        if cpp_extension.CUDA_HOME is None:
+            raise RuntimeError("FORCE_CUDA=1 but no CUDA toolkit was found; set CUDA_HOME")
+        return True
+    return torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None and torch.cuda.is_available()
+
+
+# Files compiled for AVX2 + FMA (selected at run time by csrc/cpu/pointwise_dispatch.cpp).
+AVX2_SUFFIX = "_avx2.cpp"
+AVX2_FLAGS = ["-mavx2", "-mfma", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
+
+
+def builds_avx2():
+    return platform.machine().lower() in ("x86_64", "amd64")
+
+
+class BuildExtension(cpp_extension.BuildExtension):
+    """torch's BuildExtension, plus per-file flags: *_avx2.cpp get AVX2_FLAGS on top of the rest."""
+
+    def build_extension(self, ext):
+        isa_sources = [s for s in ext.sources if s.endswith(AVX2_SUFFIX)]
+        ext.sources = [s for s in ext.sources if not s.endswith(AVX2_SUFFIX)]
+        if isa_sources and builds_avx2():
+            flags = {key: list(value) for key, value in ext.extra_compile_args.items()}
+            flags["cxx"] = flags.get("cxx", []) + AVX2_FLAGS
+            objects = self.compiler.compile(
+                isa_sources,
+                output_dir=self.build_temp,
+                macros=ext.define_macros,
+                include_dirs=ext.include_dirs,
+                debug=self.debug,
+                extra_postargs=flags,
+                depends=ext.depends,
+            )
+            ext.extra_objects = list(ext.extra_objects or []) + objects
+        super().build_extension(ext)
+
+
+def extension():
+    root = os.path.dirname(os.path.abspath(__file__))
+    debug = env_flag("RNNFUSED_DEBUG")
+    opt = ["-O0", "-g"] if debug else ["-O3"]
+    # -fopenmp at compile time only: at::parallel_for is an inline OpenMP loop, and its GOMP
+    # calls bind at load time to the OpenMP runtime libtorch_cpu already carries.
+    cxx = opt + ["-fopenmp", "-Wall", "-Wno-unused-parameter", "-Wno-unknown-pragmas"]
+    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+    include_dirs = [os.path.join(root, "csrc")]
+    macros = [("RNNFUSED_HAVE_AVX2_KERNELS", "1" if builds_avx2() else "0")]
+    depends = sorted(glob.glob(os.path.join("csrc", "**", "*.h"), recursive=True))
+    if not want_cuda():
+        return cpp_extension.CppExtension(
+            "rnnfused._C",
+            sources,
+            include_dirs=include_dirs,
+            define_macros=macros,
+            depends=depends,
+            extra_compile_args={"cxx": cxx},
+        )
+
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
+    sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cpp")) + glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+    # cuBLAS headers: pip's CUDA builds of torch carry them in site-packages/nvidia/cu*/include.
+    import torch
+
+    nvidia_root = os.path.join(os.path.dirname(os.path.dirname(torch.__file__)), "nvidia")
+    include_dirs += sorted(glob.glob(os.path.join(nvidia_root, "cu*", "include")))
+    include_dirs += sorted(glob.glob(os.path.join(nvidia_root, "cublas", "include")))
+    nvcc = opt + ["--expt-relaxed-constexpr", "-lineinfo"]
+    return cpp_extension.CUDAExtension(
+        "rnnfused._C",
+        sources,
+        include_dirs=include_dirs,
+        define_macros=macros + [("RNNFUSED_WITH_CUDA", None)],
+        depends=depends,
+        extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+        libraries=["cublas"],
+    )
+
+
+setup(
+    name="rnnfused",
+    version="0.1.0",
+    description="Fused LSTM, GRU and Elman RNN kernels for PyTorch: drop-in replacements for torch.nn",
+    packages=find_packages(include=["rnnfused", "rnnfused.*"]),
+    ext_modules=[extension()],
+    cmdclass={"build_ext": BuildExtension},
+    python_requires=">=3.9",
+    install_requires=["torch>=2.4"],
+    zip_safe=False,
+)
