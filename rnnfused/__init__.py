@@ -4,8 +4,11 @@
 replacements for their torch.nn namesakes: same constructor, parameters, state_dict, outputs and
 errors, computed by rnnfused's own C++ (CPU) and CUDA (GPU) kernels.
 """
+import torch  # noqa: F401  (loads libtorch, which the extension links against, first)
+
 from . import _C, _ops, functional  # noqa: F401
 from .modules import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell
+from . import _autocast  # noqa: F401  (autocast rules of the recurrence ops)
 
 __version__ = "0.1.0"
 

@@ -102,12 +102,19 @@ def _lstm_setup_context(ctx, inputs, output):
     ctx.reverse = reverse
     ctx.has_bias = b_hh is not None
     ctx.has_projection = w_hr is not None
-    ctx.save_for_backward(w_hh, w_hr, h0, c0, out, workspace, batch_sizes)
+    ctx.recorded = training
+    # A call with training=False kept no workspace; its backward recomputes the forward pass
+    # (with training=True) from the saved inputs instead of failing.
+    recompute_from = (gates_x, b_hh) if not training else (None, None)
+    ctx.save_for_backward(w_hh, w_hr, h0, c0, out, workspace, batch_sizes, *recompute_from)
+    ctx.mark_non_differentiable(workspace)
     ctx.set_materialize_grads(False)
 
 
 def _lstm_backward(ctx, grad_output, grad_h_n, grad_c_n, _grad_workspace):
-    w_hh, w_hr, h0, c0, out, workspace, batch_sizes = ctx.saved_tensors
+    w_hh, w_hr, h0, c0, out, workspace, batch_sizes, gates_x, b_hh = ctx.saved_tensors
+    if not ctx.recorded:
+        out, _, _, workspace = _ops.lstm_recurrence(gates_x, w_hh, b_hh, w_hr, h0, c0, batch_sizes, ctx.reverse, True)
     grad_gx, grad_w_hh, grad_b_hh, grad_w_hr, grad_h0, grad_c0 = _ops.lstm_recurrence_backward(
         grad_output, grad_h_n, grad_c_n, w_hh, w_hr, h0, c0, out, workspace, batch_sizes, ctx.reverse
     )
@@ -134,12 +141,17 @@ def _gru_setup_context(ctx, inputs, output):
     out, _, workspace = output
     ctx.reverse = reverse
     ctx.has_bias = b_hh is not None
-    ctx.save_for_backward(w_hh, h0, out, workspace, batch_sizes)
+    ctx.recorded = training
+    recompute_from = (gates_x, b_hh) if not training else (None, None)  # as for the LSTM
+    ctx.save_for_backward(w_hh, h0, out, workspace, batch_sizes, *recompute_from)
+    ctx.mark_non_differentiable(workspace)
     ctx.set_materialize_grads(False)
 
 
 def _gru_backward(ctx, grad_output, grad_h_n, _grad_workspace):
-    w_hh, h0, out, workspace, batch_sizes = ctx.saved_tensors
+    w_hh, h0, out, workspace, batch_sizes, gates_x, b_hh = ctx.saved_tensors
+    if not ctx.recorded:
+        out, _, workspace = _ops.gru_recurrence(gates_x, w_hh, b_hh, h0, batch_sizes, ctx.reverse, True)
     grad_gx, grad_w_hh, grad_b_hh, grad_h0 = _ops.gru_recurrence_backward(
         grad_output, grad_h_n, w_hh, h0, out, workspace, batch_sizes, ctx.reverse
     )

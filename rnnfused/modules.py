@@ -88,6 +88,16 @@ class _FusedStack:
         return output, torch.stack(h_n, 0), (torch.stack(c_n, 0) if c0 is not None else None)
 
 
+def _check_forward_args(module, input, hx, batch_sizes):
+    """torch.nn's argument checks. Under torch.compile a packed batch's size is data
+    (``batch_sizes[0]``), which the compiler cannot guard on; there the op itself checks the
+    states against ``batch_sizes`` when it runs."""
+    if batch_sizes is not None and torch.compiler.is_compiling():
+        module.check_input(input, batch_sizes)
+        return
+    module.check_forward_args(input, hx, batch_sizes)
+
+
 def _refuse_projection(kwargs):
     if "proj_size" in kwargs:
         raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
@@ -142,7 +152,7 @@ def _single_state_forward(module, name, input, hx):
         else:
             hx = module.permute_hidden(hx, sorted_indices)
 
-    module.check_forward_args(input, hx, batch_sizes)
+    _check_forward_args(module, input, hx, batch_sizes)
     output, hidden, _ = module._run_stack(input, batch_sizes, hx)
 
     if isinstance(orig_input, PackedSequence):
@@ -228,7 +238,7 @@ class LSTM(_FusedStack, nn.RNNBase):
                 hx = self.permute_hidden(hx, sorted_indices)
             # torch.nn.LSTM leaves a packed batch unchecked here (its kernels then fail with
             # unrelated messages, or not at all); rnnfused applies the padded path's checks.
-            self.check_forward_args(input, hx, batch_sizes)
+            _check_forward_args(self, input, hx, batch_sizes)
         else:
             if input.dim() not in (2, 3):
                 raise ValueError(f"LSTM: Expected input to be 2D or 3D, got {input.dim()}D instead")

@@ -1,0 +1,209 @@
+"""The registered ops themselves: gradcheck (float64), torch.library.opcheck (schema, fake kernel,
+autograd registration, AOT dispatch), torch.compile(fullgraph=True), and the double-backward
+refusal."""
+import itertools
+
+import pytest
+import torch
+
+import rnnfused  # noqa: F401  (registers the ops)
+from helpers import LAYER_MODES, twin_layers
+
+ops = torch.ops.rnnfused
+HIDDEN, PROJ = 3, 2
+PACKED_BATCH_SIZES = [3, 3, 2, 1]  # N = 9 rows, batch 3
+GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
+
+
+def _recurrence_args(mode, packed, reverse, bias, proj, requires_grad, dtype=torch.float64, seed=0):
+    """Arguments of ``rnnfused::<mode>_recurrence`` (without ``training``) for a small problem."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def tensor(*shape, scale=1.0):
+        value = torch.randn(*shape, generator=generator, dtype=torch.float64) * scale
+        return value.to(dtype).requires_grad_(requires_grad)
+
+    if packed:
+        batch_sizes = torch.tensor(PACKED_BATCH_SIZES, dtype=torch.int64)
+        rows, batch = sum(PACKED_BATCH_SIZES), PACKED_BATCH_SIZES[0]
+    else:
+        batch_sizes, rows, batch = None, 4 * 2, 2
+    gates = GATES[mode]
+    width = proj if proj else HIDDEN
+    gates_x = tensor(rows, gates * HIDDEN)
+    w_hh = tensor(gates * HIDDEN, width, scale=0.5)
+    b_hh = tensor(gates * HIDDEN) if bias else None
+    h0 = tensor(batch, width)
+    if mode == "lstm":
+        w_hr = tensor(proj, HIDDEN) if proj else None
+        c0 = tensor(batch, HIDDEN)
+        return (gates_x, w_hh, b_hh, w_hr, h0, c0, batch_sizes, reverse)
+    return (gates_x, w_hh, b_hh, h0, batch_sizes, reverse)
+
+
+def _op_cases():
+    for mode in GATES:
+        for packed, reverse, bias in itertools.product((False, True), repeat=3):
+            for proj in (0, PROJ) if mode == "lstm" else (0,):
+                name = f"{mode}-{'packed' if packed else 'padded'}-{'rev' if reverse else 'fwd'}-" + (
+                    f"{'bias' if bias else 'nobias'}-P{proj}"
+                )
+                yield pytest.param(mode, packed, reverse, bias, proj, id=name)
+
+
+def _opcheck_cases():
+    """A smaller set for opcheck (each call traces the op several ways, which is slow): the
+    plainest case and the most involved one of every op, plus the projection for the LSTM."""
+    for mode in GATES:
+        cases = [(False, False, True, 0), (True, True, False, 0)]
+        if mode == "lstm":
+            cases.append((True, True, True, PROJ))
+        for packed, reverse, bias, proj in cases:
+            name = f"{mode}-{'packed' if packed else 'padded'}-{'rev' if reverse else 'fwd'}-" + (
+                f"{'bias' if bias else 'nobias'}-P{proj}"
+            )
+            yield pytest.param(mode, packed, reverse, bias, proj, id=name)
+
+
+def _forward(mode, args):
+    """The op's differentiable outputs (the workspace is internal)."""
+    if mode == "lstm":
+        return ops.lstm_recurrence(*args, True)[:3]
+    if mode == "gru":
+        return ops.gru_recurrence(*args, True)[:2]
+    return getattr(ops, f"{mode}_recurrence")(*args)
+
+
+@pytest.mark.parametrize("mode,packed,reverse,bias,proj", list(_op_cases()))
+def test_gradcheck(mode, packed, reverse, bias, proj):
+    args = _recurrence_args(mode, packed, reverse, bias, proj, requires_grad=True)
+    tensors = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.requires_grad]
+
+    def fn(*values):
+        full = list(args)
+        for i, v in zip(tensors, values):
+            full[i] = v
+        return _forward(mode, tuple(full))
+
+    assert torch.autograd.gradcheck(fn, tuple(args[i] for i in tensors), eps=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("mode,packed,reverse,bias,proj", list(_opcheck_cases()))
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_opcheck_forward(mode, packed, reverse, bias, proj, requires_grad):
+    args = _recurrence_args(mode, packed, reverse, bias, proj, requires_grad, dtype=torch.float32)
+    if mode in ("lstm", "gru"):
+        for training in (False, True):
+            torch.library.opcheck(getattr(ops, f"{mode}_recurrence").default, args + (training,))
+    else:
+        torch.library.opcheck(getattr(ops, f"{mode}_recurrence").default, args)
+
+
+@pytest.mark.parametrize("mode,packed,reverse,bias,proj", list(_opcheck_cases()))
+@pytest.mark.parametrize("with_grad_output,with_grad_state", [(True, True), (True, False), (False, True)])
+def test_opcheck_backward(mode, packed, reverse, bias, proj, with_grad_output, with_grad_state):
+    args = _recurrence_args(mode, packed, reverse, bias, proj, requires_grad=False, dtype=torch.float32)
+    generator = torch.Generator().manual_seed(5)
+
+    def grad_like(t, present):
+        return torch.randn(t.shape, generator=generator, dtype=t.dtype) if present else None
+
+    if mode == "lstm":
+        gates_x, w_hh, b_hh, w_hr, h0, c0, batch_sizes, rev = args
+        output, h_n, c_n, workspace = ops.lstm_recurrence(*args, True)
+        backward_args = (
+            grad_like(output, with_grad_output),
+            grad_like(h_n, with_grad_state),
+            grad_like(c_n, with_grad_state),
+            w_hh, w_hr, h0, c0, output, workspace, batch_sizes, rev,
+        )
+    elif mode == "gru":
+        gates_x, w_hh, b_hh, h0, batch_sizes, rev = args
+        output, h_n, workspace = ops.gru_recurrence(*args, True)
+        backward_args = (
+            grad_like(output, with_grad_output), grad_like(h_n, with_grad_state),
+            w_hh, h0, output, workspace, batch_sizes, rev,
+        )
+    else:
+        gates_x, w_hh, b_hh, h0, batch_sizes, rev = args
+        output, h_n = getattr(ops, f"{mode}_recurrence")(*args)
+        backward_args = (
+            grad_like(output, with_grad_output), grad_like(h_n, with_grad_state),
+            w_hh, h0, output, batch_sizes, rev,
+        )
+    torch.library.opcheck(getattr(ops, f"{mode}_recurrence_backward").default, backward_args)
+
+
+@pytest.mark.parametrize("mode", list(LAYER_MODES))
+@pytest.mark.parametrize("packed", [False, True])
+def test_torch_compile_fullgraph_forward_backward(mode, packed):
+    torch._dynamo.reset()
+    kwargs = dict(num_layers=2, bidirectional=True, batch_first=True)
+    if mode == "lstm":
+        kwargs["proj_size"] = 3
+    _, ours = twin_layers(mode, 4, 6, dtype=torch.float32, **kwargs)
+    compiled = torch.compile(ours, fullgraph=True)
+    x = torch.randn(3, 7, 4)
+
+    def run(module):
+        inp = x.clone().requires_grad_()
+        arg = inp
+        if packed:
+            arg = torch.nn.utils.rnn.pack_padded_sequence(inp, torch.tensor([7, 4, 6]), True, enforce_sorted=False)
+        out, state = module(arg)
+        out = out.data if packed else out
+        states = state if isinstance(state, tuple) else (state,)
+        loss = (out * out).sum() + sum((s * s).sum() for s in states)
+        grads = torch.autograd.grad(loss, [inp] + list(ours.parameters()))
+        return [out.detach(), *[s.detach() for s in states], *grads]
+
+    for got, expected in zip(run(compiled), run(ours)):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_compiled_graph_calls_rnnfused_ops_only():
+    """The compiled forward holds rnnfused's recurrence op and no ATen RNN kernel."""
+    from torch._dynamo.testing import EagerAndRecordGraphs
+
+    torch._dynamo.reset()
+    backend = EagerAndRecordGraphs()
+    _, ours = twin_layers("lstm", 4, 6, dtype=torch.float32)
+    torch.compile(ours, backend=backend, fullgraph=True)(torch.randn(5, 2, 4))
+    code = "\n".join(graph.code for graph in backend.graphs)
+    assert "rnnfused.lstm_recurrence" in code
+    for forbidden in ("aten.lstm", "torch.lstm", "_VF", "mkldnn_rnn", "lstm_cell"):
+        assert forbidden not in code
+
+
+@pytest.mark.parametrize("mode", list(LAYER_MODES))
+def test_double_backward_is_refused(mode):
+    _, ours = twin_layers(mode, 4, 5)
+    x = torch.randn(3, 2, 4, dtype=torch.float64, requires_grad=True)
+    out, _ = ours(x)
+    (grad_x,) = torch.autograd.grad(out.sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        grad_x.sum().backward()
+
+
+@pytest.mark.parametrize("mode", list(GATES))
+def test_op_rejects_bad_arguments(mode):
+    """The ops check their own arguments (shape, dtype, batch_sizes) with messages naming the op."""
+    args = list(_recurrence_args(mode, True, False, True, 0, requires_grad=False))
+    call = (lambda a: _forward(mode, tuple(a)))
+    h0_index = 4 if mode == "lstm" else 3
+    bad_h0 = list(args)
+    bad_h0[h0_index] = args[h0_index][:, :-1]
+    with pytest.raises(RuntimeError, match=f"rnnfused::{mode}_recurrence: h0"):
+        call(bad_h0)
+    bad_dtype = list(args)
+    bad_dtype[h0_index] = args[h0_index].float()
+    with pytest.raises(RuntimeError, match="dtype"):
+        call(bad_dtype)
+    growing = list(args)
+    growing[-2] = torch.tensor([1, 3, 3, 2])
+    with pytest.raises(RuntimeError, match="batch_sizes"):
+        call(growing)
+    wrong_rows = list(args)
+    wrong_rows[-2] = torch.tensor([3, 3, 2, 2])
+    with pytest.raises(RuntimeError, match="batch_sizes"):
+        call(wrong_rows)
