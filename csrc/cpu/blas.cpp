@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <climits>
 #include <cstring>
+#include <type_traits>
 
 // The Fortran BLAS entry points that libtorch_cpu exports when it links MKL or OpenBLAS
 // statically (ATen's own CPUBlas.cpp calls these). Weak, so that a torch without them still
@@ -17,6 +18,13 @@ void sgemm_(const char* transa, const char* transb, const int* m, const int* n, 
 void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const double* alpha,
             const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
             const int* ldc) __attribute__((weak));
+
+// MKL's packed GEMM (row-major CBLAS flavour; MKL_INT is int in the LP64 interface torch uses).
+size_t cblas_sgemm_pack_get_size(int identifier, int m, int n, int k) __attribute__((weak));
+void cblas_sgemm_pack(int layout, int identifier, int trans, int m, int n, int k, float alpha, const float* src,
+                      int ld, float* dest) __attribute__((weak));
+void cblas_sgemm_compute(int layout, int transa, int transb, int m, int n, int k, const float* a, int lda,
+                         const float* b, int ldb, float beta, float* c, int ldc) __attribute__((weak));
 }
 
 namespace rnnfused::cpu {
@@ -105,6 +113,47 @@ template void gemm<float>(bool, bool, int64_t, int64_t, int64_t, float, const fl
                           float, float*, int64_t);
 template void gemm<double>(bool, bool, int64_t, int64_t, int64_t, double, const double*, int64_t, const double*,
                            int64_t, double, double*, int64_t);
+
+namespace {
+// CBLAS / MKL enumerators.
+constexpr int kCblasRowMajor = 101, kCblasNoTrans = 111, kCblasTrans = 112;
+constexpr int kMklBMatrix = 162, kMklPacked = 151;
+
+bool mkl_packing_available() {
+  return cblas_sgemm_pack_get_size != nullptr && cblas_sgemm_pack != nullptr && cblas_sgemm_compute != nullptr;
+}
+}  // namespace
+
+template <typename T>
+StepWeight<T>::StepWeight(bool trans_b, int64_t rows, int64_t n, int64_t k, const T* b, int64_t ldb)
+    : trans_b_(trans_b), rows_(rows), n_(n), k_(k), ldb_(ldb), b_(b) {
+  if constexpr (std::is_same_v<T, float>) {
+    const bool shapes_fit = b != nullptr && rows > 0 && n > 0 && k > 0 && fits_int(rows) && fits_int(n) && fits_int(k) &&
+                            fits_int(ldb);
+    if (!g_force_aten && mkl_packing_available() && shapes_fit) {
+      const size_t bytes = cblas_sgemm_pack_get_size(kMklBMatrix, int(rows), int(n), int(k));
+      packed_storage_.reset(new float[bytes / sizeof(float) + 16]);
+      cblas_sgemm_pack(kCblasRowMajor, kMklBMatrix, trans_b ? kCblasTrans : kCblasNoTrans, int(rows), int(n),
+                       int(k), 1.0f, b, int(std::max<int64_t>(ldb, 1)), packed_storage_.get());
+      packed_ = packed_storage_.get();
+    }
+  }
+}
+
+template <typename T>
+void StepWeight<T>::multiply(int64_t m, const T* a, int64_t lda, T beta, T* c, int64_t ldc) const {
+  if constexpr (std::is_same_v<T, float>) {
+    if (packed_ != nullptr && m == rows_ && fits_int(lda) && fits_int(ldc)) {
+      cblas_sgemm_compute(kCblasRowMajor, kCblasNoTrans, kMklPacked, int(m), int(n_), int(k_), a,
+                          int(std::max<int64_t>(lda, 1)), packed_, int(n_), beta, c, int(std::max<int64_t>(ldc, 1)));
+      return;
+    }
+  }
+  gemm<T>(false, trans_b_, m, n_, k_, T(1), a, lda, b_, ldb_, beta, c, ldc);
+}
+
+template class StepWeight<float>;
+template class StepWeight<double>;
 
 const char* blas_backend() {
   return (!g_force_aten && FortranGemm<float>::available() && FortranGemm<double>::available()) ? "blas" : "aten";

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 
 namespace rnnfused::cpu {
 
@@ -12,6 +13,29 @@ namespace rnnfused::cpu {
 template <typename T>
 void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda,
           const T* b, int64_t ldb, T beta, T* c, int64_t ldc);
+
+// The B operand of C = A op(B) that every step of a time loop multiplies by (W_hh, W_hr).
+// Where libtorch exports MKL's packed GEMM (float32), B is converted once per call into MKL's
+// internal blocked layout, so that the per-step GEMM (a few rows of A against all of B) no longer
+// re-packs the whole weight matrix on every step. Elsewhere (float64, other BLAS) it is a plain
+// gemm. The packed buffer is allocated here, before the loop; multiply() allocates nothing.
+//   B: [k, n] ([n, k] if trans_b), row stride ldb; rows: the batch the loop runs most steps at.
+template <typename T>
+class StepWeight {
+ public:
+  StepWeight(bool trans_b, int64_t rows, int64_t n, int64_t k, const T* b, int64_t ldb);
+  // C[m, n] = A[m, k] op(B) + beta * C (row-major). The packed form serves m == rows (MKL
+  // documents packed operands for the shape they were packed for); other m take plain gemm.
+  void multiply(int64_t m, const T* a, int64_t lda, T beta, T* c, int64_t ldc) const;
+  bool packed() const { return packed_ != nullptr; }
+
+ private:
+  bool trans_b_;
+  int64_t rows_, n_, k_, ldb_;
+  const T* b_;
+  std::unique_ptr<float[]> packed_storage_;
+  const float* packed_ = nullptr;
+};
 
 // "blas": the sgemm_/dgemm_ that libtorch_cpu itself calls (MKL or OpenBLAS);
 // "aten": at::addmm_out on wrapped buffers, used where libtorch exports no BLAS symbols.

@@ -135,15 +135,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_recurrence_cpu(
     step.bias = bias.data_ptr<T>();
     step.c_state = c_state.data_ptr<T>();
     step.r_out = proj ? r : hs;
+    const StepWeight<T> recurrent(true, B, 4 * H, P, whh.data_ptr<T>(), P);          // h W_hh^T
+    const StepWeight<T> projection(true, B, P, H, proj ? whr.data_ptr<T>() : nullptr, H);  // r W_hr^T
     for (const auto s : c10::irange(plan.steps())) {
       const int64_t t = plan.step_at(s);
       const int64_t rows = plan.batch_sizes[t], off = plan.offsets[t];
-      gemm<T>(false, true, rows, 4 * H, P, T(1), hs, P, whh.data_ptr<T>(), P, T(0), gh, 4 * H);
+      recurrent.multiply(rows, hs, P, T(0), gh, 4 * H);
       step.rows = rows;
       step.gates_x = gx.data_ptr<T>() + off * 4 * H;
       step.workspace = ws ? ws + off * kLstmWorkspaceGates * H : nullptr;
       kernels.lstm_forward(step);
-      if (proj) gemm<T>(false, true, rows, P, H, T(1), r, H, whr.data_ptr<T>(), H, T(0), hs, P);
+      if (proj) projection.multiply(rows, r, H, T(0), hs, P);
       round_to_storage(dtype, hs, rows * P);
       std::memcpy(out + off * P, hs, rows * P * sizeof(T));
     }
@@ -206,6 +208,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     step.hidden = H;
     step.c0 = c0_c.data_ptr<T>();
     step.dc_state = dc_state.data_ptr<T>();
+    const StepWeight<T> recurrent(false, B, P, 4 * H, whh.data_ptr<T>(), P);           // dG W_hh
+    const StepWeight<T> projection(false, B, H, P, proj ? whr.data_ptr<T>() : nullptr, H);  // dh W_hr
     for (int64_t s = plan.steps() - 1; s >= 0; --s) {
       const int64_t t = plan.step_at(s);
       const int64_t rows = plan.batch_sizes[t], off = plan.offsets[t];
@@ -219,7 +223,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         // dL/dh_t = dL/doutput_t + dL/dh_t from step t+1, kept for dW_hr; dL/dr = (dL/dh_t) W_hr.
         T* gh_rows = grad_h_rows.data_ptr<T>() + off * P;
         for (int64_t i = 0; i < rows * P; ++i) gh_rows[i] = dh[i] + (go_p ? go_p[off * P + i] : T(0));
-        gemm<T>(false, false, rows, H, P, T(1), gh_rows, P, whr.data_ptr<T>(), H, T(0), grad_r.data_ptr<T>(), H);
+        projection.multiply(rows, gh_rows, P, T(0), grad_r.data_ptr<T>(), H);
         step.grad_r = grad_r.data_ptr<T>();
         step.grad_r_extra = nullptr;
         step.r_out = r_rows.data_ptr<T>() + off * H;
@@ -230,7 +234,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       }
       kernels.lstm_backward(step);
       // dL/dh_{t-1} = dG_t W_hh, into the state rows the pointwise pass has just consumed.
-      gemm<T>(false, false, rows, P, 4 * H, T(1), dg + off * 4 * H, 4 * H, whh.data_ptr<T>(), P, T(0), dh, P);
+      recurrent.multiply(rows, dg + off * 4 * H, 4 * H, T(0), dh, P);
     }
   });
   const at::Tensor hprev = previous_h(plan, out, h0_c);
@@ -279,10 +283,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_recurrence_cpu(const at::Tens
     step.gates_h = gh;
     step.bias = bias.data_ptr<T>();
     step.h_state = hs;
+    const StepWeight<T> recurrent(true, B, 3 * H, H, whh.data_ptr<T>(), H);  // h W_hh^T
     for (const auto s : c10::irange(plan.steps())) {
       const int64_t t = plan.step_at(s);
       const int64_t rows = plan.batch_sizes[t], off = plan.offsets[t];
-      gemm<T>(false, true, rows, 3 * H, H, T(1), hs, H, whh.data_ptr<T>(), H, T(0), gh, 3 * H);
+      recurrent.multiply(rows, hs, H, T(0), gh, 3 * H);
       step.rows = rows;
       step.gates_x = gx.data_ptr<T>() + off * 3 * H;
       step.workspace = ws ? ws + off * kGruWorkspaceGates * H : nullptr;
@@ -327,6 +332,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_recurrence_backwa
     GruBackwardStep<T> step;
     step.hidden = H;
     step.dh_state = dh;
+    const StepWeight<T> recurrent(false, B, H, 3 * H, whh.data_ptr<T>(), H);  // dG_h W_hh
     for (int64_t s = plan.steps() - 1; s >= 0; --s) {
       const int64_t t = plan.step_at(s);
       const int64_t rows = plan.batch_sizes[t], off = plan.offsets[t];
@@ -337,7 +343,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_recurrence_backwa
       step.grad_gates_x = grad_gates_x.data_ptr<T>() + off * 3 * H;
       step.grad_gates_h = grad_gates_h.data_ptr<T>() + off * 3 * H;
       kernels.gru_backward(step);  // leaves dh_t * z in the state rows
-      gemm<T>(false, false, rows, H, 3 * H, T(1), step.grad_gates_h, 3 * H, whh.data_ptr<T>(), H, T(1), dh, H);
+      recurrent.multiply(rows, step.grad_gates_h, 3 * H, T(1), dh, H);
     }
   });
   at::Tensor grad_w_hh = grad_gates_h.t().mm(hprev);
@@ -381,10 +387,11 @@ std::tuple<at::Tensor, at::Tensor> rnn_recurrence_cpu(const at::Tensor& gates_x,
     step.gates_h = gh;
     step.bias = bias.data_ptr<T>();
     step.h_state = hs;
+    const StepWeight<T> recurrent(true, B, H, H, whh.data_ptr<T>(), H);  // h W_hh^T
     for (const auto s : c10::irange(plan.steps())) {
       const int64_t t = plan.step_at(s);
       const int64_t rows = plan.batch_sizes[t], off = plan.offsets[t];
-      gemm<T>(false, true, rows, H, H, T(1), hs, H, whh.data_ptr<T>(), H, T(0), gh, H);
+      recurrent.multiply(rows, hs, H, T(0), gh, H);
       step.rows = rows;
       step.gates_x = gx.data_ptr<T>() + off * H;
       pass(step);
@@ -427,6 +434,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_recurrence_backwa
     RnnBackwardStep<T> step;
     step.hidden = H;
     step.dh_state = dh;
+    const StepWeight<T> recurrent(false, B, H, H, whh.data_ptr<T>(), H);  // dG W_hh
     for (int64_t s = plan.steps() - 1; s >= 0; --s) {
       const int64_t t = plan.step_at(s);
       const int64_t rows = plan.batch_sizes[t], off = plan.offsets[t];
@@ -435,7 +443,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_recurrence_backwa
       step.grad_output = go_p ? go_p + off * H : nullptr;
       step.grad_gates = grad_gates.data_ptr<T>() + off * H;
       pass(step);
-      gemm<T>(false, false, rows, H, H, T(1), step.grad_gates, H, whh.data_ptr<T>(), H, T(0), dh, H);
+      recurrent.multiply(rows, step.grad_gates, H, T(0), dh, H);
     }
   });
   const at::Tensor hprev = previous_h(plan, out, compute_view(h0, acc));
