@@ -41,9 +41,11 @@ def _check_device(tensor):
     raise RuntimeError(f"rnnfused has no kernels for device type '{tensor.device.type}' (supported: cpu, cuda)")
 
 
-def _records_workspace(*tensors):
-    """True when autograd will need the backward pass: grad mode on and some input requires grad."""
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+def _records_workspace(keep, *tensors):
+    """Whether the forward op keeps its workspace for backward: the caller allows it (modules pass
+    ``self.training``), grad mode is on and some input requires grad. Without it a backward still
+    works: it recomputes the forward pass first (see rnnfused/_ops.py)."""
+    return keep and torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def _project(input, w_ih, b_ih):
@@ -51,18 +53,21 @@ def _project(input, w_ih, b_ih):
     return F.linear(input, w_ih, b_ih)
 
 
-def lstm_layer(input, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0, batch_sizes=None, reverse=False):
-    """LSTM layer (with a projection when ``w_hr`` is given). Returns ``output, h_n, c_n``."""
+def lstm_layer(input, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0, batch_sizes=None, reverse=False, training=True):
+    """LSTM layer (with a projection when ``w_hr`` is given). Returns ``output, h_n, c_n``.
+
+    ``training=False`` (eval mode) keeps no workspace for backward, so that inference, exported
+    programs included, stores nothing extra; a backward through it recomputes the forward."""
     gates_x = _project(input, w_ih, b_ih)
-    training = _records_workspace(gates_x, w_hh, b_hh, w_hr, h0, c0)
+    training = _records_workspace(training, gates_x, w_hh, b_hh, w_hr, h0, c0)
     output, h_n, c_n, _ = _ops_ns.lstm_recurrence(gates_x, w_hh, b_hh, w_hr, h0, c0, batch_sizes, reverse, training)
     return output, h_n, c_n
 
 
-def gru_layer(input, w_ih, w_hh, b_ih, b_hh, h0, batch_sizes=None, reverse=False):
-    """GRU layer. Returns ``output, h_n``."""
+def gru_layer(input, w_ih, w_hh, b_ih, b_hh, h0, batch_sizes=None, reverse=False, training=True):
+    """GRU layer. Returns ``output, h_n``. ``training`` as for :func:`lstm_layer`."""
     gates_x = _project(input, w_ih, b_ih)
-    training = _records_workspace(gates_x, w_hh, b_hh, h0)
+    training = _records_workspace(training, gates_x, w_hh, b_hh, h0)
     output, h_n, _ = _ops_ns.gru_recurrence(gates_x, w_hh, b_hh, h0, batch_sizes, reverse, training)
     return output, h_n
 

@@ -39,9 +39,11 @@ class _FusedStack:
     def _run_layer(self, layer_input, index, h0, c0, batch_sizes, reverse):
         w_ih, w_hh, b_ih, b_hh, w_hr = self._layer_parameters(index)
         if self.mode == "LSTM":
-            return rf.lstm_layer(layer_input, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0, batch_sizes, reverse)
+            return rf.lstm_layer(
+                layer_input, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0, batch_sizes, reverse, training=self.training
+            )
         if self.mode == "GRU":
-            return rf.gru_layer(layer_input, w_ih, w_hh, b_ih, b_hh, h0, batch_sizes, reverse)
+            return rf.gru_layer(layer_input, w_ih, w_hh, b_ih, b_hh, h0, batch_sizes, reverse, training=self.training)
         if self.mode == "RNN_TANH":
             return rf.rnn_tanh_layer(layer_input, w_ih, w_hh, b_ih, b_hh, h0, batch_sizes, reverse)
         if self.mode == "RNN_RELU":
@@ -365,7 +367,9 @@ class GRUCell(nn.GRUCell):
             hx = hx.unsqueeze(0) if not is_batched else hx
         _check_cell_input(input, self.weight_ih)
         _check_cell_hidden(input, hx, self.weight_hh.size(1), "0")
-        ret, _ = rf.gru_layer(input, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh, hx)
+        ret, _ = rf.gru_layer(
+            input, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh, hx, training=self.training
+        )
         if not is_batched:
             ret = ret.squeeze(0)
         return ret
@@ -394,7 +398,15 @@ class LSTMCell(nn.LSTMCell):
         _check_cell_input(input, self.weight_ih)
         _check_cell_hidden(input, hx[0], self.weight_hh.size(1), "0")
         _check_cell_hidden(input, hx[1], self.weight_hh.size(1), "1")
-        h, _, c = rf.lstm_layer(input, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh, None, hx[0], hx[1])
+        h, _, c = rf.lstm_layer(
+            input, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh, None, hx[0], hx[1],
+            training=self.training,
+        )
+        if input.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+            # torch.nn.LSTMCell under CPU autocast: its gates run in the autocast dtype, but
+            # c' = f * c + i * g promotes to the state's dtype, and so does h' = o * tanh(c').
+            state_dtype = torch.promote_types(hx[1].dtype, h.dtype)
+            h, c = h.to(state_dtype), c.to(state_dtype)
         ret = (h, c)
         if not is_batched:
             ret = (ret[0].squeeze(0), ret[1].squeeze(0))

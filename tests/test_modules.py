@@ -375,3 +375,17 @@ def test_pad_sequence_roundtrip_shapes():
     sequences = [torch.randn(n, 4, dtype=F64) for n in (3, 5)]
     out, h = ours(pad_sequence(sequences, batch_first=True))
     assert out.shape == (2, 5, 6) and h.shape == (1, 2, 6)
+
+
+@pytest.mark.parametrize("mode", list(LAYER_MODES))
+def test_eval_mode_keeps_no_workspace_and_backward_still_works(mode):
+    """In eval mode the forward op keeps no workspace (inference stores nothing extra); a
+    backward through it recomputes the forward pass and gives torch.nn's gradients."""
+    ref, ours = twin_layers(mode, 4, 6, num_layers=2, bidirectional=True)
+    ref.eval(), ours.eval()
+    assert_twins_agree(ref, ours, sequence_inputs("packed_unsorted", 5, 3, 4, None, F64))
+    program = torch.export.export(ours, (torch.randn(5, 3, 4, dtype=F64),))
+    calls = [n for n in program.graph.nodes if n.op == "call_function" and "recurrence" in str(n.target)]
+    assert calls
+    if mode in ("lstm", "gru"):
+        assert all(n.args[-1] is False for n in calls), [n.args for n in calls]
