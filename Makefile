@@ -1,0 +1,44 @@
+# The two commands of the README, each doing all the set-up on a fresh machine:
+#   make test    build rnnfused into a virtual environment and run the test suite
+#   make bench   build it and run the benchmark suite (rnnfused vs torch.nn, side by side)
+#
+# Variables:
+#   VENV=.venv            where the virtual environment lives
+#   SYSTEM_PYTHON=1       use the current python and its torch instead (no venv, no torch install),
+#                         e.g. on a machine whose CUDA build of torch is already installed
+#   TORCH_SPEC=torch==2.13.0   the torch the venv installs (2.13.0 is a CPU build; plain `torch`
+#                         gives a CUDA build, with which the CUDA kernels are built too)
+#   BENCH_ARGS=...        arguments of the benchmark suite (python -m benchmarks --help)
+#   PYTEST_ARGS=...       extra pytest arguments
+#   MAX_JOBS=2            parallel compile jobs
+
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+MAX_JOBS ?= 2
+BENCH_ARGS ?=
+PYTEST_ARGS ?=
+
+ifeq ($(SYSTEM_PYTHON),1)
+PY := python3
+else
+PY := $(VENV)/bin/python
+endif
+
+.PHONY: setup test bench clean
+
+setup:
+ifneq ($(SYSTEM_PYTHON),1)
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q "$(TORCH_SPEC)" numpy pybind11 ninja pytest
+endif
+	MAX_JOBS=$(MAX_JOBS) $(PY) -m pip install -q --no-build-isolation -e .
+	$(PY) -c "import rnnfused; print('rnnfused', rnnfused.build_info())"
+
+test: setup
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+bench: setup
+	$(PY) -m benchmarks $(BENCH_ARGS)
+
+clean:
+	rm -rf build rnnfused/*.so *.egg-info

@@ -1,0 +1,1 @@
+"""rnnfused's benchmark suite (run it with `python -m benchmarks`, or `make bench`)."""
