@@ -88,7 +88,10 @@ def extension():
 
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
     sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cpp")) + glob.glob(os.path.join("csrc", "cuda", "*.cu")))
-    # cuBLAS headers: pip's CUDA builds of torch carry them in site-packages/nvidia/cu*/include.
+    # cuBLAS headers (ATen/cuda/CUDAContext.h includes cublas_v2.h): pip's CUDA builds of torch
+    # carry them in site-packages/nvidia/cu*/include. Nothing links cuBLAS itself: the kernels
+    # reach it through ATen (at::mm_out), i.e. through libtorch_cuda, which pip's wheels ship
+    # with only a versioned libcublas.so.N, so -lcublas would not even resolve.
     import torch
 
     nvidia_root = os.path.join(os.path.dirname(os.path.dirname(torch.__file__)), "nvidia")
@@ -102,7 +105,6 @@ def extension():
         define_macros=macros + [("RNNFUSED_WITH_CUDA", None)],
         depends=depends,
         extra_compile_args={"cxx": cxx, "nvcc": nvcc},
-        libraries=["cublas"],
     )
 
 

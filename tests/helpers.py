@@ -26,22 +26,32 @@ CELL_MODES = {
 TOLERANCES = {torch.float64: dict(rtol=1e-9, atol=1e-11), torch.float32: dict(rtol=2e-4, atol=2e-5)}
 
 
-def twin_layers(mode, input_size, hidden_size, dtype=torch.float64, seed=0, **kwargs):
-    """torch.nn's layer and rnnfused's, holding the same weights (loaded with strict=True)."""
+def twin_layers(mode, input_size, hidden_size, dtype=torch.float64, seed=0, device=None, **kwargs):
+    """torch.nn's layer and rnnfused's, holding the same weights (loaded with strict=True).
+
+    ``device``: where both layers end up. The weights are always drawn on the CPU from ``seed``
+    and then moved, so twins made for different devices hold the same values."""
     ref_cls, our_cls, extra = LAYER_MODES[mode]
     torch.manual_seed(seed)
     ref = ref_cls(input_size, hidden_size, dtype=dtype, **extra, **kwargs)
     ours = our_cls(input_size, hidden_size, dtype=dtype, **extra, **kwargs)
     ours.load_state_dict(ref.state_dict(), strict=True)
+    if device is not None:
+        ref.to(device)
+        ours.to(device)
     return ref, ours
 
 
-def twin_cells(mode, input_size, hidden_size, dtype=torch.float64, seed=0, **kwargs):
+def twin_cells(mode, input_size, hidden_size, dtype=torch.float64, seed=0, device=None, **kwargs):
+    """As twin_layers, for the cells."""
     ref_cls, our_cls, extra = CELL_MODES[mode]
     torch.manual_seed(seed)
     ref = ref_cls(input_size, hidden_size, dtype=dtype, **extra, **kwargs)
     ours = our_cls(input_size, hidden_size, dtype=dtype, **extra, **kwargs)
     ours.load_state_dict(ref.state_dict(), strict=True)
+    if device is not None:
+        ref.to(device)
+        ours.to(device)
     return ref, ours
 
 
@@ -55,9 +65,13 @@ def flatten(value):
 
 
 def cotangents(tensors, seed=1234):
-    """Fixed random weights for the loss, one per output (so every gradient is exercised)."""
+    """Fixed random weights for the loss, one per output (so every gradient is exercised). Drawn
+    on the CPU, then placed on each output's device: the same values on every device."""
     generator = torch.Generator().manual_seed(seed)
-    return [torch.randn(t.shape, generator=generator, dtype=torch.float64).to(t.dtype) for t in tensors]
+    return [
+        torch.randn(t.shape, generator=generator, dtype=torch.float64).to(device=t.device, dtype=t.dtype)
+        for t in tensors
+    ]
 
 
 def forward_backward(module, make_inputs):
@@ -90,18 +104,22 @@ def assert_twins_agree(ref, ours, make_inputs, dtype=torch.float64):
 
 
 def sequence_inputs(form, steps, batch, input_size, state_shapes, dtype, batch_first=False, seed=7,
-                    lengths=None):
+                    lengths=None, device=None):
     """A factory of fresh leaf inputs for one input form.
 
     form: "padded", "unbatched", "packed_sorted" or "packed_unsorted"; state_shapes: None (no hx),
-    or the shapes of h0 (and c0), given for the batched case ([L*D, B, P]).
+    or the shapes of h0 (and c0), given for the batched case ([L*D, B, P]). device: where the
+    leaves live (default: the CPU); values are drawn on the CPU, so every device gets the same
+    ones. Sequence lengths stay on the CPU, as pack_padded_sequence wants them.
     """
 
     def make():
         generator = torch.Generator().manual_seed(seed)
 
         def leaf(*shape):
-            return torch.randn(*shape, generator=generator, dtype=torch.float64).to(dtype).requires_grad_()
+            value = torch.randn(*shape, generator=generator, dtype=torch.float64)
+            value = value.to(dtype) if device is None else value.to(device=device, dtype=dtype)
+            return value.requires_grad_()
 
         leaves = []
         if form == "unbatched":

@@ -1,0 +1,294 @@
+// The fused per-step kernels of the CUDA recurrence: everything of one time step except the
+// GEMMs with W_hh (and W_hr), one thread per element of the step's [rows, H] block, in a
+// grid-stride loop. The gate math is csrc/cell_math.h with V = float / double, so the CPU and
+// CUDA paths compute the same formulas in the same order.
+//
+// Every kernel takes one argument struct by value (kernel parameters live in constant memory)
+// of raw pointers to contiguous row-major buffers in the compute dtype T (float or double).
+// Shapes use the legend of csrc/cell_math.h; `rows` is the number of active rows of the step
+// (batch_sizes[t]) and every per-row pointer already points at the step's first row. The
+// structs mirror csrc/cpu/pointwise.h, plus what the CPU loop does in separate passes and is
+// fused here (the copy of h_t into the output rows, its rounding to bfloat16 / float16);
+// csrc/cuda/recurrence_cuda.cu fills them.
+#pragma once
+
+#include <c10/macros/Macros.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cstdint>
+#include <type_traits>
+
+#include "../cell_math.h"
+
+namespace rnnfused::cuda {
+
+// 256 threads: a multiple of the warp size that keeps enough blocks per SM for latency hiding
+// in these memory-bound kernels.
+constexpr int kThreads = 256;
+
+// The dtype the caller sees for h. bfloat16 / float16 calls compute in float but round h_t to
+// that dtype every step (as the CPU path does), so that the state carried to the next step is
+// exactly the output row the caller gets and backward differentiates what forward computed.
+enum class Storage : int { Same, BFloat16, Half };
+
+template <typename T>
+__device__ __forceinline__ T round_to_storage(T x, Storage storage) {
+  if constexpr (std::is_same_v<T, float>) {
+    // c10's conversions round to nearest even on the device as on the host, so the rounded
+    // values match the CPU path bit for bit.
+    if (storage == Storage::BFloat16) return static_cast<float>(c10::BFloat16(x));
+    if (storage == Storage::Half) return static_cast<float>(c10::Half(x));
+  }
+  return x;
+}
+
+// Grid-stride loop over [0, n): a grid capped at a few blocks per SM covers any size, and the
+// index is 64-bit because rows * 4H can pass 2^31 for long packed batches.
+#define RNNFUSED_CUDA_KERNEL_LOOP(idx, n)                                                       \
+  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < (n); \
+       idx += static_cast<int64_t>(gridDim.x) * blockDim.x)
+
+// ---------------------------------------------------------------------------------------------
+// LSTM
+// ---------------------------------------------------------------------------------------------
+
+template <typename T>
+struct LstmForwardArgs {
+  int64_t rows = 0, hidden = 0;
+  const T* gates_x = nullptr;  // [rows, 4H]  x W_ih^T + b_ih
+  const T* gates_h = nullptr;  // [rows, 4H]  h_{t-1} W_hh^T
+  const T* bias = nullptr;     // [4H]        b_hh (zeros for a layer without bias)
+  T* c_state = nullptr;        // [rows, H]   in: c_{t-1}; out: c_t
+  T* r_out = nullptr;          // [rows, H]   o * tanh(c_t): h_t (the state), or the projection's input
+  T* h_copy = nullptr;         // [rows, H]   the step's output rows (a second copy of h_t); nullptr
+                               //             with a projection, where h_t is W_hr r, not r
+  T* workspace = nullptr;      // [rows, 5H]  i, f, g, o, c_t for backward; nullptr in inference
+  Storage storage = Storage::Same;  // rounding of r_out / h_copy (Same with a projection: r is
+                                    // not h, and the CPU path keeps it unrounded)
+};
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) lstm_forward_kernel(const LstmForwardArgs<T> a) {
+  const int64_t H = a.hidden;
+  RNNFUSED_CUDA_KERNEL_LOOP(idx, a.rows * H) {
+    const int64_t row = idx / H;
+    const int64_t j = idx - row * H;
+    const T* gx = a.gates_x + row * 4 * H + j;
+    const T* gh = a.gates_h + row * 4 * H + j;
+    const T* b = a.bias + j;
+    // Same summation order as the CPU pass: (x + h) + b.
+    const auto act = rnnfused::lstm_forward<T>(gx[0] + gh[0] + b[0], gx[H] + gh[H] + b[H],
+                                               gx[2 * H] + gh[2 * H] + b[2 * H],
+                                               gx[3 * H] + gh[3 * H] + b[3 * H], a.c_state[idx]);
+    a.c_state[idx] = act.c;
+    const T r = round_to_storage(act.r, a.storage);
+    a.r_out[idx] = r;
+    if (a.h_copy) a.h_copy[idx] = r;
+    if (a.workspace) {
+      T* ws = a.workspace + row * 5 * H + j;
+      ws[0] = act.i;
+      ws[H] = act.f;
+      ws[2 * H] = act.g;
+      ws[3 * H] = act.o;
+      ws[4 * H] = act.c;
+    }
+  }
+}
+
+template <typename T>
+struct LstmBackwardArgs {
+  int64_t rows = 0, hidden = 0;
+  const T* workspace = nullptr;       // [rows, 5H]  this step's i, f, g, o, c
+  const T* prev_workspace = nullptr;  // [rows_from_prev, 5H]  the previous step's rows (their c is
+                                      //   c_{t-1}); nullptr when rows_from_prev == 0
+  int64_t rows_from_prev = 0;         // rows whose c_{t-1} is in prev_workspace; the others start
+                                      //   at this step and read c0
+  const T* c0 = nullptr;              // [B, H]      c0 (row r of the step is row r of c0)
+  const T* grad_r = nullptr;          // [rows, H]   gradient of r = o tanh(c)
+  const T* grad_r_extra = nullptr;    // [rows, H]   added to grad_r when not null (grad of output)
+  T* dc_state = nullptr;              // [rows, H]   in: dL/dc_t; out: dL/dc_{t-1}
+  T* grad_gates = nullptr;            // [rows, 4H]  dL/d pre-activations (i, f, g, o)
+  T* r_out = nullptr;                 // [rows, H]   o tanh(c) for dW_hr; nullptr without projection
+};
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) lstm_backward_kernel(const LstmBackwardArgs<T> a) {
+  const int64_t H = a.hidden;
+  RNNFUSED_CUDA_KERNEL_LOOP(idx, a.rows * H) {
+    const int64_t row = idx / H;
+    const int64_t j = idx - row * H;
+    const T* ws = a.workspace + row * 5 * H + j;
+    const T c_prev = row < a.rows_from_prev ? a.prev_workspace[row * 5 * H + 4 * H + j] : a.c0[idx];
+    T dr = a.grad_r[idx];
+    if (a.grad_r_extra) dr = dr + a.grad_r_extra[idx];
+    const auto d = rnnfused::lstm_backward<T>(ws[0], ws[H], ws[2 * H], ws[3 * H], ws[4 * H], c_prev, dr,
+                                              a.dc_state[idx]);
+    T* dg = a.grad_gates + row * 4 * H + j;
+    dg[0] = d.pre_i;
+    dg[H] = d.pre_f;
+    dg[2 * H] = d.pre_g;
+    dg[3 * H] = d.pre_o;
+    a.dc_state[idx] = d.c_prev;
+    if (a.r_out) a.r_out[idx] = d.r;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// GRU
+// ---------------------------------------------------------------------------------------------
+
+template <typename T>
+struct GruForwardArgs {
+  int64_t rows = 0, hidden = 0;
+  const T* gates_x = nullptr;  // [rows, 3H]  x W_ih^T + b_ih
+  const T* gates_h = nullptr;  // [rows, 3H]  h_{t-1} W_hh^T
+  const T* bias = nullptr;     // [3H]        b_hh (zeros for a layer without bias)
+  T* h_state = nullptr;        // [rows, H]   in: h_{t-1}; out: h_t (rounded to `storage`)
+  T* h_copy = nullptr;         // [rows, H]   the step's output rows (a second copy of h_t)
+  T* workspace = nullptr;      // [rows, 4H]  r, z, n, hh_n (= W_hn h + b_hn); nullptr in inference
+  Storage storage = Storage::Same;
+};
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) gru_forward_kernel(const GruForwardArgs<T> a) {
+  const int64_t H = a.hidden;
+  RNNFUSED_CUDA_KERNEL_LOOP(idx, a.rows * H) {
+    const int64_t row = idx / H;
+    const int64_t j = idx - row * H;
+    const T* gx = a.gates_x + row * 3 * H + j;
+    const T* gh = a.gates_h + row * 3 * H + j;
+    const T* b = a.bias + j;
+    const T hh_n = gh[2 * H] + b[2 * H];
+    // Each thread reads and writes only its own element of h_state: the GEMM that read all of
+    // h_{t-1} ran before this kernel on the same stream.
+    const auto act = rnnfused::gru_forward<T>(gx[0], gx[H], gx[2 * H], gh[0] + b[0], gh[H] + b[H], hh_n,
+                                              a.h_state[idx]);
+    const T h = round_to_storage(act.h, a.storage);
+    a.h_state[idx] = h;
+    a.h_copy[idx] = h;
+    if (a.workspace) {
+      T* ws = a.workspace + row * 4 * H + j;
+      ws[0] = act.r;
+      ws[H] = act.z;
+      ws[2 * H] = act.n;
+      ws[3 * H] = hh_n;
+    }
+  }
+}
+
+template <typename T>
+struct GruBackwardArgs {
+  int64_t rows = 0, hidden = 0;
+  const T* workspace = nullptr;    // [rows, 4H]  r, z, n, hh_n of the step
+  const T* h_prev = nullptr;       // [rows, H]   h_{t-1} of each row
+  const T* grad_output = nullptr;  // [rows, H]   may be null (no gradient for the output)
+  T* dh_state = nullptr;           // [rows, H]   in: dL/dh_t from later steps; out: dh_t * z
+  T* grad_gates_x = nullptr;       // [rows, 3H]  dL/d gates_x
+  T* grad_gates_h = nullptr;       // [rows, 3H]  dL/d(h_{t-1} W_hh^T + b_hh)
+};
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) gru_backward_kernel(const GruBackwardArgs<T> a) {
+  const int64_t H = a.hidden;
+  RNNFUSED_CUDA_KERNEL_LOOP(idx, a.rows * H) {
+    const int64_t row = idx / H;
+    const int64_t j = idx - row * H;
+    const T* ws = a.workspace + row * 4 * H + j;
+    T dh = a.dh_state[idx];
+    if (a.grad_output) dh = dh + a.grad_output[idx];
+    const auto d = rnnfused::gru_backward<T>(ws[0], ws[H], ws[2 * H], ws[3 * H], a.h_prev[idx], dh);
+    T* dgx = a.grad_gates_x + row * 3 * H + j;
+    T* dgh = a.grad_gates_h + row * 3 * H + j;
+    dgx[0] = d.x_r;
+    dgx[H] = d.x_z;
+    dgx[2 * H] = d.x_n;
+    dgh[0] = d.x_r;
+    dgh[H] = d.x_z;
+    dgh[2 * H] = d.hh_n;
+    a.dh_state[idx] = d.h_prev;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Elman RNN (tanh / relu)
+// ---------------------------------------------------------------------------------------------
+
+template <typename T>
+struct RnnForwardArgs {
+  int64_t rows = 0, hidden = 0;
+  const T* gates_x = nullptr;  // [rows, H]
+  const T* gates_h = nullptr;  // [rows, H]  h_{t-1} W_hh^T
+  const T* bias = nullptr;     // [H]        b_hh (zeros for a layer without bias)
+  T* h_state = nullptr;        // [rows, H]  out: h_t (rounded to `storage`)
+  T* h_copy = nullptr;         // [rows, H]  the step's output rows
+  Storage storage = Storage::Same;
+};
+
+template <typename T, Activation act>
+__global__ void __launch_bounds__(kThreads) rnn_forward_kernel(const RnnForwardArgs<T> a) {
+  RNNFUSED_CUDA_KERNEL_LOOP(idx, a.rows * a.hidden) {
+    const int64_t j = idx % a.hidden;
+    const T h = round_to_storage(rnnfused::rnn_forward<act, T>(a.gates_x[idx] + a.gates_h[idx] + a.bias[j]),
+                                 a.storage);
+    a.h_state[idx] = h;
+    a.h_copy[idx] = h;
+  }
+}
+
+template <typename T>
+struct RnnBackwardArgs {
+  int64_t rows = 0, hidden = 0;
+  const T* h = nullptr;            // [rows, H]  h_t (the step's output rows)
+  const T* grad_output = nullptr;  // [rows, H]  may be null
+  const T* dh_state = nullptr;     // [rows, H]  dL/dh_t from later steps
+  T* grad_gates = nullptr;         // [rows, H]  dL/d pre-activation
+};
+
+template <typename T, Activation act>
+__global__ void __launch_bounds__(kThreads) rnn_backward_kernel(const RnnBackwardArgs<T> a) {
+  RNNFUSED_CUDA_KERNEL_LOOP(idx, a.rows * a.hidden) {
+    T dh = a.dh_state[idx];
+    if (a.grad_output) dh = dh + a.grad_output[idx];
+    a.grad_gates[idx] = rnnfused::rnn_backward<act, T>(a.h[idx], dh);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Small helpers of the LSTM projection
+// ---------------------------------------------------------------------------------------------
+
+// After h_t = r W_hr^T: round h_t to the storage dtype in place and copy it to the output rows.
+template <typename T>
+struct StoreStateArgs {
+  int64_t count = 0;        // rows * P
+  T* h_state = nullptr;     // [rows, P]  in: h_t; out: h_t rounded
+  T* h_copy = nullptr;      // [rows, P]  the step's output rows
+  Storage storage = Storage::Same;
+};
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) store_state_kernel(const StoreStateArgs<T> a) {
+  RNNFUSED_CUDA_KERNEL_LOOP(idx, a.count) {
+    const T h = round_to_storage(a.h_state[idx], a.storage);
+    a.h_state[idx] = h;
+    a.h_copy[idx] = h;
+  }
+}
+
+// out = x + y (y may be null: out = x). With a projection, dL/dh_t = dL/doutput_t + the part
+// carried from step t+1, kept per row for dW_hr.
+template <typename T>
+struct AddArgs {
+  int64_t count = 0;     // rows * P
+  const T* x = nullptr;  // [rows, P]  dL/dh_t from later steps
+  const T* y = nullptr;  // [rows, P]  dL/doutput_t, or nullptr
+  T* out = nullptr;      // [rows, P]
+};
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) add_kernel(const AddArgs<T> a) {
+  RNNFUSED_CUDA_KERNEL_LOOP(idx, a.count) { a.out[idx] = a.x[idx] + (a.y ? a.y[idx] : T(0)); }
+}
+
+}  // namespace rnnfused::cuda

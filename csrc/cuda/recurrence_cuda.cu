@@ -1,0 +1,617 @@
+// The recurrence ops on CUDA: the same time loops as csrc/cpu/recurrence_cpu.cpp (which defines
+// the semantics), with one cuBLAS GEMM per step (at::mm_out into a preallocated buffer, on the
+// current stream, honouring torch's TF32 setting) and one fused pointwise kernel per step
+// (pointwise_kernels.cuh); an LSTM with a projection adds the W_hr GEMM and one small kernel.
+// Backward mirrors the loop in reverse; dW_hh, db_hh and dW_hr are one GEMM / reduction each
+// over all steps, after the loop.
+//
+// Every device buffer is allocated before the time loop. Inside it only views are made
+// (narrow: a host-side TensorImpl, no device memory) and kernels / GEMMs are queued; nothing
+// synchronizes with the host, because the step plan (batch sizes, row offsets) is computed on
+// the host from the CPU batch_sizes tensor before the loop.
+//
+// float32 and float64 run in their own type. bfloat16 and float16 run the float32 loop on float
+// copies, rounding h_t to the input dtype every step while the cell state and the workspace
+// stay float32, exactly as the CPU path does.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/core/LegacyTypeDispatch.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/util/irange.h>
+#include <torch/library.h>
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <initializer_list>
+#include <vector>
+
+#include "../cell_math.h"
+#include "../recurrence.h"
+#include "pointwise_kernels.cuh"
+
+namespace rnnfused::cuda {
+namespace {
+
+// ---------------------------------------------------------------------------------------------
+// Host helpers (the same as the CPU path's, so that both allocate and convert identically)
+// ---------------------------------------------------------------------------------------------
+
+// A fresh, contiguous copy in `dtype` (the states are updated in place and must never alias a
+// caller's tensor).
+at::Tensor state_copy(const at::Tensor& t, at::ScalarType dtype) {
+  return at::empty(t.sizes(), t.options().dtype(dtype)).copy_(t);
+}
+
+// Contiguous view or copy in `dtype` (no copy when it already is).
+at::Tensor compute_view(const at::Tensor& t, at::ScalarType dtype) { return t.to(dtype).contiguous(); }
+
+at::Tensor optional_compute_view(const c10::optional<at::Tensor>& t, at::ScalarType dtype) {
+  return present(t) ? compute_view(*t, dtype) : at::Tensor();
+}
+
+// b_hh in the compute dtype, or zeros for a layer without bias (one add per gate in the kernel
+// is cheaper than a second kernel variant).
+at::Tensor bias_or_zeros(const c10::optional<at::Tensor>& b_hh, int64_t size, const at::Tensor& like,
+                         at::ScalarType dtype) {
+  return present(b_hh) ? compute_view(*b_hh, dtype) : at::zeros({size}, like.options().dtype(dtype));
+}
+
+template <typename T>
+const T* ptr_or_null(const at::Tensor& t) {
+  return t.defined() ? t.data_ptr<T>() : nullptr;
+}
+
+// Gradients leave in the dtype of the tensors they belong to.
+at::Tensor to_dtype(const at::Tensor& t, at::ScalarType dtype) { return t.to(dtype); }
+
+Storage storage_of(at::ScalarType dtype) {
+  switch (dtype) {
+    case at::kBFloat16:
+      return Storage::BFloat16;
+    case at::kHalf:
+      return Storage::Half;
+    default:
+      return Storage::Same;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Device checks
+// ---------------------------------------------------------------------------------------------
+
+// One tensor argument of an op, by name; `tensor` is null for an absent optional.
+struct Named {
+  const char* name;
+  const at::Tensor* tensor;
+};
+
+inline Named named(const char* name, const at::Tensor& t) { return {name, &t}; }
+inline Named named(const char* name, const c10::optional<at::Tensor>& t) {
+  return {name, present(t) ? &*t : nullptr};
+}
+
+// The dispatcher picks these kernels as soon as one argument is a CUDA tensor, so a CPU tensor,
+// or one on another GPU, can arrive here: say which, before any kernel could read it.
+// batch_sizes is the exception: it stays on the CPU (as PackedSequence keeps it), because the
+// host plans the steps from it.
+void check_devices(const char* op, const Named& ref, std::initializer_list<Named> others,
+                   const c10::optional<at::Tensor>& batch_sizes) {
+  TORCH_CHECK(!present(batch_sizes) || batch_sizes->device().is_cpu(), op,
+              ": batch_sizes must be a CPU tensor (as in PackedSequence), got ", batch_sizes->device());
+  const at::Tensor& r = *ref.tensor;
+  TORCH_CHECK(r.is_cuda(), op, ": ", ref.name, " is on ", r.device(),
+              " but other arguments are on a CUDA device; all tensors must be on one CUDA device "
+              "(only batch_sizes stays on the CPU)");
+  for (const Named& other : others) {
+    if (other.tensor == nullptr) continue;
+    TORCH_CHECK(other.tensor->device() == r.device(), op, ": ", other.name, " is on ", other.tensor->device(),
+                " but ", ref.name, " is on ", r.device(),
+                "; all tensors must be on one CUDA device (only batch_sizes stays on the CPU)");
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Launches
+// ---------------------------------------------------------------------------------------------
+
+// Launch configuration of one op call: its stream and a grid cap, read once before the loop.
+class Launcher {
+ public:
+  Launcher()
+      : stream_(c10::cuda::getCurrentCUDAStream()),
+        // A few waves of resident blocks: beyond that the grid-stride loop does the rest, and
+        // fewer, fuller blocks launch faster.
+        max_blocks_(static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->multiProcessorCount) * 8) {}
+
+  cudaStream_t stream() const { return stream_; }
+
+  // kernel<<<...>>>(args) over n elements on the current stream; nothing for n == 0 (a grid of
+  // zero blocks is a launch error).
+  template <typename Args>
+  void operator()(void (*kernel)(Args), int64_t n, const Args& args) const {
+    if (n <= 0) return;
+    const int64_t blocks = std::min<int64_t>((n + kThreads - 1) / kThreads, max_blocks_);
+    kernel<<<static_cast<unsigned int>(blocks), kThreads, 0, stream_>>>(args);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+
+ private:
+  cudaStream_t stream_;
+  int64_t max_blocks_;
+};
+
+// hprev [N, P]: row r holds the h_{t-1} that the row's step read: the previous step's output row
+// for rows that continue, h0 for rows that start at this step (csrc/cpu's gather_previous_h).
+// Feeds dW_hh = dG^T hprev. Done with device-to-device copies on the current stream; adjacent
+// pieces that are contiguous in both source and destination are merged, so a padded batch
+// takes two copies in either direction.
+at::Tensor previous_h(const StepPlan& plan, const at::Tensor& output, const at::Tensor& h0, cudaStream_t stream) {
+  at::Tensor hprev = at::empty_like(output);
+  const int64_t width = output.size(1);
+  const int64_t row_bytes = width * static_cast<int64_t>(output.element_size());
+  auto* dst_base = static_cast<char*>(hprev.data_ptr());
+  const auto* out_base = static_cast<const char*>(output.data_ptr());
+  const auto* h0_base = static_cast<const char*>(h0.data_ptr());
+
+  struct Run {
+    const char* src;  // first source row
+    int64_t dst_row;  // first destination row
+    int64_t rows;
+  };
+  std::vector<Run> runs;
+  auto add = [&](const char* base, int64_t src_row, int64_t dst_row, int64_t rows) {
+    if (rows <= 0) return;
+    const char* src = base + src_row * row_bytes;
+    if (!runs.empty()) {
+      Run& last = runs.back();
+      if (last.src + last.rows * row_bytes == src && last.dst_row + last.rows == dst_row) {
+        last.rows += rows;
+        return;
+      }
+    }
+    runs.push_back({src, dst_row, rows});
+  };
+  for (const auto t : c10::irange(plan.steps())) {
+    const int64_t rows = plan.batch_sizes[t];
+    const int64_t from_prev = plan.rows_from_previous(t);
+    if (from_prev > 0) add(out_base, plan.offsets[plan.previous_step(t)], plan.offsets[t], from_prev);
+    add(h0_base, from_prev, plan.offsets[t] + from_prev, rows - from_prev);
+  }
+  for (const Run& run : runs) {
+    C10_CUDA_CHECK(cudaMemcpyAsync(dst_base + run.dst_row * row_bytes, run.src, run.rows * row_bytes,
+                                   cudaMemcpyDeviceToDevice, stream));
+  }
+  return hprev;
+}
+
+// ---------------------------------------------------------------------------------------------
+// LSTM
+// ---------------------------------------------------------------------------------------------
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_recurrence_cuda(
+    const at::Tensor& gates_x, const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_hh,
+    const c10::optional<at::Tensor>& w_hr, const at::Tensor& h0, const at::Tensor& c0,
+    const c10::optional<at::Tensor>& batch_sizes, bool reverse, bool training) {
+  const char* op = kLstmOp;
+  check_devices(op, named("gates_x", gates_x),
+                {named("w_hh", w_hh), named("b_hh", b_hh), named("w_hr", w_hr), named("h0", h0), named("c0", c0)},
+                batch_sizes);
+  const c10::cuda::CUDAGuard device_guard(gates_x.device());
+  // The internal GEMMs write into preallocated buffers (out=), which autograd refuses for inputs
+  // that require grad; this op's autograd is rnnfused's own (rnnfused/_ops.py).
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const int64_t H = check_recurrence_inputs(op, 4, gates_x, w_hh, b_hh, h0);
+  const int64_t P = w_hh.size(1);
+  const bool proj = present(w_hr);
+  if (proj) {
+    check_matrix(op, "w_hr", *w_hr, gates_x, P, H);
+  } else {
+    TORCH_CHECK(P == H, op, ": without w_hr, w_hh must be [4 * hidden, hidden] = [", 4 * H, ", ", H, "], got ",
+                w_hh.sizes());
+  }
+  check_matrix(op, "c0", c0, gates_x, h0.size(0), H);
+  const int64_t B = h0.size(0);
+  const StepPlan plan = make_step_plan(op, gates_x.size(0), B, batch_sizes, reverse);
+
+  const auto dtype = gates_x.scalar_type();
+  const auto acc = compute_dtype(dtype);
+  const Storage storage = storage_of(dtype);
+  const at::Tensor gx = compute_view(gates_x, acc);
+  const at::Tensor whh = compute_view(w_hh, acc);
+  const at::Tensor whr = optional_compute_view(w_hr, acc);
+  const at::Tensor bias = bias_or_zeros(b_hh, 4 * H, gates_x, acc);
+  at::Tensor h_state = state_copy(h0, acc);  // [B, P]: rows of later steps keep h0 until they start
+  at::Tensor c_state = state_copy(c0, acc);  // [B, H]
+  at::Tensor output = at::empty({plan.rows, P}, gates_x.options().dtype(acc));
+  at::Tensor workspace = empty_workspace(gates_x, training, kLstmWorkspaceGates, H);
+  at::Tensor gates_h = at::empty({B, 4 * H}, gx.options());
+  at::Tensor r_buffer = proj ? at::empty({B, H}, gx.options()) : at::Tensor();
+  const Launcher launch;
+
+  AT_DISPATCH_FLOATING_TYPES(acc, "rnnfused_lstm_cuda", [&] {
+    using T = scalar_t;
+    const at::Tensor whh_t = whh.t();                          // [P, 4H]: h W_hh^T
+    const at::Tensor whr_t = proj ? whr.t() : at::Tensor();    // [H, P]:  r W_hr^T
+    T* out = output.data_ptr<T>();
+    T* ws = training ? workspace.data_ptr<T>() : nullptr;
+    LstmForwardArgs<T> args;
+    args.hidden = H;
+    args.gates_h = gates_h.data_ptr<T>();
+    args.bias = bias.data_ptr<T>();
+    args.c_state = c_state.data_ptr<T>();
+    args.r_out = proj ? r_buffer.data_ptr<T>() : h_state.data_ptr<T>();
+    args.storage = proj ? Storage::Same : storage;
+    for (const auto s : c10::irange(plan.steps())) {
+      const int64_t t = plan.step_at(s);
+      const int64_t rows = plan.batch_sizes[t], off = plan.offsets[t];
+      // Active rows are always the first `rows` rows of the batch (see StepPlan).
+      at::Tensor gh_rows = gates_h.narrow(0, 0, rows);
+      at::mm_out(gh_rows, h_state.narrow(0, 0, rows), whh_t);
+      args.rows = rows;
+      args.gates_x = gx.data_ptr<T>() + off * 4 * H;
+      args.h_copy = proj ? nullptr : out + off * P;
+      args.workspace = ws ? ws + off * kLstmWorkspaceGates * H : nullptr;
+      launch(lstm_forward_kernel<T>, rows * H, args);
+      if (proj) {
+        at::Tensor h_rows = h_state.narrow(0, 0, rows);
+        at::mm_out(h_rows, r_buffer.narrow(0, 0, rows), whr_t);
+        StoreStateArgs<T> store;
+        store.count = rows * P;
+        store.h_state = h_state.data_ptr<T>();
+        store.h_copy = out + off * P;
+        store.storage = storage;
+        launch(store_state_kernel<T>, rows * P, store);
+      }
+    }
+  });
+  return {to_dtype(output, dtype), to_dtype(h_state, dtype), to_dtype(c_state, dtype), workspace};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_recurrence_backward_cuda(
+    const c10::optional<at::Tensor>& grad_output, const c10::optional<at::Tensor>& grad_h_n,
+    const c10::optional<at::Tensor>& grad_c_n, const at::Tensor& w_hh, const c10::optional<at::Tensor>& w_hr,
+    const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& output, const at::Tensor& workspace,
+    const c10::optional<at::Tensor>& batch_sizes, bool reverse) {
+  const char* op = kLstmBackwardOp;
+  check_devices(op, named("output", output),
+                {named("grad_output", grad_output), named("grad_h_n", grad_h_n), named("grad_c_n", grad_c_n),
+                 named("w_hh", w_hh), named("w_hr", w_hr), named("h0", h0), named("c0", c0),
+                 named("workspace", workspace)},
+                batch_sizes);
+  const c10::cuda::CUDAGuard device_guard(output.device());
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
+  TORCH_CHECK(output.dim() == 2, op, ": output must be 2-D, got ", output.dim(), "-D");
+  TORCH_CHECK(w_hh.dim() == 2 && w_hh.size(0) % 4 == 0, op, ": w_hh must be [4 * hidden, P], got ", w_hh.sizes());
+  const int64_t H = w_hh.size(0) / 4;
+  const int64_t P = w_hh.size(1);
+  const bool proj = present(w_hr);
+  check_matrix(op, "w_hh", w_hh, output, 4 * H, output.size(1));
+  if (proj) {
+    check_matrix(op, "w_hr", *w_hr, output, P, H);
+  } else {
+    TORCH_CHECK(P == H, op, ": without w_hr, w_hh must be [4 * hidden, hidden] = [", 4 * H, ", ", H, "], got ",
+                w_hh.sizes());
+  }
+  check_matrix(op, "h0", h0, output, -1, P);
+  check_matrix(op, "c0", c0, output, h0.size(0), H);
+  check_workspace(op, workspace, output, kLstmWorkspaceGates, H);
+  check_optional_grad(op, "grad_output", grad_output, output);
+  check_optional_grad(op, "grad_h_n", grad_h_n, h0);
+  check_optional_grad(op, "grad_c_n", grad_c_n, c0);
+  const int64_t B = h0.size(0);
+  const StepPlan plan = make_step_plan(op, output.size(0), B, batch_sizes, reverse);
+
+  const auto dtype = output.scalar_type();
+  const auto acc = compute_dtype(dtype);
+  const auto options = output.options().dtype(acc);
+  const at::Tensor whh = compute_view(w_hh, acc);
+  const at::Tensor whr = optional_compute_view(w_hr, acc);
+  const at::Tensor h0_c = compute_view(h0, acc);
+  const at::Tensor c0_c = compute_view(c0, acc);
+  const at::Tensor out = compute_view(output, acc);
+  const at::Tensor go = optional_compute_view(grad_output, acc);
+  // The workspace is read through raw pointers: make sure of its layout (a caller's own tensor
+  // may be a non-contiguous one of the right shape).
+  const at::Tensor ws_c = workspace.contiguous();
+  at::Tensor dh_state = present(grad_h_n) ? state_copy(*grad_h_n, acc) : at::zeros({B, P}, options);
+  at::Tensor dc_state = present(grad_c_n) ? state_copy(*grad_c_n, acc) : at::zeros({B, H}, options);
+  at::Tensor grad_gates = at::empty({plan.rows, 4 * H}, options);
+  // With a projection: dL/dh per row (for dW_hr), o tanh(c) per row, and dL/dr of one step.
+  at::Tensor grad_h_rows = proj ? at::empty({plan.rows, P}, options) : at::Tensor();
+  at::Tensor r_rows = proj ? at::empty({plan.rows, H}, options) : at::Tensor();
+  at::Tensor grad_r = proj ? at::empty({B, H}, options) : at::Tensor();
+  const Launcher launch;
+
+  AT_DISPATCH_FLOATING_TYPES(acc, "rnnfused_lstm_backward_cuda", [&] {
+    using T = scalar_t;
+    const T* ws = plan.rows > 0 ? ws_c.data_ptr<T>() : nullptr;
+    const T* go_p = ptr_or_null<T>(go);
+    T* dh = dh_state.data_ptr<T>();
+    LstmBackwardArgs<T> args;
+    args.hidden = H;
+    args.c0 = c0_c.data_ptr<T>();
+    args.dc_state = dc_state.data_ptr<T>();
+    for (int64_t s = plan.steps() - 1; s >= 0; --s) {
+      const int64_t t = plan.step_at(s);
+      const int64_t rows = plan.batch_sizes[t], off = plan.offsets[t];
+      const int64_t prev = plan.previous_step(t);
+      args.rows = rows;
+      args.workspace = ws + off * kLstmWorkspaceGates * H;
+      args.prev_workspace = prev >= 0 ? ws + plan.offsets[prev] * kLstmWorkspaceGates * H : nullptr;
+      args.rows_from_prev = plan.rows_from_previous(t);
+      args.grad_gates = grad_gates.data_ptr<T>() + off * 4 * H;
+      if (proj) {
+        // dL/dh_t = dL/doutput_t + dL/dh_t from step t+1, kept for dW_hr; dL/dr = (dL/dh_t) W_hr.
+        AddArgs<T> add;
+        add.count = rows * P;
+        add.x = dh;
+        add.y = go_p ? go_p + off * P : nullptr;
+        add.out = grad_h_rows.data_ptr<T>() + off * P;
+        launch(add_kernel<T>, rows * P, add);
+        at::Tensor grad_r_rows = grad_r.narrow(0, 0, rows);
+        at::mm_out(grad_r_rows, grad_h_rows.narrow(0, off, rows), whr);  // [rows, P] @ [P, H]
+        args.grad_r = grad_r.data_ptr<T>();
+        args.grad_r_extra = nullptr;
+        args.r_out = r_rows.data_ptr<T>() + off * H;
+      } else {
+        args.grad_r = dh;
+        args.grad_r_extra = go_p ? go_p + off * P : nullptr;
+        args.r_out = nullptr;
+      }
+      launch(lstm_backward_kernel<T>, rows * H, args);
+      // dL/dh_{t-1} = dG_t W_hh, into the state rows the pointwise kernel has just consumed.
+      at::Tensor dh_rows = dh_state.narrow(0, 0, rows);
+      at::mm_out(dh_rows, grad_gates.narrow(0, off, rows), whh);  // [rows, 4H] @ [4H, P]
+    }
+  });
+  const at::Tensor hprev = previous_h(plan, out, h0_c, launch.stream());
+  at::Tensor grad_w_hh = grad_gates.t().mm(hprev);
+  at::Tensor grad_b_hh = grad_gates.sum(0);
+  at::Tensor grad_w_hr = proj ? grad_h_rows.t().mm(r_rows) : at::empty({0}, options);
+  return {to_dtype(grad_gates, dtype), to_dtype(grad_w_hh, dtype), to_dtype(grad_b_hh, dtype),
+          to_dtype(grad_w_hr, dtype), to_dtype(dh_state, dtype), to_dtype(dc_state, dtype)};
+}
+
+// ---------------------------------------------------------------------------------------------
+// GRU
+// ---------------------------------------------------------------------------------------------
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_recurrence_cuda(const at::Tensor& gates_x, const at::Tensor& w_hh,
+                                                                    const c10::optional<at::Tensor>& b_hh,
+                                                                    const at::Tensor& h0,
+                                                                    const c10::optional<at::Tensor>& batch_sizes,
+                                                                    bool reverse, bool training) {
+  const char* op = kGruOp;
+  check_devices(op, named("gates_x", gates_x), {named("w_hh", w_hh), named("b_hh", b_hh), named("h0", h0)},
+                batch_sizes);
+  const c10::cuda::CUDAGuard device_guard(gates_x.device());
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const int64_t H = check_recurrence_inputs(op, 3, gates_x, w_hh, b_hh, h0);
+  TORCH_CHECK(w_hh.size(1) == H, op, ": w_hh must be [3 * hidden, hidden] = [", 3 * H, ", ", H, "], got ",
+              w_hh.sizes());
+  const int64_t B = h0.size(0);
+  const StepPlan plan = make_step_plan(op, gates_x.size(0), B, batch_sizes, reverse);
+
+  const auto dtype = gates_x.scalar_type();
+  const auto acc = compute_dtype(dtype);
+  const at::Tensor gx = compute_view(gates_x, acc);
+  const at::Tensor whh = compute_view(w_hh, acc);
+  const at::Tensor bias = bias_or_zeros(b_hh, 3 * H, gates_x, acc);
+  at::Tensor h_state = state_copy(h0, acc);
+  at::Tensor output = at::empty({plan.rows, H}, gates_x.options().dtype(acc));
+  at::Tensor workspace = empty_workspace(gates_x, training, kGruWorkspaceGates, H);
+  at::Tensor gates_h = at::empty({B, 3 * H}, gx.options());
+  const Launcher launch;
+
+  AT_DISPATCH_FLOATING_TYPES(acc, "rnnfused_gru_cuda", [&] {
+    using T = scalar_t;
+    const at::Tensor whh_t = whh.t();  // [H, 3H]: h W_hh^T
+    T* out = output.data_ptr<T>();
+    T* ws = training ? workspace.data_ptr<T>() : nullptr;
+    GruForwardArgs<T> args;
+    args.hidden = H;
+    args.gates_h = gates_h.data_ptr<T>();
+    args.bias = bias.data_ptr<T>();
+    args.h_state = h_state.data_ptr<T>();
+    args.storage = storage_of(dtype);
+    for (const auto s : c10::irange(plan.steps())) {
+      const int64_t t = plan.step_at(s);
+      const int64_t rows = plan.batch_sizes[t], off = plan.offsets[t];
+      at::Tensor gh_rows = gates_h.narrow(0, 0, rows);
+      at::mm_out(gh_rows, h_state.narrow(0, 0, rows), whh_t);
+      args.rows = rows;
+      args.gates_x = gx.data_ptr<T>() + off * 3 * H;
+      args.h_copy = out + off * H;
+      args.workspace = ws ? ws + off * kGruWorkspaceGates * H : nullptr;
+      launch(gru_forward_kernel<T>, rows * H, args);
+    }
+  });
+  return {to_dtype(output, dtype), to_dtype(h_state, dtype), workspace};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_recurrence_backward_cuda(
+    const c10::optional<at::Tensor>& grad_output, const c10::optional<at::Tensor>& grad_h_n, const at::Tensor& w_hh,
+    const at::Tensor& h0, const at::Tensor& output, const at::Tensor& workspace,
+    const c10::optional<at::Tensor>& batch_sizes, bool reverse) {
+  const char* op = kGruBackwardOp;
+  check_devices(op, named("output", output),
+                {named("grad_output", grad_output), named("grad_h_n", grad_h_n), named("w_hh", w_hh),
+                 named("h0", h0), named("workspace", workspace)},
+                batch_sizes);
+  const c10::cuda::CUDAGuard device_guard(output.device());
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
+  TORCH_CHECK(output.dim() == 2, op, ": output must be 2-D, got ", output.dim(), "-D");
+  const int64_t H = output.size(1);
+  check_matrix(op, "w_hh", w_hh, output, 3 * H, H);
+  check_matrix(op, "h0", h0, output, -1, H);
+  check_workspace(op, workspace, output, kGruWorkspaceGates, H);
+  check_optional_grad(op, "grad_output", grad_output, output);
+  check_optional_grad(op, "grad_h_n", grad_h_n, h0);
+  const int64_t B = h0.size(0);
+  const StepPlan plan = make_step_plan(op, output.size(0), B, batch_sizes, reverse);
+
+  const auto dtype = output.scalar_type();
+  const auto acc = compute_dtype(dtype);
+  const auto options = output.options().dtype(acc);
+  const at::Tensor whh = compute_view(w_hh, acc);
+  const at::Tensor go = optional_compute_view(grad_output, acc);
+  const at::Tensor ws_c = workspace.contiguous();
+  at::Tensor dh_state = present(grad_h_n) ? state_copy(*grad_h_n, acc) : at::zeros({B, H}, options);
+  const Launcher launch;
+  const at::Tensor hprev = previous_h(plan, compute_view(output, acc), compute_view(h0, acc), launch.stream());
+  at::Tensor grad_gates_x = at::empty({plan.rows, 3 * H}, options);
+  at::Tensor grad_gates_h = at::empty({plan.rows, 3 * H}, options);
+
+  AT_DISPATCH_FLOATING_TYPES(acc, "rnnfused_gru_backward_cuda", [&] {
+    using T = scalar_t;
+    const T* ws = plan.rows > 0 ? ws_c.data_ptr<T>() : nullptr;
+    const T* go_p = ptr_or_null<T>(go);
+    GruBackwardArgs<T> args;
+    args.hidden = H;
+    args.dh_state = dh_state.data_ptr<T>();
+    for (int64_t s = plan.steps() - 1; s >= 0; --s) {
+      const int64_t t = plan.step_at(s);
+      const int64_t rows = plan.batch_sizes[t], off = plan.offsets[t];
+      args.rows = rows;
+      args.workspace = ws + off * kGruWorkspaceGates * H;
+      args.h_prev = hprev.data_ptr<T>() + off * H;
+      args.grad_output = go_p ? go_p + off * H : nullptr;
+      args.grad_gates_x = grad_gates_x.data_ptr<T>() + off * 3 * H;
+      args.grad_gates_h = grad_gates_h.data_ptr<T>() + off * 3 * H;
+      launch(gru_backward_kernel<T>, rows * H, args);  // leaves dh_t * z in the state rows
+      // dL/dh_{t-1} = dh_t * z + dG_h W_hh: accumulated in place (beta = 1).
+      at::Tensor dh_rows = dh_state.narrow(0, 0, rows);
+      dh_rows.addmm_(grad_gates_h.narrow(0, off, rows), whh);  // [rows, 3H] @ [3H, H]
+    }
+  });
+  at::Tensor grad_w_hh = grad_gates_h.t().mm(hprev);
+  at::Tensor grad_b_hh = grad_gates_h.sum(0);
+  return {to_dtype(grad_gates_x, dtype), to_dtype(grad_w_hh, dtype), to_dtype(grad_b_hh, dtype),
+          to_dtype(dh_state, dtype)};
+}
+
+// ---------------------------------------------------------------------------------------------
+// Elman RNN (tanh / relu)
+// ---------------------------------------------------------------------------------------------
+
+template <Activation act>
+std::tuple<at::Tensor, at::Tensor> rnn_recurrence_cuda(const at::Tensor& gates_x, const at::Tensor& w_hh,
+                                                        const c10::optional<at::Tensor>& b_hh, const at::Tensor& h0,
+                                                        const c10::optional<at::Tensor>& batch_sizes, bool reverse) {
+  const char* op = act == Activation::Tanh ? kRnnTanhOp : kRnnReluOp;
+  check_devices(op, named("gates_x", gates_x), {named("w_hh", w_hh), named("b_hh", b_hh), named("h0", h0)},
+                batch_sizes);
+  const c10::cuda::CUDAGuard device_guard(gates_x.device());
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const int64_t H = check_recurrence_inputs(op, 1, gates_x, w_hh, b_hh, h0);
+  TORCH_CHECK(w_hh.size(1) == H, op, ": w_hh must be [hidden, hidden] = [", H, ", ", H, "], got ", w_hh.sizes());
+  const int64_t B = h0.size(0);
+  const StepPlan plan = make_step_plan(op, gates_x.size(0), B, batch_sizes, reverse);
+
+  const auto dtype = gates_x.scalar_type();
+  const auto acc = compute_dtype(dtype);
+  const at::Tensor gx = compute_view(gates_x, acc);
+  const at::Tensor whh = compute_view(w_hh, acc);
+  const at::Tensor bias = bias_or_zeros(b_hh, H, gates_x, acc);
+  at::Tensor h_state = state_copy(h0, acc);
+  at::Tensor output = at::empty({plan.rows, H}, gates_x.options().dtype(acc));
+  at::Tensor gates_h = at::empty({B, H}, gx.options());
+  const Launcher launch;
+
+  AT_DISPATCH_FLOATING_TYPES(acc, "rnnfused_rnn_cuda", [&] {
+    using T = scalar_t;
+    const at::Tensor whh_t = whh.t();  // [H, H]: h W_hh^T
+    T* out = output.data_ptr<T>();
+    RnnForwardArgs<T> args;
+    args.hidden = H;
+    args.gates_h = gates_h.data_ptr<T>();
+    args.bias = bias.data_ptr<T>();
+    args.h_state = h_state.data_ptr<T>();
+    args.storage = storage_of(dtype);
+    for (const auto s : c10::irange(plan.steps())) {
+      const int64_t t = plan.step_at(s);
+      const int64_t rows = plan.batch_sizes[t], off = plan.offsets[t];
+      at::Tensor gh_rows = gates_h.narrow(0, 0, rows);
+      at::mm_out(gh_rows, h_state.narrow(0, 0, rows), whh_t);
+      args.rows = rows;
+      args.gates_x = gx.data_ptr<T>() + off * H;
+      args.h_copy = out + off * H;
+      launch(rnn_forward_kernel<T, act>, rows * H, args);
+    }
+  });
+  return {to_dtype(output, dtype), to_dtype(h_state, dtype)};
+}
+
+template <Activation act>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_recurrence_backward_cuda(
+    const c10::optional<at::Tensor>& grad_output, const c10::optional<at::Tensor>& grad_h_n, const at::Tensor& w_hh,
+    const at::Tensor& h0, const at::Tensor& output, const c10::optional<at::Tensor>& batch_sizes, bool reverse) {
+  const char* op = act == Activation::Tanh ? kRnnTanhBackwardOp : kRnnReluBackwardOp;
+  check_devices(op, named("output", output),
+                {named("grad_output", grad_output), named("grad_h_n", grad_h_n), named("w_hh", w_hh),
+                 named("h0", h0)},
+                batch_sizes);
+  const c10::cuda::CUDAGuard device_guard(output.device());
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
+  TORCH_CHECK(output.dim() == 2, op, ": output must be 2-D, got ", output.dim(), "-D");
+  const int64_t H = output.size(1);
+  check_matrix(op, "w_hh", w_hh, output, H, H);
+  check_matrix(op, "h0", h0, output, -1, H);
+  check_optional_grad(op, "grad_output", grad_output, output);
+  check_optional_grad(op, "grad_h_n", grad_h_n, h0);
+  const int64_t B = h0.size(0);
+  const StepPlan plan = make_step_plan(op, output.size(0), B, batch_sizes, reverse);
+
+  const auto dtype = output.scalar_type();
+  const auto acc = compute_dtype(dtype);
+  const auto options = output.options().dtype(acc);
+  const at::Tensor whh = compute_view(w_hh, acc);
+  const at::Tensor out = compute_view(output, acc);
+  const at::Tensor go = optional_compute_view(grad_output, acc);
+  at::Tensor dh_state = present(grad_h_n) ? state_copy(*grad_h_n, acc) : at::zeros({B, H}, options);
+  at::Tensor grad_gates = at::empty({plan.rows, H}, options);
+  const Launcher launch;
+
+  AT_DISPATCH_FLOATING_TYPES(acc, "rnnfused_rnn_backward_cuda", [&] {
+    using T = scalar_t;
+    const T* go_p = ptr_or_null<T>(go);
+    RnnBackwardArgs<T> args;
+    args.hidden = H;
+    args.dh_state = dh_state.data_ptr<T>();
+    for (int64_t s = plan.steps() - 1; s >= 0; --s) {
+      const int64_t t = plan.step_at(s);
+      const int64_t rows = plan.batch_sizes[t], off = plan.offsets[t];
+      args.rows = rows;
+      args.h = out.data_ptr<T>() + off * H;
+      args.grad_output = go_p ? go_p + off * H : nullptr;
+      args.grad_gates = grad_gates.data_ptr<T>() + off * H;
+      launch(rnn_backward_kernel<T, act>, rows * H, args);
+      at::Tensor dh_rows = dh_state.narrow(0, 0, rows);
+      at::mm_out(dh_rows, grad_gates.narrow(0, off, rows), whh);  // [rows, H] @ [H, H]
+    }
+  });
+  const at::Tensor hprev = previous_h(plan, out, compute_view(h0, acc), launch.stream());
+  at::Tensor grad_w_hh = grad_gates.t().mm(hprev);
+  at::Tensor grad_b_hh = grad_gates.sum(0);
+  return {to_dtype(grad_gates, dtype), to_dtype(grad_w_hh, dtype), to_dtype(grad_b_hh, dtype),
+          to_dtype(dh_state, dtype)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(rnnfused, CUDA, m) {
+  m.impl("lstm_recurrence", &lstm_recurrence_cuda);
+  m.impl("lstm_recurrence_backward", &lstm_recurrence_backward_cuda);
+  m.impl("gru_recurrence", &gru_recurrence_cuda);
+  m.impl("gru_recurrence_backward", &gru_recurrence_backward_cuda);
+  m.impl("rnn_tanh_recurrence", &rnn_recurrence_cuda<Activation::Tanh>);
+  m.impl("rnn_relu_recurrence", &rnn_recurrence_cuda<Activation::Relu>);
+  m.impl("rnn_tanh_recurrence_backward", &rnn_recurrence_backward_cuda<Activation::Tanh>);
+  m.impl("rnn_relu_recurrence_backward", &rnn_recurrence_backward_cuda<Activation::Relu>);
+}
+
+}  // namespace rnnfused::cuda

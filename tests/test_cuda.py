@@ -1,0 +1,392 @@
+"""rnnfused's CUDA kernels: parity with torch.nn on the same GPU (cuDNN) and with rnnfused's own
+CPU kernels, gradcheck and torch.library.opcheck of every op on CUDA, low-precision error against a
+float64 reference, device handling, and a compute-sanitizer memcheck run.
+
+Every test here needs a GPU and a build of rnnfused with its CUDA kernels; elsewhere the whole
+module is skipped (marker: cuda)."""
+import itertools
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import rnnfused
+from helpers import (
+    LAYER_MODES,
+    TOLERANCES,
+    assert_close_lists,
+    assert_twins_agree,
+    forward_backward,
+    sequence_inputs,
+    twin_layers,
+)
+from test_ops import GATES, _forward, _op_cases, _opcheck_cases, _recurrence_args
+
+HAS_CUDA = torch.cuda.is_available() and rnnfused.cuda_built()
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU and a build of rnnfused with its CUDA kernels"),
+]
+
+CUDA = torch.device("cuda")
+ops = torch.ops.rnnfused
+STEPS, BATCH, INPUT, HIDDEN, PROJ = 5, 3, 4, 6, 3
+
+
+@pytest.fixture
+def no_tf32():
+    """float32 GEMMs in full precision on both sides (cuBLAS for rnnfused, cuDNN for torch.nn)."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def state_shapes(mode, layers, bidirectional, batch, hidden, proj):
+    directions = 2 if bidirectional else 1
+    h_shape = (layers * directions, batch, proj or hidden)
+    return [h_shape, (layers * directions, batch, hidden)] if mode == "lstm" else [h_shape]
+
+
+def on_device(args, device):
+    """Op arguments on `device`; batch_sizes (int64) stays on the CPU, as PackedSequence keeps it."""
+
+    def move(a):
+        if isinstance(a, torch.Tensor) and a.is_floating_point():
+            return a.detach().to(device).requires_grad_(a.requires_grad)
+        return a
+
+    return tuple(move(a) for a in args)
+
+
+def to_cpu(tensors):
+    return [None if t is None else t.cpu() for t in tensors]
+
+
+# ----------------------------------------------------------------------------------------------
+# Modules: rnnfused on CUDA against torch.nn on CUDA (cuDNN), identical weights
+# ----------------------------------------------------------------------------------------------
+
+CUDNN_FORMS = ["padded", "packed_unsorted", "unbatched"]
+
+
+def _cudnn_grid():
+    for mode in LAYER_MODES:
+        for layers, bidirectional, form, proj in itertools.product(
+            (1, 2), (False, True), CUDNN_FORMS, (0, PROJ) if mode == "lstm" else (0,)
+        ):
+            name = f"{mode}-L{layers}-{'bi' if bidirectional else 'uni'}-P{proj}-{form}"
+            yield pytest.param(mode, layers, bidirectional, form, proj, id=name)
+
+
+@pytest.mark.parametrize("mode,layers,bidirectional,form,proj", list(_cudnn_grid()))
+def test_layer_parity_with_cudnn_float64(mode, layers, bidirectional, form, proj):
+    kwargs = dict(num_layers=layers, bidirectional=bidirectional)
+    if proj:
+        kwargs["proj_size"] = proj
+    ref, ours = twin_layers(mode, INPUT, HIDDEN, device=CUDA, **kwargs)
+    shapes = state_shapes(mode, layers, bidirectional, BATCH, HIDDEN, proj)
+    make = sequence_inputs(form, STEPS, BATCH, INPUT, shapes, torch.float64, device=CUDA)
+    assert_twins_agree(ref, ours, make)
+
+
+@pytest.mark.parametrize("mode", list(LAYER_MODES))
+def test_layer_parity_with_cudnn_no_bias_batch_first_no_hx(mode):
+    ref, ours = twin_layers(mode, INPUT, HIDDEN, device=CUDA, num_layers=2, bidirectional=True, bias=False,
+                            batch_first=True)
+    make = sequence_inputs("packed_sorted", STEPS, BATCH, INPUT, None, torch.float64, batch_first=True, device=CUDA)
+    assert_twins_agree(ref, ours, make)
+
+
+@pytest.mark.parametrize("mode", list(LAYER_MODES))
+@pytest.mark.parametrize("form", ["padded", "packed_unsorted"])
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_layer_parity_with_cudnn_float32(no_tf32, mode, form, bidirectional):
+    """float32 (TF32 off on both sides) agrees with cuDNN to rtol 2e-4, atol 2e-5 (T=12, two layers)."""
+    kwargs = dict(num_layers=2, bidirectional=bidirectional)
+    proj = PROJ if mode == "lstm" else 0
+    if proj:
+        kwargs["proj_size"] = proj
+    ref, ours = twin_layers(mode, 8, 16, dtype=torch.float32, device=CUDA, **kwargs)
+    shapes = state_shapes(mode, 2, bidirectional, 5, 16, proj)
+    make = sequence_inputs(form, 12, 5, 8, shapes, torch.float32, device=CUDA)
+    assert_twins_agree(ref, ours, make, dtype=torch.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# rnnfused on CUDA against rnnfused on the CPU
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", list(LAYER_MODES))
+@pytest.mark.parametrize("form", ["padded", "packed_unsorted", "unbatched"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_cuda_matches_cpu(no_tf32, mode, form, dtype):
+    kwargs = dict(num_layers=2, bidirectional=True)
+    proj = PROJ if mode == "lstm" else 0
+    if proj:
+        kwargs["proj_size"] = proj
+    _, on_cpu = twin_layers(mode, INPUT, HIDDEN, dtype=dtype, **kwargs)
+    _, on_gpu = twin_layers(mode, INPUT, HIDDEN, dtype=dtype, device=CUDA, **kwargs)
+    shapes = state_shapes(mode, 2, True, BATCH, HIDDEN, proj)
+    cpu_out, cpu_grads = forward_backward(on_cpu, sequence_inputs(form, STEPS, BATCH, INPUT, shapes, dtype))
+    gpu_out, gpu_grads = forward_backward(on_gpu, sequence_inputs(form, STEPS, BATCH, INPUT, shapes, dtype, device=CUDA))
+    assert all(t.is_cuda for t in gpu_out)
+    assert_close_lists(to_cpu(gpu_out), cpu_out, "outputs", **TOLERANCES[dtype])
+    assert_close_lists(to_cpu(gpu_grads), cpu_grads, "gradients", **TOLERANCES[dtype])
+
+
+@pytest.mark.parametrize("mode", list(GATES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("training", [False, True])
+def test_op_outputs_match_cpu_shapes_and_dtypes(mode, dtype, training):
+    """Every output of every op (forward and backward, workspace included) has the CPU op's shape,
+    dtype and contiguity, on the CUDA device."""
+    args = _recurrence_args(mode, True, True, True, PROJ if mode == "lstm" else 0, False, dtype=dtype)
+    gpu_args = on_device(args, CUDA)
+    forward = getattr(ops, f"{mode}_recurrence")
+    flag = (training,) if mode in ("lstm", "gru") else ()
+    cpu_res, gpu_res = forward(*args, *flag), forward(*gpu_args, *flag)
+    for c, g in zip(cpu_res, gpu_res):
+        assert g.device.type == "cuda" and g.shape == c.shape and g.dtype == c.dtype and g.is_contiguous()
+    if mode in ("lstm", "gru") and not training:
+        return
+    grads = [torch.ones_like(t) for t in cpu_res[:3 if mode == "lstm" else 2]]
+    if mode == "lstm":
+        _, w_hh, _, w_hr, h0, c0, bs, rev = args
+        cpu_b = ops.lstm_recurrence_backward(*grads, w_hh, w_hr, h0, c0, cpu_res[0], cpu_res[3], bs, rev)
+        _, w_hh, _, w_hr, h0, c0, bs, rev = gpu_args
+        gpu_b = ops.lstm_recurrence_backward(*[g.cuda() for g in grads], w_hh, w_hr, h0, c0, gpu_res[0], gpu_res[3],
+                                             bs, rev)
+    elif mode == "gru":
+        _, w_hh, _, h0, bs, rev = args
+        cpu_b = ops.gru_recurrence_backward(*grads, w_hh, h0, cpu_res[0], cpu_res[2], bs, rev)
+        _, w_hh, _, h0, bs, rev = gpu_args
+        gpu_b = ops.gru_recurrence_backward(*[g.cuda() for g in grads], w_hh, h0, gpu_res[0], gpu_res[2], bs, rev)
+    else:
+        backward = getattr(ops, f"{mode}_recurrence_backward")
+        _, w_hh, _, h0, bs, rev = args
+        cpu_b = backward(*grads, w_hh, h0, cpu_res[0], bs, rev)
+        _, w_hh, _, h0, bs, rev = gpu_args
+        gpu_b = backward(*[g.cuda() for g in grads], w_hh, h0, gpu_res[0], bs, rev)
+    for c, g in zip(cpu_b, gpu_b):
+        assert g.device.type == "cuda" and g.shape == c.shape and g.dtype == c.dtype and g.is_contiguous()
+
+
+@pytest.mark.parametrize("mode", list(GATES))
+def test_zero_length_sequence_matches_cpu(mode):
+    """No rows at all (T = 0): empty output, h_n = h0, and gradients that pass straight through."""
+    args = list(_recurrence_args(mode, False, False, True, 0, True))
+    args[0] = args[0][:0].detach().requires_grad_()  # gates_x [0, G*H]
+    results = []
+    for device in ("cpu", CUDA):
+        moved = on_device(tuple(args), device)
+        outs = _forward(mode, moved)
+        loss = sum((o.double() * (i + 1)).sum() for i, o in enumerate(outs))
+        leaves = [a for a in moved if isinstance(a, torch.Tensor) and a.requires_grad]
+        grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+        results.append(([o.detach() for o in outs], grads))
+    (cpu_out, cpu_grads), (gpu_out, gpu_grads) = results
+    assert_close_lists(to_cpu(gpu_out), cpu_out, "outputs", **TOLERANCES[torch.float64])
+    assert_close_lists(to_cpu(gpu_grads), list(cpu_grads), "gradients", **TOLERANCES[torch.float64])
+
+
+# ----------------------------------------------------------------------------------------------
+# The ops: gradcheck, opcheck
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode,packed,reverse,bias,proj", list(_op_cases()))
+def test_gradcheck_cuda(mode, packed, reverse, bias, proj):
+    args = on_device(_recurrence_args(mode, packed, reverse, bias, proj, requires_grad=True), CUDA)
+    tensors = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.requires_grad]
+
+    def fn(*values):
+        full = list(args)
+        for i, v in zip(tensors, values):
+            full[i] = v
+        return _forward(mode, tuple(full))
+
+    assert torch.autograd.gradcheck(fn, tuple(args[i] for i in tensors), eps=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("mode,packed,reverse,bias,proj", list(_opcheck_cases()))
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_opcheck_forward_cuda(mode, packed, reverse, bias, proj, requires_grad):
+    args = on_device(_recurrence_args(mode, packed, reverse, bias, proj, requires_grad, dtype=torch.float32), CUDA)
+    if mode in ("lstm", "gru"):
+        for training in (False, True):
+            torch.library.opcheck(getattr(ops, f"{mode}_recurrence").default, args + (training,))
+    else:
+        torch.library.opcheck(getattr(ops, f"{mode}_recurrence").default, args)
+
+
+@pytest.mark.parametrize("mode,packed,reverse,bias,proj", list(_opcheck_cases()))
+@pytest.mark.parametrize("with_grad_output,with_grad_state", [(True, True), (False, True), (True, False)])
+def test_opcheck_backward_cuda(mode, packed, reverse, bias, proj, with_grad_output, with_grad_state):
+    args = on_device(_recurrence_args(mode, packed, reverse, bias, proj, False, dtype=torch.float32), CUDA)
+    generator = torch.Generator().manual_seed(5)
+
+    def grad_like(t, present):
+        return torch.randn(t.shape, generator=generator, dtype=t.dtype).to(t.device) if present else None
+
+    if mode == "lstm":
+        _, w_hh, _, w_hr, h0, c0, batch_sizes, rev = args
+        output, h_n, c_n, workspace = ops.lstm_recurrence(*args, True)
+        backward_args = (grad_like(output, with_grad_output), grad_like(h_n, with_grad_state),
+                         grad_like(c_n, with_grad_state), w_hh, w_hr, h0, c0, output, workspace, batch_sizes, rev)
+    elif mode == "gru":
+        _, w_hh, _, h0, batch_sizes, rev = args
+        output, h_n, workspace = ops.gru_recurrence(*args, True)
+        backward_args = (grad_like(output, with_grad_output), grad_like(h_n, with_grad_state),
+                         w_hh, h0, output, workspace, batch_sizes, rev)
+    else:
+        _, w_hh, _, h0, batch_sizes, rev = args
+        output, h_n = getattr(ops, f"{mode}_recurrence")(*args)
+        backward_args = (grad_like(output, with_grad_output), grad_like(h_n, with_grad_state),
+                         w_hh, h0, output, batch_sizes, rev)
+    torch.library.opcheck(getattr(ops, f"{mode}_recurrence_backward").default, backward_args)
+
+
+# ----------------------------------------------------------------------------------------------
+# Low precision
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", list(LAYER_MODES))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_error_against_float64_cuda(mode, dtype):
+    """bfloat16 / float16 on CUDA judged against a float64 reference: rnnfused's error (outputs,
+    states, gradients) is at most twice torch.nn's own error in the same dtype on the same GPU,
+    plus one unit of the dtype's precision at the scale of the value (cuDNN may keep more of its
+    intermediate state in float32 than rnnfused, which rounds h to the dtype every step as
+    torch.nn's CPU cells do).
+
+    The seed is one whose ReLU pre-activations keep clear of zero (see test_parity)."""
+    kwargs = dict(num_layers=2, bidirectional=True)
+    ref64, ours = twin_layers(mode, 8, 16, dtype=torch.float64, seed=1, device=CUDA, **kwargs)
+    ref_low, _ = twin_layers(mode, 8, 16, dtype=torch.float64, seed=1, device=CUDA, **kwargs)
+    ref_low.to(dtype)
+    ours.to(dtype)
+    shapes = [(4, 5, 16)] * (2 if mode == "lstm" else 1)
+    make64 = sequence_inputs("padded", 20, 5, 8, shapes, torch.float64, device=CUDA)
+    make_low = sequence_inputs("padded", 20, 5, 8, shapes, dtype, device=CUDA)
+    unit = torch.finfo(dtype).eps
+
+    exact_out, exact_grads = forward_backward(ref64, make64)
+    for label, exact, ref_vals, our_vals in (
+        ("outputs", exact_out, *[forward_backward(m, make_low)[0] for m in (ref_low, ours)]),
+        ("gradients", exact_grads, *[forward_backward(m, make_low)[1] for m in (ref_low, ours)]),
+    ):
+        for index, (e, r, o) in enumerate(zip(exact, ref_vals, our_vals)):
+            assert o.dtype == dtype and o.is_cuda, f"{label}[{index}] is {o.dtype} on {o.device}"
+            ref_error = (r.double() - e).abs().max().item()
+            our_error = (o.double() - e).abs().max().item()
+            scale = e.abs().max().item()
+            assert our_error <= 2 * ref_error + unit * scale, (
+                f"{label}[{index}]: rnnfused error {our_error:.3g} vs torch.nn {ref_error:.3g} ({dtype})"
+            )
+
+
+# ----------------------------------------------------------------------------------------------
+# Devices and streams
+# ----------------------------------------------------------------------------------------------
+
+
+def test_tensors_on_different_devices_are_a_clear_error():
+    args = list(on_device(_recurrence_args("lstm", True, False, True, 0, False), CUDA))
+    cpu_h0 = list(args)
+    cpu_h0[4] = args[4].cpu()
+    with pytest.raises(RuntimeError, match=r"rnnfused::lstm_recurrence: h0 is on cpu but gates_x is on cuda"):
+        ops.lstm_recurrence(*cpu_h0, True)
+    cpu_gates = list(args)
+    cpu_gates[0] = args[0].cpu()
+    with pytest.raises(RuntimeError, match=r"rnnfused::lstm_recurrence: gates_x is on cpu"):
+        ops.lstm_recurrence(*cpu_gates, True)
+    cuda_sizes = list(args)
+    cuda_sizes[6] = args[6].cuda()
+    with pytest.raises(RuntimeError, match="batch_sizes must be a CPU tensor"):
+        ops.lstm_recurrence(*cuda_sizes, True)
+    gru = list(on_device(_recurrence_args("gru", False, False, True, 0, False), CUDA))
+    output, h_n, workspace = ops.gru_recurrence(*gru, True)
+    _, w_hh, _, h0, batch_sizes, rev = gru
+    with pytest.raises(RuntimeError, match=r"rnnfused::gru_recurrence_backward: w_hh is on cpu but output is on cuda"):
+        ops.gru_recurrence_backward(None, torch.ones_like(h_n), w_hh.cpu(), h0, output, workspace, batch_sizes, rev)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+@pytest.mark.parametrize("mode", list(LAYER_MODES))
+def test_second_gpu_matches_first(mode):
+    """The kernels run on the tensors' device, not on the current one (which stays cuda:0)."""
+    kwargs = dict(num_layers=2, bidirectional=True)
+    shapes = state_shapes(mode, 2, True, BATCH, HIDDEN, 0)
+    results = []
+    for device in (torch.device("cuda", 0), torch.device("cuda", 1)):
+        _, ours = twin_layers(mode, INPUT, HIDDEN, device=device, **kwargs)
+        results.append(forward_backward(ours, sequence_inputs("packed_unsorted", STEPS, BATCH, INPUT, shapes,
+                                                              torch.float64, device=device)))
+    assert torch.cuda.current_device() == 0
+    (out0, grads0), (out1, grads1) = results
+    assert all(t.device.index == 1 for t in out1)
+    assert_close_lists(to_cpu(out1), to_cpu(out0), "outputs", **TOLERANCES[torch.float64])
+    assert_close_lists(to_cpu(grads1), to_cpu(grads0), "gradients", **TOLERANCES[torch.float64])
+
+
+@pytest.mark.parametrize("mode", list(LAYER_MODES))
+def test_side_stream(mode):
+    """Work queued on a non-default stream gives the default stream's result (every kernel, GEMM
+    and copy goes to the current stream, so nothing races with the caller's stream)."""
+    kwargs = dict(num_layers=2, bidirectional=True)
+    _, ours = twin_layers(mode, 16, 32, device=CUDA, **kwargs)
+    shapes = state_shapes(mode, 2, True, 8, 32, 0)
+    make = sequence_inputs("packed_unsorted", 30, 8, 16, shapes, torch.float64, device=CUDA)
+    expected = forward_backward(ours, make)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        got = forward_backward(ours, make)
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    assert_close_lists(got[0], expected[0], "outputs", **TOLERANCES[torch.float64])
+    assert_close_lists(got[1], expected[1], "gradients", **TOLERANCES[torch.float64])
+
+
+# ----------------------------------------------------------------------------------------------
+# compute-sanitizer
+# ----------------------------------------------------------------------------------------------
+
+
+def _compute_sanitizer():
+    found = shutil.which("compute-sanitizer")
+    if found:
+        return found
+    for root in (os.environ.get("CUDA_HOME"), "/usr/local/cuda"):
+        candidate = os.path.join(root, "bin", "compute-sanitizer") if root else None
+        if candidate and os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+@pytest.mark.slow
+def test_compute_sanitizer_memcheck():
+    """tests/cuda_memcheck_workload.py (forward + backward through every kernel) under memcheck,
+    with the caching allocator off so that out-of-bounds accesses leave their allocation."""
+    sanitizer = _compute_sanitizer()
+    if sanitizer is None:
+        pytest.skip("compute-sanitizer not found (CUDA toolkit)")
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    root = os.path.dirname(tests_dir)
+    env = dict(os.environ, PYTORCH_NO_CUDA_MEMORY_CACHING="1")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    result = subprocess.run(
+        [sanitizer, "--tool", "memcheck", "--error-exitcode", "99", "--leak-check", "no",
+         sys.executable, os.path.join(tests_dir, "cuda_memcheck_workload.py")],
+        cwd=root, env=env, capture_output=True, text=True, timeout=1800,
+    )
+    report = (result.stdout + result.stderr)[-6000:]
+    assert result.returncode == 0, f"compute-sanitizer memcheck failed (exit {result.returncode}):\n{report}"
+    assert "ERROR SUMMARY: 0 errors" in report, report
