@@ -1,1 +1,2 @@
-"""rnnfused's benchmark suite (run it with `python -m benchmarks`, or `make bench`)."""
+"""rnnfused's benchmark suite: rnnfused against torch.nn, side by side (``python -m benchmarks``;
+see benchmarks/__main__.py for the usage)."""

@@ -1,131 +1,190 @@
-"""rnnfused's benchmark suite: rnnfused against torch.nn, side by side in one run.
+"""rnnfused's benchmark suite: rnnfused against torch.nn (and FlashRNN / haste when installed),
+side by side in one run, on the same inputs and weights.
 
-    python -m benchmarks                          # quick preset (about two minutes on 2 CPU cores)
-    python -m benchmarks --preset full            # every shape, longer measurements
-    python -m benchmarks --cell lstm,gru --mode fwdbwd --shape 100,32,256,256,2
+Usage, from the repository root:
+
+    python -m benchmarks                        # quick preset: all cells, fwd and fwd+bwd, float32
+    python -m benchmarks --preset full          # the full-size shapes, longer measurements
+    python -m benchmarks --cell lstm,gru --mode fwdbwd --name fastrnns_T10,batch1_T50
+    python -m benchmarks --shape 100,64,512,512,1 --shape 50,16,256,256,2 --direction uni,bi
+    python -m benchmarks --device cuda --dtype float32,bfloat16 --tf32
+    python -m benchmarks --list                 # print the selected cases, measure nothing
     python -m benchmarks compare OLD.json NEW.json
 
-Each case builds rnnfused's module and torch.nn's with the same weights and inputs and times
-both, one right after the other (torch.utils.benchmark, warm-up first, medians with min/max and
-IQR). Forward runs under no_grad; forward+backward differentiates the sum of all outputs with
-respect to the input and every weight. Output: a markdown table on stdout, a JSON file (all
-timings, device, versions, thread count, git commit, date), and PNG plots when matplotlib is
-installed. The README's `make bench` runs the quick preset.
+What a row measures. Each case (device, dtype, cell, shape, mode) builds rnnfused's module and
+torch.nn's (which loads rnnfused's state_dict), one random input (torch.randn, fixed seed; packed
+shapes use a PackedSequence of random lengths, enforce_sorted=False), warms both up and times
+them interleaved with torch.utils.benchmark.Timer.blocked_autorange (CUDA is synchronized per
+block). "fwd" is module(x) under torch.no_grad(); "fwdbwd" is the forward plus
+torch.autograd.grad of output.sum() + the final states' sums with respect to the input and every
+weight. Times are medians of the per-call block means, with min, max and interquartile range in
+the JSON. speedup = torch.nn time / rnnfused time. GFLOP/s counts rnnfused's matrix products
+(2 * rows * G*H * (I + H) per layer and direction, plus the LSTM projection; fwd+bwd = 3x fwd);
+"% GEMM" divides it by the GFLOP/s of a 1024^3 torch.mm timed in the same run, device and dtype.
+Both sides run with the same threads (--threads, recorded) and the same TF32 policy (off unless
+--tf32; torch.nn's cuDNN RNNs would otherwise use TF32 by default).
+
+Output: the markdown table on stdout, progress on stderr, a JSON file with every timing and the
+environment (CPU model, GPU, torch / CUDA / cuDNN versions, threads, rnnfused.build_info(), git
+commit, UTC date, preset and filters), and PNG plots (speedup by shape, us/step against batch)
+when matplotlib is installed. The exit status is 1 when some case failed.
 """
 import argparse
 import datetime
 import os
 import sys
 
-import torch
+from . import compare as compare_module
+from . import report, runner, suite
 
-from . import report, suite
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
 def build_parser():
+    preset_help = "; ".join(f"{name}: {preset.description}" for name, preset in suite.PRESETS.items())
+    shape_lines = "\n".join(
+        f"  {name:5} {shape.describe()}" for name, preset in suite.PRESETS.items() for shape in preset.shapes
+    )
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks",
-        description="rnnfused vs torch.nn (cuDNN on the GPU, oneDNN/ATen on the CPU), side by side.",
-        epilog="compare mode: python -m benchmarks compare OLD.json NEW.json",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="rnnfused against torch.nn (and FlashRNN / haste when importable), side by side.\n"
+                    "Compare two result files with:  python -m benchmarks compare OLD.json NEW.json",
+        epilog="shapes of the presets:\n" + shape_lines,
     )
-    parser.add_argument("--preset", choices=sorted(suite.PRESETS), default="quick",
-                        help="quick (default: shortened shapes, ~2 min on 2 CPU cores) or full")
-    parser.add_argument("--cell", default=",".join(suite.CELLS), help="comma list of " + ", ".join(suite.CELLS))
-    parser.add_argument("--device", default=None, help="comma list of cpu, cuda (default: cpu, and cuda when usable)")
-    parser.add_argument("--dtype", default="float32", help="comma list of " + ", ".join(suite.DTYPES))
-    parser.add_argument("--direction", default="uni,bi", help="comma list of uni, bi")
-    parser.add_argument("--mode", default="fwd,fwdbwd", help="comma list of fwd (forward), fwdbwd (forward+backward)")
-    parser.add_argument("--shape", action="append", default=[], metavar="T,B,I,H[,layers]",
-                        help="explicit shape instead of the preset's (repeatable)")
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for both sides")
-    parser.add_argument("--min-run-time", type=float, default=None, help="seconds of measurement per side and case")
-    parser.add_argument("--json", default=None, help="result file (default benchmarks/results/<date>-<device>.json)")
-    parser.add_argument("--plot", default=None, help="directory of the PNG plots (default: next to the JSON)")
+    parser.add_argument("--preset", choices=sorted(suite.PRESETS), default="quick", help=f"shape set ({preset_help})")
+    parser.add_argument("--cell", default=",".join(suite.CELLS),
+                        help="comma list of " + ", ".join(suite.CELLS) + " (default: all)")
+    parser.add_argument("--device", default=None,
+                        help="comma list of cpu, cuda (default: cpu, plus cuda when a GPU is visible and rnnfused "
+                             "has its CUDA kernels)")
+    parser.add_argument("--dtype", default="float32",
+                        help="comma list of " + ", ".join(suite.DTYPES) + " (default: float32)")
+    parser.add_argument("--direction", default=None,
+                        help="comma list of uni, bi: keeps the preset shapes of those directions (default: all); "
+                             "--shape shapes are run in each listed direction (default: uni)")
+    parser.add_argument("--mode", default=",".join(suite.MODES),
+                        help="comma list of fwd (forward under no_grad), fwdbwd (forward + backward) (default: both)")
+    parser.add_argument("--shape", action="append", default=[], metavar="T,B,I,H,layers",
+                        help="run this shape instead of the preset's (repeatable); layers may be left out (1)")
+    parser.add_argument("--name", default=None, help="comma list of shape names to keep (see the epilog)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch.set_num_threads(N) for every side (default: torch's)")
+    parser.add_argument("--min-run-time", type=float, default=None,
+                        help="seconds of measurement per side and case (default: the preset's)")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="times the sides alternate within a case, splitting --min-run-time "
+                             "(default: the preset's)")
+    parser.add_argument("--tf32", action="store_true", help="allow TF32 for float32 on the GPU (both sides)")
+    parser.add_argument("--no-baselines", action="store_true", help="skip the optional baselines (FlashRNN, haste)")
+    parser.add_argument("--json", default=None,
+                        help="result file (default: benchmarks/results/<UTC date>-<devices>.json)")
+    parser.add_argument("--plot", default=None,
+                        help="directory of the PNG plots (default: next to the JSON, <json name>-plots/)")
     parser.add_argument("--no-plot", action="store_true", help="write no plots")
+    parser.add_argument("--no-json", action="store_true", help="write no JSON file (plots then only with --plot)")
     parser.add_argument("--list", action="store_true", help="print the selected cases and exit")
     return parser
 
 
 def parse_args(argv):
+    """The parsed command line plus ``args.config`` (a runner.RunConfig); exits with a usage
+    message naming the bad option on any invalid value."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        args.cells = suite.parse_list(args.cell, suite.CELLS, "--cell")
-        args.devices = suite.parse_list(args.device, ("cpu", "cuda"), "--device") if args.device else suite.default_devices()
-        args.dtypes = suite.parse_list(args.dtype, tuple(suite.DTYPES), "--dtype")
-        args.directions = suite.parse_list(args.direction, suite.DIRECTIONS, "--direction")
-        args.modes = suite.parse_list(args.mode, suite.MODES, "--mode")
-        args.shapes = [suite.parse_shape(s) for s in args.shape] or suite.PRESETS[args.preset]["shapes"]
+        args.config = make_config(args)
     except ValueError as error:
         parser.error(str(error))
-    if args.min_run_time is None:
-        args.min_run_time = suite.PRESETS[args.preset]["min_run_time"]
+    if not args.config.selection.cases():
+        parser.error("no case matches these filters (see --list and the shapes below --help)")
     return args
 
 
+def make_config(args):
+    preset = suite.PRESETS[args.preset]
+    cells = suite.parse_list(args.cell, suite.CELLS, "--cell")
+    devices = suite.parse_list(args.device, suite.DEVICES, "--device") if args.device else runner.default_devices()
+    dtypes = suite.parse_list(args.dtype, suite.DTYPES, "--dtype")
+    modes = suite.parse_list(args.mode, suite.MODES, "--mode")
+    directions = suite.parse_list(args.direction, suite.DIRECTIONS, "--direction") if args.direction else None
+    if args.shape:
+        explicit = [suite.parse_shape(text) for text in args.shape]
+        directions = directions or ["uni"]
+        shapes = tuple(suite.with_direction(shape, d) for shape in explicit for d in directions)
+        preset_name = "custom"
+    else:
+        shapes = preset.shapes
+        directions = directions or list(suite.DIRECTIONS)
+        preset_name = args.preset
+    names = None
+    if args.name:
+        available = [shape.name for shape in shapes]
+        names = suite.parse_list(args.name, available, "--name")
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"bad --threads {args.threads}: must be at least 1")
+    min_run_time = preset.min_run_time if args.min_run_time is None else args.min_run_time
+    if min_run_time <= 0:
+        raise ValueError(f"bad --min-run-time {min_run_time}: must be positive")
+    rounds = preset.rounds if args.rounds is None else args.rounds
+    if rounds < 1:
+        raise ValueError(f"bad --rounds {rounds}: must be at least 1")
+    selection = suite.Selection(shapes=shapes, cells=cells, devices=devices, dtypes=dtypes,
+                                directions=directions, modes=modes, names=names)
+    return runner.RunConfig(selection=selection, preset=preset_name, min_run_time=min_run_time, rounds=rounds,
+                            threads=args.threads, tf32=args.tf32, optional_baselines=not args.no_baselines)
+
+
 def default_json_path(devices):
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H%M%S")
-    root = os.path.dirname(os.path.abspath(__file__))
-    return os.path.join(root, "results", f"{stamp}-{'-'.join(devices)}.json")
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H%M%SZ")
+    return os.path.join(RESULTS_DIR, f"{stamp}-{'-'.join(devices)}.json")
 
 
-def run(args, progress=sys.stderr):
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    cases = suite.select_cases(args.shapes, args.cells, args.dtypes, args.modes, args.devices, args.directions)
-    notes = []
-    for name, module in suite.optional_baselines().items():
-        if module is None:
-            notes.append(f"{name} is not installed: not measured")
-        else:
-            notes.append(f"{name} is installed, but the suite does not drive it yet: not measured")
-    gemm = {}
-    rows = []
-    for index, case in enumerate(cases, 1):
-        skip = suite.describe_skip(case)
-        if skip:
-            notes.append(f"skipped {case.key}: {skip}")
-            continue
-        if (case.device, case.dtype) not in gemm:
-            gemm[(case.device, case.dtype)] = suite.gemm_rate(case.device, case.dtype)
-        print(f"[{index}/{len(cases)}] {case.key}", file=progress, flush=True)
-        rows.append(suite.run_case(case, args.min_run_time, gemm[(case.device, case.dtype)]))
-    return {
-        "version": report.RESULT_VERSION,
-        "environment": report.environment(suite.precision_settings()),
-        "preset": args.preset if not args.shape else "custom",
-        "filters": {
-            "cells": args.cells, "devices": args.devices, "dtypes": args.dtypes,
-            "directions": args.directions, "modes": args.modes, "min_run_time": args.min_run_time,
-        },
-        "gemm_peak_gflops": {f"{d}/{t}": v for (d, t), v in gemm.items()},
-        "notes": notes,
-        "rows": rows,
-    }
+def compare_main(argv):
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks compare",
+        description="Markdown table of the change of rnnfused's time per matching row of two result files "
+                    "(rows only in one file are marked).",
+    )
+    parser.add_argument("old", help="earlier result file (JSON written by python -m benchmarks)")
+    parser.add_argument("new", help="later result file")
+    args = parser.parse_args(argv)
+    try:
+        old, new = report.load_json(args.old), report.load_json(args.new)
+    except ValueError as error:
+        parser.error(str(error))
+    print(compare_module.compare(old, new))
+    return 0
 
 
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "compare":
-        if len(argv) != 3:
-            print("usage: python -m benchmarks compare OLD.json NEW.json", file=sys.stderr)
-            return 2
-        print(report.compare(report.load_json(argv[1]), report.load_json(argv[2])))
-        return 0
+        return compare_main(argv[1:])
     args = parse_args(argv)
+    config = args.config
     if args.list:
-        for case in suite.select_cases(args.shapes, args.cells, args.dtypes, args.modes, args.devices, args.directions):
+        for case in config.selection.cases():
             print(case.key)
         return 0
-    result = run(args)
+    result = runner.run(config)
     print(report.results_markdown(result))
-    path = args.json or default_json_path(args.devices)
-    report.write_json(result, path)
-    print(f"\nresults: {path}")
-    if not args.no_plot:
-        written, note = report.write_plots(result, args.plot or os.path.splitext(path)[0])
-        print(note or "plots: " + ", ".join(written))
-    return 0
+    plot_dir = args.plot
+    if not args.no_json:
+        path = args.json or default_json_path(config.selection.devices)
+        report.write_json(result, path)
+        print(f"\nresults: {display_path(path)}")
+        plot_dir = plot_dir or os.path.splitext(path)[0] + "-plots"
+    if plot_dir and not args.no_plot:
+        written, note = report.write_plots(result, plot_dir)
+        print(note or "plots: " + ", ".join(display_path(p) for p in written))
+    return 1 if result["failures"] else 0
+
+
+def display_path(path):
+    """Relative to the current directory when below it, else as it is."""
+    relative = os.path.relpath(path)
+    return path if relative.startswith("..") else relative
 
 
 if __name__ == "__main__":
