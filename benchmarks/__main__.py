@@ -5,7 +5,7 @@ Usage, from the repository root:
 
     python -m benchmarks                        # quick preset: all cells, fwd and fwd+bwd, float32
     python -m benchmarks --preset full          # the full-size shapes, longer measurements
-    python -m benchmarks --cell lstm,gru --mode fwdbwd --name fastrnns_T10,batch1_T50
+    python -m benchmarks --cell lstm,gru --mode fwdbwd --name fastrnns_T25,batch1_T50
     python -m benchmarks --shape 100,64,512,512,1 --shape 50,16,256,256,2 --direction uni,bi
     python -m benchmarks --device cuda --dtype float32,bfloat16 --tf32
     python -m benchmarks --list                 # print the selected cases, measure nothing
