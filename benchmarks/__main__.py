@@ -3,31 +3,48 @@ side by side in one run, on the same inputs and weights.
 
 Usage, from the repository root:
 
-    python -m benchmarks                        # quick preset: all cells, fwd and fwd+bwd, float32
+    python -m benchmarks                        # quick preset: 4 cells x 7 shapes, fwd and fwd+bwd, float32
     python -m benchmarks --preset full          # the full-size shapes, longer measurements
-    python -m benchmarks --cell lstm,gru --mode fwdbwd --name fastrnns_T25,batch1_T50
+    python -m benchmarks --cell lstm,gru --mode fwdbwd --name fastrnns_T25,batch1
     python -m benchmarks --shape 100,64,512,512,1 --shape 50,16,256,256,2 --direction uni,bi
     python -m benchmarks --device cuda --dtype float32,bfloat16 --tf32
+    python -m benchmarks --threads 1 --min-run-time 0.2 --json out.json --plot plots/
     python -m benchmarks --list                 # print the selected cases, measure nothing
     python -m benchmarks compare OLD.json NEW.json
+    python -m benchmarks --help                 # every option, and the shapes of both presets
+
+Presets. quick (the default): fastrnns_T25 (T=25 B=64 I=H=512), batch1 (T=100 B=1 I=H=256),
+small_batch (T=100 B=16 I=H=256), and two layers, bidirectional, packed and proj_size variants at
+B=16 H=256; about two minutes on an idle 2-core CPU. full: fastrnns (T=100 B=64 I=H=512), batch1,
+small_batch, flashrnn (T=1024 B=16 I=H=768), large_batch (T=100 B=256 I=H=1024), and the
+variants at the fastrnns sizes; flashrnn and large_batch run with T=256 and T=25 on the CPU.
+Filters: --cell, --device, --dtype, --direction, --mode, --name (shape names); --shape
+T,B,I,H,layers (repeatable) replaces the preset's shapes.
 
 What a row measures. Each case (device, dtype, cell, shape, mode) builds rnnfused's module and
 torch.nn's (which loads rnnfused's state_dict), one random input (torch.randn, fixed seed; packed
-shapes use a PackedSequence of random lengths, enforce_sorted=False), warms both up and times
-them interleaved with torch.utils.benchmark.Timer.blocked_autorange (CUDA is synchronized per
+shapes use a PackedSequence of random lengths, enforce_sorted=False), runs each once (warm-up,
+and a check that both compute the same output), then times them interleaved: in each of the
+preset's rounds, every side gets a torch.utils.benchmark.Timer.blocked_autorange of
+min_run_time / rounds seconds, the order alternating between rounds (CUDA is synchronized per
 block). "fwd" is module(x) under torch.no_grad(); "fwdbwd" is the forward plus
 torch.autograd.grad of output.sum() + the final states' sums with respect to the input and every
-weight. Times are medians of the per-call block means, with min, max and interquartile range in
-the JSON. speedup = torch.nn time / rnnfused time. GFLOP/s counts rnnfused's matrix products
-(2 * rows * G*H * (I + H) per layer and direction, plus the LSTM projection; fwd+bwd = 3x fwd);
-"% GEMM" divides it by the GFLOP/s of a 1024^3 torch.mm timed in the same run, device and dtype.
-Both sides run with the same threads (--threads, recorded) and the same TF32 policy (off unless
---tf32; torch.nn's cuDNN RNNs would otherwise use TF32 by default).
+weight. Times are medians of the per-call block means (at least 3 blocks), with min, max and
+interquartile range. speedup = torch.nn time / rnnfused time; us/step = rnnfused time / T.
+GFLOP/s counts rnnfused's matrix products, 2 * rows * G*H * (I_layer + H_out) per layer and
+direction (rows = sum of sequence lengths, G = 4/3/1 gate blocks, H_out = proj_size or H) plus
+2 * rows * H * proj_size for the LSTM projection, fwd+bwd counted as 3x fwd; "% GEMM" divides it
+by the GFLOP/s of a 1024^3 torch.mm (fastest block) timed in the same run, device and dtype.
+Both sides run with the same threads (--threads; torch's default otherwise) and the same TF32
+policy (off unless --tf32; torch.nn's cuDNN RNNs would otherwise use TF32 by default).
 
-Output: the markdown table on stdout, progress on stderr, a JSON file with every timing and the
-environment (CPU model, GPU, torch / CUDA / cuDNN versions, threads, rnnfused.build_info(), git
-commit, UTC date, preset and filters), and PNG plots (speedup by shape, us/step against batch)
-when matplotlib is installed. The exit status is 1 when some case failed.
+Output: the markdown table on stdout, progress on stderr, a JSON file (default
+benchmarks/results/<UTC date>-<devices>.json, --json PATH) with every timing, the environment
+(CPU model, GPU, torch / CUDA / cuDNN versions, threads, rnnfused.build_info(), git commit, UTC
+date, precision settings), the preset and filters, the GEMM reference and the share of the
+cores other work used before and after the run; PNG plots (speedup by shape, us/step against
+batch) next to it, or in --plot DIR, when matplotlib is installed. The exit status is 1 when
+some case failed.
 """
 import argparse
 import datetime

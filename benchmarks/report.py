@@ -73,7 +73,7 @@ def results_markdown(result):
     build_text = (f"rnnfused {build.get('version')} (CPU {build.get('cpu_isa')}, {build.get('cpu_blas')}; "
                   f"CUDA kernels {'built' if build.get('cuda') else 'not built'})")
     precision = env["precision"]
-    gemm = ", ".join(f"{key} {value['gflops']:.1f} GFLOP/s ({value['size']}^3 torch.mm)"
+    gemm = ", ".join(f"{key} {value['gflops']:.1f} GFLOP/s ({value['size']}^3 torch.mm, fastest block)"
                      for key, value in result["gemm_reference"].items())
     lines = [
         f"## rnnfused vs torch.nn ({settings['preset']} preset)",

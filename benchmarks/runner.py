@@ -106,23 +106,38 @@ def environment():
     }
 
 
-def load_average():
-    """1-minute load average, or None where the OS has none: other work on the cores makes
-    multi-threaded timings unreliable, so the result records it at the start and the end."""
+def _cpu_times():
+    with open("/proc/stat") as stat:
+        fields = [int(value) for value in stat.readline().split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return sum(fields), idle
+
+
+def other_cpu_load(interval=0.5):
+    """Share of all cores busy with other work, sampled over ``interval`` seconds while this
+    process sleeps (Linux /proc/stat; None elsewhere). Other work competing for the cores makes
+    timings noisy, multi-threaded ones especially, so the result records it before and after."""
     try:
-        return round(os.getloadavg()[0], 2)
-    except (AttributeError, OSError):
+        total_before, idle_before = _cpu_times()
+        time.sleep(interval)
+        total_after, idle_after = _cpu_times()
+    except (OSError, ValueError, IndexError):
         return None
+    elapsed = total_after - total_before
+    return round(1 - (idle_after - idle_before) / elapsed, 3) if elapsed > 0 else None
 
 
-def busy_machine_note(load, threads):
-    """A warning when other work already kept the cores busy as the run started."""
-    cores = os.cpu_count() or 1
-    if load is None or load <= max(0.5, cores - threads):
+# Other work above this share of the cores (sampled before the run) earns the run a warning note.
+BUSY_THRESHOLD = 0.1
+
+
+def busy_machine_note(busy, threads):
+    """A warning when other work kept the cores busy as the run started."""
+    if busy is None or busy <= BUSY_THRESHOLD:
         return None
     plural = "" if threads == 1 else "s"
-    return (f"the machine was busy when the run started (load average {load} on {cores} cores, "
-            f"{threads} thread{plural} per side): other work competing for the cores makes timings noisy, "
+    return (f"other work kept {100 * busy:.0f}% of the {os.cpu_count()} cores busy as the run started "
+            f"({threads} thread{plural} per side): timings are noisier than on an idle machine, "
             f"multi-threaded ones especially")
 
 
@@ -225,7 +240,7 @@ def run(config, progress=None):
 def _run(config, progress):
     cases = config.selection.cases()
     env = environment()
-    load_at_start = load_average()
+    busy_at_start = other_cpu_load()
     baselines, notes = sides_module.optional_baselines() if config.optional_baselines else ([], [])
     if baselines:
         notes.append("optional baselines run on CUDA only, on single-layer unidirectional unpacked shapes: "
@@ -233,7 +248,7 @@ def _run(config, progress):
     if "cuda" in config.selection.devices and not cuda_usable():
         notes.append("cuda cases skipped: " + ("no GPU visible" if not torch.cuda.is_available()
                                                    else "this build of rnnfused has no CUDA kernels"))
-    busy = busy_machine_note(load_at_start, torch.get_num_threads())
+    busy = busy_machine_note(busy_at_start, torch.get_num_threads())
     if busy:
         notes.append(busy)
     gemm = {}
@@ -284,5 +299,5 @@ def _run(config, progress):
         "failures": failures,
         "rows": rows,
         "wall_time_s": time.perf_counter() - started,
-        "load_average": {"start": load_at_start, "end": load_average()},
+        "other_cpu_load": {"start": busy_at_start, "end": other_cpu_load()},
     }
