@@ -6,6 +6,9 @@ Environment switches:
   TORCH_CUDA_ARCH_LIST  GPU architectures (default "8.0;9.0+PTX": sm_80 and sm_90 with PTX)
   MAX_JOBS              parallel compile jobs (ninja)
   RNNFUSED_DEBUG=1      -O0 -g instead of -O3
+  RNNFUSED_BUILD_SIM=1  also build rnnfused._sim_C, the test build of the CUDA path on the CUDA simulator
+                        (csrc/cuda/sim/): the CUDA sources compiled by the host compiler, run on CPU
+                        tensors as the ops rnnfused_sim::*; `make test` builds it, a plain install does not
 Build with `pip install --no-build-isolation -e .` so that the installed torch is the one built against.
 """
 import glob
@@ -108,12 +111,36 @@ def extension():
     )
 
 
+def simulator_extension():
+    """rnnfused._sim_C: csrc/cuda's host code and kernels built for the CUDA simulator (tests only)."""
+    root = os.path.dirname(os.path.abspath(__file__))
+    sources = sorted(glob.glob(os.path.join("csrc", "cuda", "sim", "*.cpp")))
+    depends = sorted(glob.glob(os.path.join("csrc", "**", "*.h"), recursive=True))
+    depends += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu*")))
+    opt = ["-O0", "-g"] if env_flag("RNNFUSED_DEBUG") else ["-O2"]
+    return cpp_extension.CppExtension(
+        "rnnfused._sim_C",
+        sources,
+        include_dirs=[os.path.join(root, "csrc")],
+        define_macros=[("RNNFUSED_CUDA_SIM", "1")],
+        depends=depends,
+        extra_compile_args={"cxx": opt + ["-Wall", "-Wno-unused-parameter", "-Wno-unknown-pragmas"]},
+    )
+
+
+def extensions():
+    exts = [extension()]
+    if env_flag("RNNFUSED_BUILD_SIM"):
+        exts.append(simulator_extension())
+    return exts
+
+
 setup(
     name="rnnfused",
     version="0.1.0",
     description="Fused LSTM, GRU and Elman RNN kernels for PyTorch: drop-in replacements for torch.nn",
     packages=find_packages(include=["rnnfused", "rnnfused.*"]),
-    ext_modules=[extension()],
+    ext_modules=extensions(),
     cmdclass={"build_ext": BuildExtension},
     python_requires=">=3.9",
     install_requires=["torch>=2.4"],

@@ -18,6 +18,8 @@ from . import _C, _ops  # noqa: F401  (registers the ops, their fake kernels and
 
 __all__ = ["lstm_layer", "gru_layer", "rnn_tanh_layer", "rnn_relu_layer", "supported_device"]
 
+# The library whose recurrence ops the layers call. rnnfused._sim swaps in rnnfused_sim (the CUDA
+# path on the CUDA simulator) for the tests; nothing else changes it.
 _ops_ns = torch.ops.rnnfused
 
 

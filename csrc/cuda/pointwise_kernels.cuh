@@ -4,7 +4,8 @@
 // CUDA paths compute the same formulas in the same order.
 //
 // Every kernel takes one argument struct by value (kernel parameters live in constant memory)
-// of raw pointers to contiguous row-major buffers in the compute dtype T (float or double).
+// of device pointers (dptr, device.cuh) to contiguous row-major buffers in the compute dtype T
+// (float or double).
 // Shapes use the legend of csrc/cell_math.h; `rows` is the number of active rows of the step
 // (batch_sizes[t]) and every per-row pointer already points at the step's first row. The
 // structs mirror csrc/cpu/pointwise.h, plus what the CPU loop does in separate passes and is
@@ -20,6 +21,7 @@
 #include <type_traits>
 
 #include "../cell_math.h"
+#include "device.cuh"
 
 namespace rnnfused::cuda {
 
@@ -56,14 +58,14 @@ __device__ __forceinline__ T round_to_storage(T x, Storage storage) {
 template <typename T>
 struct LstmForwardArgs {
   int64_t rows = 0, hidden = 0;
-  const T* gates_x = nullptr;  // [rows, 4H]  x W_ih^T + b_ih
-  const T* gates_h = nullptr;  // [rows, 4H]  h_{t-1} W_hh^T
-  const T* bias = nullptr;     // [4H]        b_hh (zeros for a layer without bias)
-  T* c_state = nullptr;        // [rows, H]   in: c_{t-1}; out: c_t
-  T* r_out = nullptr;          // [rows, H]   o * tanh(c_t): h_t (the state), or the projection's input
-  T* h_copy = nullptr;         // [rows, H]   the step's output rows (a second copy of h_t); nullptr
+  dptr<const T> gates_x = nullptr;  // [rows, 4H]  x W_ih^T + b_ih
+  dptr<const T> gates_h = nullptr;  // [rows, 4H]  h_{t-1} W_hh^T
+  dptr<const T> bias = nullptr;     // [4H]        b_hh (zeros for a layer without bias)
+  dptr<T> c_state = nullptr;        // [rows, H]   in: c_{t-1}; out: c_t
+  dptr<T> r_out = nullptr;          // [rows, H]   o * tanh(c_t): h_t (the state), or the projection's input
+  dptr<T> h_copy = nullptr;         // [rows, H]   the step's output rows (a second copy of h_t); nullptr
                                //             with a projection, where h_t is W_hr r, not r
-  T* workspace = nullptr;      // [rows, 5H]  i, f, g, o, c_t for backward; nullptr in inference
+  dptr<T> workspace = nullptr;      // [rows, 5H]  i, f, g, o, c_t for backward; nullptr in inference
   Storage storage = Storage::Same;  // rounding of r_out / h_copy (Same with a projection: r is
                                     // not h, and the CPU path keeps it unrounded)
 };
@@ -74,9 +76,9 @@ __global__ void __launch_bounds__(kThreads) lstm_forward_kernel(const LstmForwar
   RNNFUSED_CUDA_KERNEL_LOOP(idx, a.rows * H) {
     const int64_t row = idx / H;
     const int64_t j = idx - row * H;
-    const T* gx = a.gates_x + row * 4 * H + j;
-    const T* gh = a.gates_h + row * 4 * H + j;
-    const T* b = a.bias + j;
+    const dptr<const T> gx = a.gates_x + row * 4 * H + j;
+    const dptr<const T> gh = a.gates_h + row * 4 * H + j;
+    const dptr<const T> b = a.bias + j;
     // Same summation order as the CPU pass: (x + h) + b.
     const auto act = rnnfused::lstm_forward<T>(gx[0] + gh[0] + b[0], gx[H] + gh[H] + b[H],
                                                gx[2 * H] + gh[2 * H] + b[2 * H],
@@ -86,7 +88,7 @@ __global__ void __launch_bounds__(kThreads) lstm_forward_kernel(const LstmForwar
     a.r_out[idx] = r;
     if (a.h_copy) a.h_copy[idx] = r;
     if (a.workspace) {
-      T* ws = a.workspace + row * 5 * H + j;
+      const dptr<T> ws = a.workspace + row * 5 * H + j;
       ws[0] = act.i;
       ws[H] = act.f;
       ws[2 * H] = act.g;
@@ -99,17 +101,17 @@ __global__ void __launch_bounds__(kThreads) lstm_forward_kernel(const LstmForwar
 template <typename T>
 struct LstmBackwardArgs {
   int64_t rows = 0, hidden = 0;
-  const T* workspace = nullptr;       // [rows, 5H]  this step's i, f, g, o, c
-  const T* prev_workspace = nullptr;  // [rows_from_prev, 5H]  the previous step's rows (their c is
+  dptr<const T> workspace = nullptr;       // [rows, 5H]  this step's i, f, g, o, c
+  dptr<const T> prev_workspace = nullptr;  // [rows_from_prev, 5H]  the previous step's rows (their c is
                                       //   c_{t-1}); nullptr when rows_from_prev == 0
   int64_t rows_from_prev = 0;         // rows whose c_{t-1} is in prev_workspace; the others start
                                       //   at this step and read c0
-  const T* c0 = nullptr;              // [B, H]      c0 (row r of the step is row r of c0)
-  const T* grad_r = nullptr;          // [rows, H]   gradient of r = o tanh(c)
-  const T* grad_r_extra = nullptr;    // [rows, H]   added to grad_r when not null (grad of output)
-  T* dc_state = nullptr;              // [rows, H]   in: dL/dc_t; out: dL/dc_{t-1}
-  T* grad_gates = nullptr;            // [rows, 4H]  dL/d pre-activations (i, f, g, o)
-  T* r_out = nullptr;                 // [rows, H]   o tanh(c) for dW_hr; nullptr without projection
+  dptr<const T> c0 = nullptr;              // [B, H]      c0 (row r of the step is row r of c0)
+  dptr<const T> grad_r = nullptr;          // [rows, H]   gradient of r = o tanh(c)
+  dptr<const T> grad_r_extra = nullptr;    // [rows, H]   added to grad_r when not null (grad of output)
+  dptr<T> dc_state = nullptr;              // [rows, H]   in: dL/dc_t; out: dL/dc_{t-1}
+  dptr<T> grad_gates = nullptr;            // [rows, 4H]  dL/d pre-activations (i, f, g, o)
+  dptr<T> r_out = nullptr;                 // [rows, H]   o tanh(c) for dW_hr; nullptr without projection
 };
 
 template <typename T>
@@ -118,13 +120,13 @@ __global__ void __launch_bounds__(kThreads) lstm_backward_kernel(const LstmBackw
   RNNFUSED_CUDA_KERNEL_LOOP(idx, a.rows * H) {
     const int64_t row = idx / H;
     const int64_t j = idx - row * H;
-    const T* ws = a.workspace + row * 5 * H + j;
+    const dptr<const T> ws = a.workspace + row * 5 * H + j;
     const T c_prev = row < a.rows_from_prev ? a.prev_workspace[row * 5 * H + 4 * H + j] : a.c0[idx];
     T dr = a.grad_r[idx];
     if (a.grad_r_extra) dr = dr + a.grad_r_extra[idx];
     const auto d = rnnfused::lstm_backward<T>(ws[0], ws[H], ws[2 * H], ws[3 * H], ws[4 * H], c_prev, dr,
                                               a.dc_state[idx]);
-    T* dg = a.grad_gates + row * 4 * H + j;
+    const dptr<T> dg = a.grad_gates + row * 4 * H + j;
     dg[0] = d.pre_i;
     dg[H] = d.pre_f;
     dg[2 * H] = d.pre_g;
@@ -141,12 +143,12 @@ __global__ void __launch_bounds__(kThreads) lstm_backward_kernel(const LstmBackw
 template <typename T>
 struct GruForwardArgs {
   int64_t rows = 0, hidden = 0;
-  const T* gates_x = nullptr;  // [rows, 3H]  x W_ih^T + b_ih
-  const T* gates_h = nullptr;  // [rows, 3H]  h_{t-1} W_hh^T
-  const T* bias = nullptr;     // [3H]        b_hh (zeros for a layer without bias)
-  T* h_state = nullptr;        // [rows, H]   in: h_{t-1}; out: h_t (rounded to `storage`)
-  T* h_copy = nullptr;         // [rows, H]   the step's output rows (a second copy of h_t)
-  T* workspace = nullptr;      // [rows, 4H]  r, z, n, hh_n (= W_hn h + b_hn); nullptr in inference
+  dptr<const T> gates_x = nullptr;  // [rows, 3H]  x W_ih^T + b_ih
+  dptr<const T> gates_h = nullptr;  // [rows, 3H]  h_{t-1} W_hh^T
+  dptr<const T> bias = nullptr;     // [3H]        b_hh (zeros for a layer without bias)
+  dptr<T> h_state = nullptr;        // [rows, H]   in: h_{t-1}; out: h_t (rounded to `storage`)
+  dptr<T> h_copy = nullptr;         // [rows, H]   the step's output rows (a second copy of h_t)
+  dptr<T> workspace = nullptr;      // [rows, 4H]  r, z, n, hh_n (= W_hn h + b_hn); nullptr in inference
   Storage storage = Storage::Same;
 };
 
@@ -156,9 +158,9 @@ __global__ void __launch_bounds__(kThreads) gru_forward_kernel(const GruForwardA
   RNNFUSED_CUDA_KERNEL_LOOP(idx, a.rows * H) {
     const int64_t row = idx / H;
     const int64_t j = idx - row * H;
-    const T* gx = a.gates_x + row * 3 * H + j;
-    const T* gh = a.gates_h + row * 3 * H + j;
-    const T* b = a.bias + j;
+    const dptr<const T> gx = a.gates_x + row * 3 * H + j;
+    const dptr<const T> gh = a.gates_h + row * 3 * H + j;
+    const dptr<const T> b = a.bias + j;
     const T hh_n = gh[2 * H] + b[2 * H];
     // Each thread reads and writes only its own element of h_state: the GEMM that read all of
     // h_{t-1} ran before this kernel on the same stream.
@@ -168,7 +170,7 @@ __global__ void __launch_bounds__(kThreads) gru_forward_kernel(const GruForwardA
     a.h_state[idx] = h;
     a.h_copy[idx] = h;
     if (a.workspace) {
-      T* ws = a.workspace + row * 4 * H + j;
+      const dptr<T> ws = a.workspace + row * 4 * H + j;
       ws[0] = act.r;
       ws[H] = act.z;
       ws[2 * H] = act.n;
@@ -180,12 +182,12 @@ __global__ void __launch_bounds__(kThreads) gru_forward_kernel(const GruForwardA
 template <typename T>
 struct GruBackwardArgs {
   int64_t rows = 0, hidden = 0;
-  const T* workspace = nullptr;    // [rows, 4H]  r, z, n, hh_n of the step
-  const T* h_prev = nullptr;       // [rows, H]   h_{t-1} of each row
-  const T* grad_output = nullptr;  // [rows, H]   may be null (no gradient for the output)
-  T* dh_state = nullptr;           // [rows, H]   in: dL/dh_t from later steps; out: dh_t * z
-  T* grad_gates_x = nullptr;       // [rows, 3H]  dL/d gates_x
-  T* grad_gates_h = nullptr;       // [rows, 3H]  dL/d(h_{t-1} W_hh^T + b_hh)
+  dptr<const T> workspace = nullptr;    // [rows, 4H]  r, z, n, hh_n of the step
+  dptr<const T> h_prev = nullptr;       // [rows, H]   h_{t-1} of each row
+  dptr<const T> grad_output = nullptr;  // [rows, H]   may be null (no gradient for the output)
+  dptr<T> dh_state = nullptr;           // [rows, H]   in: dL/dh_t from later steps; out: dh_t * z
+  dptr<T> grad_gates_x = nullptr;       // [rows, 3H]  dL/d gates_x
+  dptr<T> grad_gates_h = nullptr;       // [rows, 3H]  dL/d(h_{t-1} W_hh^T + b_hh)
 };
 
 template <typename T>
@@ -194,12 +196,12 @@ __global__ void __launch_bounds__(kThreads) gru_backward_kernel(const GruBackwar
   RNNFUSED_CUDA_KERNEL_LOOP(idx, a.rows * H) {
     const int64_t row = idx / H;
     const int64_t j = idx - row * H;
-    const T* ws = a.workspace + row * 4 * H + j;
+    const dptr<const T> ws = a.workspace + row * 4 * H + j;
     T dh = a.dh_state[idx];
     if (a.grad_output) dh = dh + a.grad_output[idx];
     const auto d = rnnfused::gru_backward<T>(ws[0], ws[H], ws[2 * H], ws[3 * H], a.h_prev[idx], dh);
-    T* dgx = a.grad_gates_x + row * 3 * H + j;
-    T* dgh = a.grad_gates_h + row * 3 * H + j;
+    const dptr<T> dgx = a.grad_gates_x + row * 3 * H + j;
+    const dptr<T> dgh = a.grad_gates_h + row * 3 * H + j;
     dgx[0] = d.x_r;
     dgx[H] = d.x_z;
     dgx[2 * H] = d.x_n;
@@ -217,11 +219,11 @@ __global__ void __launch_bounds__(kThreads) gru_backward_kernel(const GruBackwar
 template <typename T>
 struct RnnForwardArgs {
   int64_t rows = 0, hidden = 0;
-  const T* gates_x = nullptr;  // [rows, H]
-  const T* gates_h = nullptr;  // [rows, H]  h_{t-1} W_hh^T
-  const T* bias = nullptr;     // [H]        b_hh (zeros for a layer without bias)
-  T* h_state = nullptr;        // [rows, H]  out: h_t (rounded to `storage`)
-  T* h_copy = nullptr;         // [rows, H]  the step's output rows
+  dptr<const T> gates_x = nullptr;  // [rows, H]
+  dptr<const T> gates_h = nullptr;  // [rows, H]  h_{t-1} W_hh^T
+  dptr<const T> bias = nullptr;     // [H]        b_hh (zeros for a layer without bias)
+  dptr<T> h_state = nullptr;        // [rows, H]  out: h_t (rounded to `storage`)
+  dptr<T> h_copy = nullptr;         // [rows, H]  the step's output rows
   Storage storage = Storage::Same;
 };
 
@@ -239,10 +241,10 @@ __global__ void __launch_bounds__(kThreads) rnn_forward_kernel(const RnnForwardA
 template <typename T>
 struct RnnBackwardArgs {
   int64_t rows = 0, hidden = 0;
-  const T* h = nullptr;            // [rows, H]  h_t (the step's output rows)
-  const T* grad_output = nullptr;  // [rows, H]  may be null
-  const T* dh_state = nullptr;     // [rows, H]  dL/dh_t from later steps
-  T* grad_gates = nullptr;         // [rows, H]  dL/d pre-activation
+  dptr<const T> h = nullptr;            // [rows, H]  h_t (the step's output rows)
+  dptr<const T> grad_output = nullptr;  // [rows, H]  may be null
+  dptr<const T> dh_state = nullptr;     // [rows, H]  dL/dh_t from later steps
+  dptr<T> grad_gates = nullptr;         // [rows, H]  dL/d pre-activation
 };
 
 template <typename T, Activation act>
@@ -262,8 +264,8 @@ __global__ void __launch_bounds__(kThreads) rnn_backward_kernel(const RnnBackwar
 template <typename T>
 struct StoreStateArgs {
   int64_t count = 0;        // rows * P
-  T* h_state = nullptr;     // [rows, P]  in: h_t; out: h_t rounded
-  T* h_copy = nullptr;      // [rows, P]  the step's output rows
+  dptr<T> h_state = nullptr;     // [rows, P]  in: h_t; out: h_t rounded
+  dptr<T> h_copy = nullptr;      // [rows, P]  the step's output rows
   Storage storage = Storage::Same;
 };
 
@@ -281,14 +283,40 @@ __global__ void __launch_bounds__(kThreads) store_state_kernel(const StoreStateA
 template <typename T>
 struct AddArgs {
   int64_t count = 0;     // rows * P
-  const T* x = nullptr;  // [rows, P]  dL/dh_t from later steps
-  const T* y = nullptr;  // [rows, P]  dL/doutput_t, or nullptr
-  T* out = nullptr;      // [rows, P]
+  dptr<const T> x = nullptr;  // [rows, P]  dL/dh_t from later steps
+  dptr<const T> y = nullptr;  // [rows, P]  dL/doutput_t, or nullptr
+  dptr<T> out = nullptr;      // [rows, P]
 };
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads) add_kernel(const AddArgs<T> a) {
   RNNFUSED_CUDA_KERNEL_LOOP(idx, a.count) { a.out[idx] = a.x[idx] + (a.y ? a.y[idx] : T(0)); }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward: h_{t-1} of every row, for dW_hh = dG^T hprev
+// ---------------------------------------------------------------------------------------------
+
+// Row r of `out` is the h_{t-1} that row r's step read: a row of the forward output for rows
+// that continue from the previous step, a row of h0 for rows that start at their step. One
+// launch for the whole sequence, whatever the batch sizes.
+template <typename T>
+struct GatherRowsArgs {
+  int64_t rows = 0, width = 0;           // N, P
+  dptr<const int64_t> source = nullptr;  // [N]     >= 0: that row of `output`; < 0: row -1 - source of h0
+  dptr<const T> output = nullptr;        // [N, P]  the forward output
+  dptr<const T> h0 = nullptr;            // [B, P]
+  dptr<T> out = nullptr;                 // [N, P]
+};
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) gather_rows_kernel(const GatherRowsArgs<T> a) {
+  RNNFUSED_CUDA_KERNEL_LOOP(idx, a.rows * a.width) {
+    const int64_t row = idx / a.width;
+    const int64_t col = idx - row * a.width;
+    const int64_t src = a.source[row];
+    a.out[idx] = src >= 0 ? a.output[src * a.width + col] : a.h0[(-1 - src) * a.width + col];
+  }
 }
 
 }  // namespace rnnfused::cuda

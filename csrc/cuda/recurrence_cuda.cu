@@ -13,17 +13,16 @@
 // float32 and float64 run in their own type. bfloat16 and float16 run the float32 loop on float
 // copies, rounding h_t to the input dtype every step while the cell state and the workspace
 // stay float32, exactly as the CPU path does.
+//
+// The same source also builds for the host (RNNFUSED_CUDA_SIM, csrc/cuda/sim/): there the
+// kernels run on rnnfused's CUDA simulator, the GEMMs on ATen's CPU kernels, and the ops are
+// registered as rnnfused_sim::* for CPU tensors, so that CI runs this exact code (host.h holds
+// the few host calls that differ).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/core/LegacyTypeDispatch.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <c10/util/irange.h>
 #include <torch/library.h>
-
-#include <cuda_runtime.h>
 
 #include <algorithm>
 #include <initializer_list>
@@ -31,6 +30,7 @@
 
 #include "../cell_math.h"
 #include "../recurrence.h"
+#include "host.h"
 #include "pointwise_kernels.cuh"
 
 namespace rnnfused::cuda {
@@ -103,7 +103,7 @@ void check_devices(const char* op, const Named& ref, std::initializer_list<Named
   TORCH_CHECK(!present(batch_sizes) || batch_sizes->device().is_cpu(), op,
               ": batch_sizes must be a CPU tensor (as in PackedSequence), got ", batch_sizes->device());
   const at::Tensor& r = *ref.tensor;
-  TORCH_CHECK(r.is_cuda(), op, ": ", ref.name, " is on ", r.device(),
+  TORCH_CHECK(is_device_tensor(r), op, ": ", ref.name, " is on ", r.device(),
               " but other arguments are on a CUDA device; all tensors must be on one CUDA device "
               "(only batch_sizes stays on the CPU)");
   for (const Named& other : others) {
@@ -122,69 +122,53 @@ void check_devices(const char* op, const Named& ref, std::initializer_list<Named
 class Launcher {
  public:
   Launcher()
-      : stream_(c10::cuda::getCurrentCUDAStream()),
+      : stream_(current_stream()),
         // A few waves of resident blocks: beyond that the grid-stride loop does the rest, and
         // fewer, fuller blocks launch faster.
-        max_blocks_(static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->multiProcessorCount) * 8) {}
+        max_blocks_(static_cast<int64_t>(multiprocessor_count()) * 8) {}
 
-  cudaStream_t stream() const { return stream_; }
+  Stream stream() const { return stream_; }
 
   // kernel<<<...>>>(args) over n elements on the current stream; nothing for n == 0 (a grid of
-  // zero blocks is a launch error).
+  // zero blocks is a launch error). `name` names the kernel in the simulator's reports.
   template <typename Args>
-  void operator()(void (*kernel)(Args), int64_t n, const Args& args) const {
+  void operator()(const char* name, void (*kernel)(Args), int64_t n, const Args& args) const {
     if (n <= 0) return;
     const int64_t blocks = std::min<int64_t>((n + kThreads - 1) / kThreads, max_blocks_);
-    kernel<<<static_cast<unsigned int>(blocks), kThreads, 0, stream_>>>(args);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_kernel(name, kernel, dim3(static_cast<unsigned int>(blocks)), dim3(kThreads), 0, stream_, args);
   }
 
  private:
-  cudaStream_t stream_;
+  Stream stream_;
   int64_t max_blocks_;
 };
 
 // hprev [N, P]: row r holds the h_{t-1} that the row's step read: the previous step's output row
 // for rows that continue, h0 for rows that start at this step (csrc/cpu's gather_previous_h).
-// Feeds dW_hh = dG^T hprev. Done with device-to-device copies on the current stream; adjacent
-// pieces that are contiguous in both source and destination are merged, so a padded batch
-// takes two copies in either direction.
-at::Tensor previous_h(const StepPlan& plan, const at::Tensor& output, const at::Tensor& h0, cudaStream_t stream) {
+// Feeds dW_hh = dG^T hprev. The host writes the source of every row into a table from the step
+// plan; one gather kernel on the current stream does the copying.
+at::Tensor previous_h(const StepPlan& plan, const at::Tensor& output, const at::Tensor& h0, const Launcher& launch) {
   at::Tensor hprev = at::empty_like(output);
-  const int64_t width = output.size(1);
-  const int64_t row_bytes = width * static_cast<int64_t>(output.element_size());
-  auto* dst_base = static_cast<char*>(hprev.data_ptr());
-  const auto* out_base = static_cast<const char*>(output.data_ptr());
-  const auto* h0_base = static_cast<const char*>(h0.data_ptr());
-
-  struct Run {
-    const char* src;  // first source row
-    int64_t dst_row;  // first destination row
-    int64_t rows;
-  };
-  std::vector<Run> runs;
-  auto add = [&](const char* base, int64_t src_row, int64_t dst_row, int64_t rows) {
-    if (rows <= 0) return;
-    const char* src = base + src_row * row_bytes;
-    if (!runs.empty()) {
-      Run& last = runs.back();
-      if (last.src + last.rows * row_bytes == src && last.dst_row + last.rows == dst_row) {
-        last.rows += rows;
-        return;
-      }
-    }
-    runs.push_back({src, dst_row, rows});
-  };
+  if (plan.rows == 0) return hprev;
+  std::vector<int64_t> source(plan.rows);
   for (const auto t : c10::irange(plan.steps())) {
-    const int64_t rows = plan.batch_sizes[t];
     const int64_t from_prev = plan.rows_from_previous(t);
-    if (from_prev > 0) add(out_base, plan.offsets[plan.previous_step(t)], plan.offsets[t], from_prev);
-    add(h0_base, from_prev, plan.offsets[t] + from_prev, rows - from_prev);
+    const int64_t prev_offset = from_prev > 0 ? plan.offsets[plan.previous_step(t)] : 0;
+    for (const auto r : c10::irange(plan.batch_sizes[t])) {
+      source[plan.offsets[t] + r] = r < from_prev ? prev_offset + r : -1 - r;
+    }
   }
-  for (const Run& run : runs) {
-    C10_CUDA_CHECK(cudaMemcpyAsync(dst_base + run.dst_row * row_bytes, run.src, run.rows * row_bytes,
-                                   cudaMemcpyDeviceToDevice, stream));
-  }
+  const at::Tensor table = upload(source, output);
+  AT_DISPATCH_FLOATING_TYPES(output.scalar_type(), "rnnfused_previous_h", [&] {
+    GatherRowsArgs<scalar_t> args;
+    args.rows = plan.rows;
+    args.width = output.size(1);
+    args.source = table.data_ptr<int64_t>();
+    args.output = output.data_ptr<scalar_t>();
+    args.h0 = h0.data_ptr<scalar_t>();
+    args.out = hprev.data_ptr<scalar_t>();
+    launch("gather_rows", gather_rows_kernel<scalar_t>, plan.rows * args.width, args);
+  });
   return hprev;
 }
 
@@ -200,7 +184,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_recurrence_cuda(
   check_devices(op, named("gates_x", gates_x),
                 {named("w_hh", w_hh), named("b_hh", b_hh), named("w_hr", w_hr), named("h0", h0), named("c0", c0)},
                 batch_sizes);
-  const c10::cuda::CUDAGuard device_guard(gates_x.device());
+  const DeviceGuard device_guard(gates_x.device());
   // The internal GEMMs write into preallocated buffers (out=), which autograd refuses for inputs
   // that require grad; this op's autograd is rnnfused's own (rnnfused/_ops.py).
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
@@ -255,7 +239,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_recurrence_cuda(
       args.gates_x = gx.data_ptr<T>() + off * 4 * H;
       args.h_copy = proj ? nullptr : out + off * P;
       args.workspace = ws ? ws + off * kLstmWorkspaceGates * H : nullptr;
-      launch(lstm_forward_kernel<T>, rows * H, args);
+      launch("lstm_forward", lstm_forward_kernel<T>, rows * H, args);
       if (proj) {
         at::Tensor h_rows = h_state.narrow(0, 0, rows);
         at::mm_out(h_rows, r_buffer.narrow(0, 0, rows), whr_t);
@@ -264,7 +248,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_recurrence_cuda(
         store.h_state = h_state.data_ptr<T>();
         store.h_copy = out + off * P;
         store.storage = storage;
-        launch(store_state_kernel<T>, rows * P, store);
+        launch("store_state", store_state_kernel<T>, rows * P, store);
       }
     }
   });
@@ -282,7 +266,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                  named("w_hh", w_hh), named("w_hr", w_hr), named("h0", h0), named("c0", c0),
                  named("workspace", workspace)},
                 batch_sizes);
-  const c10::cuda::CUDAGuard device_guard(output.device());
+  const DeviceGuard device_guard(output.device());
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   TORCH_CHECK(output.dim() == 2, op, ": output must be 2-D, got ", output.dim(), "-D");
   TORCH_CHECK(w_hh.dim() == 2 && w_hh.size(0) % 4 == 0, op, ": w_hh must be [4 * hidden, P], got ", w_hh.sizes());
@@ -351,7 +335,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         add.x = dh;
         add.y = go_p ? go_p + off * P : nullptr;
         add.out = grad_h_rows.data_ptr<T>() + off * P;
-        launch(add_kernel<T>, rows * P, add);
+        launch("add", add_kernel<T>, rows * P, add);
         at::Tensor grad_r_rows = grad_r.narrow(0, 0, rows);
         at::mm_out(grad_r_rows, grad_h_rows.narrow(0, off, rows), whr);  // [rows, P] @ [P, H]
         args.grad_r = grad_r.data_ptr<T>();
@@ -362,13 +346,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         args.grad_r_extra = go_p ? go_p + off * P : nullptr;
         args.r_out = nullptr;
       }
-      launch(lstm_backward_kernel<T>, rows * H, args);
+      launch("lstm_backward", lstm_backward_kernel<T>, rows * H, args);
       // dL/dh_{t-1} = dG_t W_hh, into the state rows the pointwise kernel has just consumed.
       at::Tensor dh_rows = dh_state.narrow(0, 0, rows);
       at::mm_out(dh_rows, grad_gates.narrow(0, off, rows), whh);  // [rows, 4H] @ [4H, P]
     }
   });
-  const at::Tensor hprev = previous_h(plan, out, h0_c, launch.stream());
+  const at::Tensor hprev = previous_h(plan, out, h0_c, launch);
   at::Tensor grad_w_hh = grad_gates.t().mm(hprev);
   at::Tensor grad_b_hh = grad_gates.sum(0);
   at::Tensor grad_w_hr = proj ? grad_h_rows.t().mm(r_rows) : at::empty({0}, options);
@@ -388,7 +372,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_recurrence_cuda(const at::Ten
   const char* op = kGruOp;
   check_devices(op, named("gates_x", gates_x), {named("w_hh", w_hh), named("b_hh", b_hh), named("h0", h0)},
                 batch_sizes);
-  const c10::cuda::CUDAGuard device_guard(gates_x.device());
+  const DeviceGuard device_guard(gates_x.device());
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   const int64_t H = check_recurrence_inputs(op, 3, gates_x, w_hh, b_hh, h0);
   TORCH_CHECK(w_hh.size(1) == H, op, ": w_hh must be [3 * hidden, hidden] = [", 3 * H, ", ", H, "], got ",
@@ -427,7 +411,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_recurrence_cuda(const at::Ten
       args.gates_x = gx.data_ptr<T>() + off * 3 * H;
       args.h_copy = out + off * H;
       args.workspace = ws ? ws + off * kGruWorkspaceGates * H : nullptr;
-      launch(gru_forward_kernel<T>, rows * H, args);
+      launch("gru_forward", gru_forward_kernel<T>, rows * H, args);
     }
   });
   return {to_dtype(output, dtype), to_dtype(h_state, dtype), workspace};
@@ -442,7 +426,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_recurrence_backwa
                 {named("grad_output", grad_output), named("grad_h_n", grad_h_n), named("w_hh", w_hh),
                  named("h0", h0), named("workspace", workspace)},
                 batch_sizes);
-  const c10::cuda::CUDAGuard device_guard(output.device());
+  const DeviceGuard device_guard(output.device());
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   TORCH_CHECK(output.dim() == 2, op, ": output must be 2-D, got ", output.dim(), "-D");
   const int64_t H = output.size(1);
@@ -462,7 +446,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_recurrence_backwa
   const at::Tensor ws_c = workspace.contiguous();
   at::Tensor dh_state = present(grad_h_n) ? state_copy(*grad_h_n, acc) : at::zeros({B, H}, options);
   const Launcher launch;
-  const at::Tensor hprev = previous_h(plan, compute_view(output, acc), compute_view(h0, acc), launch.stream());
+  const at::Tensor hprev = previous_h(plan, compute_view(output, acc), compute_view(h0, acc), launch);
   at::Tensor grad_gates_x = at::empty({plan.rows, 3 * H}, options);
   at::Tensor grad_gates_h = at::empty({plan.rows, 3 * H}, options);
 
@@ -482,7 +466,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_recurrence_backwa
       args.grad_output = go_p ? go_p + off * H : nullptr;
       args.grad_gates_x = grad_gates_x.data_ptr<T>() + off * 3 * H;
       args.grad_gates_h = grad_gates_h.data_ptr<T>() + off * 3 * H;
-      launch(gru_backward_kernel<T>, rows * H, args);  // leaves dh_t * z in the state rows
+      launch("gru_backward", gru_backward_kernel<T>, rows * H, args);  // leaves dh_t * z in the state rows
       // dL/dh_{t-1} = dh_t * z + dG_h W_hh: accumulated in place (beta = 1).
       at::Tensor dh_rows = dh_state.narrow(0, 0, rows);
       dh_rows.addmm_(grad_gates_h.narrow(0, off, rows), whh);  // [rows, 3H] @ [3H, H]
@@ -505,7 +489,7 @@ std::tuple<at::Tensor, at::Tensor> rnn_recurrence_cuda(const at::Tensor& gates_x
   const char* op = act == Activation::Tanh ? kRnnTanhOp : kRnnReluOp;
   check_devices(op, named("gates_x", gates_x), {named("w_hh", w_hh), named("b_hh", b_hh), named("h0", h0)},
                 batch_sizes);
-  const c10::cuda::CUDAGuard device_guard(gates_x.device());
+  const DeviceGuard device_guard(gates_x.device());
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   const int64_t H = check_recurrence_inputs(op, 1, gates_x, w_hh, b_hh, h0);
   TORCH_CHECK(w_hh.size(1) == H, op, ": w_hh must be [hidden, hidden] = [", H, ", ", H, "], got ", w_hh.sizes());
@@ -540,7 +524,7 @@ std::tuple<at::Tensor, at::Tensor> rnn_recurrence_cuda(const at::Tensor& gates_x
       args.rows = rows;
       args.gates_x = gx.data_ptr<T>() + off * H;
       args.h_copy = out + off * H;
-      launch(rnn_forward_kernel<T, act>, rows * H, args);
+      launch("rnn_forward", rnn_forward_kernel<T, act>, rows * H, args);
     }
   });
   return {to_dtype(output, dtype), to_dtype(h_state, dtype)};
@@ -555,7 +539,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_recurrence_backwa
                 {named("grad_output", grad_output), named("grad_h_n", grad_h_n), named("w_hh", w_hh),
                  named("h0", h0)},
                 batch_sizes);
-  const c10::cuda::CUDAGuard device_guard(output.device());
+  const DeviceGuard device_guard(output.device());
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   TORCH_CHECK(output.dim() == 2, op, ": output must be 2-D, got ", output.dim(), "-D");
   const int64_t H = output.size(1);
@@ -589,12 +573,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_recurrence_backwa
       args.h = out.data_ptr<T>() + off * H;
       args.grad_output = go_p ? go_p + off * H : nullptr;
       args.grad_gates = grad_gates.data_ptr<T>() + off * H;
-      launch(rnn_backward_kernel<T, act>, rows * H, args);
+      launch("rnn_backward", rnn_backward_kernel<T, act>, rows * H, args);
       at::Tensor dh_rows = dh_state.narrow(0, 0, rows);
       at::mm_out(dh_rows, grad_gates.narrow(0, off, rows), whh);  // [rows, H] @ [H, H]
     }
   });
-  const at::Tensor hprev = previous_h(plan, out, compute_view(h0, acc), launch.stream());
+  const at::Tensor hprev = previous_h(plan, out, compute_view(h0, acc), launch);
   at::Tensor grad_w_hh = grad_gates.t().mm(hprev);
   at::Tensor grad_b_hh = grad_gates.sum(0);
   return {to_dtype(grad_gates, dtype), to_dtype(grad_w_hh, dtype), to_dtype(grad_b_hh, dtype),
@@ -603,7 +587,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_recurrence_backwa
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(rnnfused, CUDA, m) {
+TORCH_LIBRARY_IMPL(RNNFUSED_CUDA_OPS_NAMESPACE, RNNFUSED_CUDA_DISPATCH_KEY, m) {
   m.impl("lstm_recurrence", &lstm_recurrence_cuda);
   m.impl("lstm_recurrence_backward", &lstm_recurrence_backward_cuda);
   m.impl("gru_recurrence", &gru_recurrence_cuda);
