@@ -1,6 +1,9 @@
 # The two commands of the README, each doing all the set-up on a fresh machine:
 #   make test    build rnnfused into a virtual environment and run the test suite
 #   make bench   build it and run the benchmark suite (rnnfused vs torch.nn, side by side)
+# and, on a machine with a GPU and a CUDA build of torch:
+#   make gpu-check OUT=dir   build with the CUDA kernels, CUDA tests, compute-sanitizer, GPU
+#                            benchmark; every log and the benchmark JSON in dir (.ci/gpu_check.sh)
 #
 # Variables:
 #   VENV=.venv            where the virtual environment lives
@@ -11,12 +14,16 @@
 #   BENCH_ARGS=...        arguments of the benchmark suite (python -m benchmarks --help)
 #   PYTEST_ARGS=...       extra pytest arguments
 #   MAX_JOBS=2            parallel compile jobs
+#   SIM=1                 also build the test build of the CUDA path on the CUDA simulator
+#                         (rnnfused._sim_C, tests/test_cuda_sim.py); SIM=0 skips it
 
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 MAX_JOBS ?= 2
 BENCH_ARGS ?=
 PYTEST_ARGS ?=
+SIM ?= 1
+OUT ?= gpu-check
 
 ifeq ($(SYSTEM_PYTHON),1)
 PY := python3
@@ -24,14 +31,14 @@ else
 PY := $(VENV)/bin/python
 endif
 
-.PHONY: setup test bench clean
+.PHONY: setup test bench gpu-check clean
 
 setup:
 ifneq ($(SYSTEM_PYTHON),1)
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q "$(TORCH_SPEC)" numpy pybind11 ninja pytest
 endif
-	MAX_JOBS=$(MAX_JOBS) $(PY) -m pip install -q --no-build-isolation -e .
+	RNNFUSED_BUILD_SIM=$(SIM) MAX_JOBS=$(MAX_JOBS) $(PY) -m pip install -q --no-build-isolation -e .
 	$(PY) -c "import rnnfused; print('rnnfused', rnnfused.build_info())"
 
 test: setup
@@ -39,6 +46,9 @@ test: setup
 
 bench: setup
 	$(PY) -m benchmarks $(BENCH_ARGS)
+
+gpu-check:
+	PYTHON=python3 .ci/gpu_check.sh $(OUT)
 
 clean:
 	rm -rf build rnnfused/*.so *.egg-info

@@ -1,4 +1,4 @@
-// rnnfused._C: the op schemas (every op of the library, in one place) and build information.
+// rnnfused._C: the op library rnnfused::* (schemas in csrc/op_schemas.h) and build information.
 //
 // One op = one layer, one direction, the whole sequence. The input projection
 // x W_ih^T + b_ih of all steps is one GEMM done by the caller; the ops run only the recurrence.
@@ -23,6 +23,12 @@
 TORCH_LIBRARY(rnnfused, m) { rnnfused::define_recurrence_ops(m); }
 
 namespace rnnfused {
+#ifdef RNNFUSED_WITH_CUDA
+namespace cuda {
+at::Tensor run_selftest(const std::string& name, const at::Tensor& input);  // csrc/cuda/selftest.cu
+}
+#endif
+
 // setup.py defines RNNFUSED_WITH_CUDA when it compiles csrc/cuda.
 bool cuda_built() {
 #ifdef RNNFUSED_WITH_CUDA
@@ -38,6 +44,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cuda_built", &rnnfused::cuda_built, "Whether this build carries the CUDA kernels");
   m.def("cpu_isa", &rnnfused::cpu::pointwise_isa, "Instruction set of the CPU gate kernels: 'avx2' or 'default'");
   m.def("cpu_blas", &rnnfused::cpu::blas_backend, "GEMM path of the CPU time loops: 'blas' or 'aten'");
+#ifdef RNNFUSED_WITH_CUDA
+  m.def("_cuda_selftest", &rnnfused::cuda::run_selftest,
+        "Testing hook: run one of the self-test kernels of csrc/cuda/selftest_kernels.cuh (correct form) on the GPU");
+#endif
   m.def(
       "_set_cpu_blas", [](const std::string& name) { rnnfused::cpu::set_blas_backend(name.c_str()); },
       "Testing hook: run the CPU time loops on 'blas' (direct sgemm_/dgemm_) or 'aten' (at::addmm)");

@@ -1,7 +1,8 @@
-"""A small forward + backward workload over every CUDA kernel of rnnfused, for compute-sanitizer.
+"""A small forward + backward workload over every CUDA kernel of rnnfused, for compute-sanitizer
+(memcheck, racecheck, synccheck: tests/test_cuda.py::test_compute_sanitizer).
 
-    PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 1 \\
-        python tests/cuda_memcheck_workload.py
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --kernel-name kns=rnnfused \\
+        --report-api-errors no --error-exitcode 1 python tests/cuda_memcheck_workload.py
 
 PYTORCH_NO_CUDA_MEMORY_CACHING=1 gives every tensor its own cudaMalloc, so that a read or write
 past the end of a buffer leaves the allocation and memcheck sees it (with the caching allocator
@@ -11,7 +12,8 @@ memcheck when compute-sanitizer is installed.
 Covered: the four recurrences, forward and reverse directions (bidirectional), two layers,
 padded and unsorted packed batches (steps whose batch shrinks and grows), the LSTM projection,
 layers without bias, float32 / float64 / bfloat16 (the rounding path), training (workspace
-recorded) and eval (no workspace; backward recomputes the forward), and a zero-length call.
+recorded) and eval (no workspace; backward recomputes the forward), a zero-length call, and the
+self-test kernels of csrc/cuda/selftest_kernels.cuh.
 """
 import sys
 
@@ -44,6 +46,22 @@ def run_empty():
     (output.sum() + h_n.sum() + c_n.sum()).backward()
 
 
+def run_selftests():
+    """The correct forms of the simulator's self-test kernels: shared memory with barriers, warp
+    shuffles and votes, atomics, a cooperative launch with a grid barrier, mma fragments."""
+    device = "cuda"
+    run = rnnfused._C._cuda_selftest
+    run("neighbour_exchange", torch.arange(64.0, device=device))
+    run("scale", torch.ones(1000, device=device))
+    run("warp_sum", torch.ones(32, device=device))
+    run("grid_exchange", torch.ones(128, device=device))
+    run("divergent_barrier", torch.ones(64, device=device))
+    run("atomic_sum", torch.ones(300, device=device))
+    run("shuffle", torch.ones(64, device=device, dtype=torch.float64))
+    for name in ("mma_bf16", "mma_f16"):
+        run(name, torch.ones(16 * 16 + 2 * 16 * 8, device=device))
+
+
 def main():
     if not (torch.cuda.is_available() and rnnfused.cuda_built()):
         print("needs a GPU and a CUDA build of rnnfused")
@@ -63,6 +81,7 @@ def main():
                 for train in (True, False):
                     run_layer(cls, kwargs, dtype, packed, train)
     run_empty()
+    run_selftests()
     torch.cuda.synchronize()
     print("rnnfused CUDA workload done")
     return 0

@@ -150,3 +150,70 @@ def sequence_inputs(form, steps, batch, input_size, state_shapes, dtype, batch_f
         return leaves, (x, hx)
 
     return make
+
+
+# Two implementations of the same formulas in the same order (rnnfused's CUDA path, real or
+# simulated, against its CPU path) differ only in the GEMMs' summation order and in exp/tanh, a few
+# units in the last place per step. They are compared at a few units of the dtype's precision:
+# relative to each value, and absolute relative to the tensor's largest value (a sum over many
+# rows, such as dW_hh, can cancel down to a small element). bfloat16 / float16 round h to the dtype
+# every step, where such a difference can move a value by one unit of the dtype.
+ULPS = {torch.float32: 64, torch.bfloat16: 4, torch.float16: 4}
+
+
+def assert_close_in_ulps(actual, expected, dtype, what, ulps=None):
+    ulps = ULPS[dtype] if ulps is None else ulps
+    eps = torch.finfo(dtype).eps
+    assert len(actual) == len(expected), f"{what}: {len(actual)} tensors vs {len(expected)}"
+    for index, (a, e) in enumerate(zip(actual, expected)):
+        assert a.dtype == dtype, f"{what}[{index}] has dtype {a.dtype}"
+        a, e = a.detach().double().cpu(), e.detach().double().cpu()
+        scale = e.abs().max().item() if e.numel() else 0.0
+        torch.testing.assert_close(a, e, rtol=ulps * eps, atol=ulps * eps * scale,
+                                   msg=lambda m: f"{what}[{index}]: {m}")
+
+
+def check_selftest_kernels(run, device="cpu"):
+    """The correct forms of the self-test kernels (csrc/cuda/selftest_kernels.cuh) give the right
+    numbers. ``run(name, input)`` runs one: on the simulator, or on a GPU (where this also proves
+    that the simulator's warp shuffles, votes and mma fragments are the hardware's)."""
+
+    def on(t):
+        return t.to(device)
+
+    x = torch.arange(64, dtype=torch.float32)
+    torch.testing.assert_close(run("neighbour_exchange", on(x)).cpu(), torch.roll(x, -1))
+    y = torch.randn(1000, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(run("scale", on(y)).cpu(), 2 * y)
+    w = torch.arange(32, dtype=torch.float32)
+    assert run("warp_sum", on(w)).item() == w.sum().item()
+    g = torch.arange(128, dtype=torch.float32)
+    torch.testing.assert_close(run("grid_exchange", on(g)).cpu(), torch.roll(g, -32))
+    torch.testing.assert_close(run("divergent_barrier", on(x)).cpu(), x)
+    assert run("atomic_sum", on(torch.ones(300))).cpu().tolist() == [300.0, 0.0]
+
+    v = torch.randn(64, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    out = run("shuffle", on(v)).cpu().view(6, 64)
+    index = torch.arange(64)
+    lane = index % 32
+    torch.testing.assert_close(out[0], v[index - lane + 3], rtol=0, atol=0)
+    torch.testing.assert_close(out[1], torch.where(lane >= 2, v[(index - 2).clamp(min=0)], v), rtol=0, atol=0)
+    down = torch.where(lane % 16 + 5 < 16, v[(index + 5).clamp(max=63)], v)  # width 16
+    torch.testing.assert_close(out[2], down, rtol=0, atol=0)
+    torch.testing.assert_close(out[3], v[index ^ 1], rtol=0, atol=0)
+    for warp in range(2):
+        lanes = v[32 * warp:32 * warp + 32]
+        ballot = sum(1 << i for i in range(32) if lanes[i] > 0)
+        assert (out[4, 32 * warp:32 * warp + 32] == ballot).all()
+        expected = float((lanes > 1).any()) + 2.0 * float((lanes > -1).all())
+        assert (out[5, 32 * warp:32 * warp + 32] == expected).all()
+
+    # One m16n8k16 product through fragments loaded in the PTX ISA's layout equals A B + C with A
+    # and B rounded to the input dtype (float accumulation in the hardware's own order: a few float
+    # ulps); a transposed or shifted fragment would give a different matrix.
+    generator = torch.Generator().manual_seed(2)
+    a, b, c = (torch.randn(*shape, generator=generator) for shape in ((16, 16), (16, 8), (16, 8)))
+    for name, dtype in (("mma_bf16", torch.bfloat16), ("mma_f16", torch.float16)):
+        d = run(name, on(torch.cat([a.flatten(), b.flatten(), c.flatten()]))).cpu().double()
+        torch.testing.assert_close(d, a.to(dtype).double() @ b.to(dtype).double() + c.double(), rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(d, a.to(dtype).double().t() @ b.to(dtype).double() + c.double(), rtol=1e-3, atol=1e-3)

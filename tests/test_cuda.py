@@ -1,9 +1,12 @@
 """rnnfused's CUDA kernels: parity with torch.nn on the same GPU (cuDNN) and with rnnfused's own
-CPU kernels, gradcheck and torch.library.opcheck of every op on CUDA, low-precision error against a
-float64 reference, device handling, and a compute-sanitizer memcheck run.
+CPU kernels, at one-block and multi-block sizes, gradcheck and torch.library.opcheck of every op on
+CUDA, low-precision values against the CPU kernels and error against a float64 reference, streams
+(a delayed side stream, no host synchronization in the time loops), device handling, the
+simulator's self-test kernels on the hardware, and compute-sanitizer runs (marker: sanitizer,
+kept out of a plain run: `pytest -m sanitizer`).
 
-Every test here needs a GPU and a build of rnnfused with its CUDA kernels; elsewhere the whole
-module is skipped (marker: cuda)."""
+Every test here needs a GPU (marker: cuda); on a machine without one the module is skipped. On a
+machine with a GPU, a build of rnnfused without its CUDA kernels is a failure, not a skip."""
 import itertools
 import os
 import shutil
@@ -17,7 +20,9 @@ import rnnfused
 from helpers import (
     LAYER_MODES,
     TOLERANCES,
+    assert_close_in_ulps,
     assert_close_lists,
+    check_selftest_kernels,
     assert_twins_agree,
     forward_backward,
     sequence_inputs,
@@ -25,11 +30,14 @@ from helpers import (
 )
 from test_ops import GATES, _forward, _op_cases, _opcheck_cases, _recurrence_args
 
-HAS_CUDA = torch.cuda.is_available() and rnnfused.cuda_built()
-pytestmark = [
-    pytest.mark.cuda,
-    pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU and a build of rnnfused with its CUDA kernels"),
-]
+HAS_GPU = torch.cuda.is_available()
+if HAS_GPU and not rnnfused.cuda_built():
+    pytest.fail(
+        "a GPU is present but this build of rnnfused carries no CUDA kernels; rebuild it with a CUDA build of "
+        "torch and a CUDA toolkit (FORCE_CUDA=1 pip install --no-build-isolation -e .)",
+        pytrace=False,
+    )
+pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not HAS_GPU, reason="needs a GPU")]
 
 CUDA = torch.device("cuda")
 ops = torch.ops.rnnfused
@@ -196,6 +204,52 @@ def test_zero_length_sequence_matches_cpu(mode):
 
 
 # ----------------------------------------------------------------------------------------------
+# Multi-block sizes, and bfloat16 / float16 values, against cuDNN and the CPU kernels
+# ----------------------------------------------------------------------------------------------
+
+# 64 x 512 = 32768 threads per step: every kernel launch spans 128 blocks (and the grid-stride loop
+# runs where the grid is capped), the previous_h gather covers 3200 rows.
+BIG_T, BIG_B, BIG_I, BIG_H = 50, 64, 64, 512
+
+
+@pytest.mark.parametrize("mode", list(LAYER_MODES))
+@pytest.mark.parametrize("form", ["padded", "packed_unsorted"])
+def test_multi_block_parity_with_cudnn_and_cpu(no_tf32, mode, form):
+    """float32, TF32 off on both sides: rnnfused on the GPU agrees with cuDNN and with its own CPU
+    kernels within 1024 float32 ulps (0.01%) of each value and of each tensor's largest value over
+    50 steps; an indexing or synchronization mistake is off by O(1)."""
+    ref, ours = twin_layers(mode, BIG_I, BIG_H, dtype=torch.float32, device=CUDA)
+    _, on_cpu = twin_layers(mode, BIG_I, BIG_H, dtype=torch.float32)
+    shapes = state_shapes(mode, 1, False, BIG_B, BIG_H, 0)
+    gpu_inputs = sequence_inputs(form, BIG_T, BIG_B, BIG_I, shapes, torch.float32, device=CUDA)
+    cudnn_out, cudnn_grads = forward_backward(ref, gpu_inputs)
+    gpu_out, gpu_grads = forward_backward(ours, gpu_inputs)
+    cpu_out, cpu_grads = forward_backward(on_cpu, sequence_inputs(form, BIG_T, BIG_B, BIG_I, shapes, torch.float32))
+    for label, expected_out, expected_grads in (("cuDNN", cudnn_out, cudnn_grads), ("CPU", cpu_out, cpu_grads)):
+        assert_close_in_ulps(gpu_out, expected_out, torch.float32, f"outputs vs {label}", ulps=1024)
+        assert_close_in_ulps(gpu_grads, expected_grads, torch.float32, f"gradients vs {label}", ulps=1024)
+
+
+@pytest.mark.parametrize("mode", list(LAYER_MODES))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_values_match_cpu(no_tf32, mode, dtype):
+    """bfloat16 / float16 values (outputs, states, every gradient) on the GPU match rnnfused's CPU
+    kernels within a few units of the dtype: both compute in float32 and round h to the dtype every
+    step, so only float32 rounding differences can move a value, by about one unit."""
+    kwargs = dict(num_layers=2, bidirectional=True)
+    _, on_cpu = twin_layers(mode, 8, 64, seed=1, **kwargs)
+    _, on_gpu = twin_layers(mode, 8, 64, seed=1, device=CUDA, **kwargs)
+    on_cpu.to(dtype)
+    on_gpu.to(dtype)
+    shapes = state_shapes(mode, 2, True, 16, 64, 0)
+    cpu_out, cpu_grads = forward_backward(on_cpu, sequence_inputs("packed_unsorted", 20, 16, 8, shapes, dtype))
+    gpu_out, gpu_grads = forward_backward(on_gpu, sequence_inputs("packed_unsorted", 20, 16, 8, shapes, dtype,
+                                                                  device=CUDA))
+    assert_close_in_ulps(gpu_out, cpu_out, dtype, "outputs", ulps=8)
+    assert_close_in_ulps(gpu_grads, cpu_grads, dtype, "gradients", ulps=8)
+
+
+# ----------------------------------------------------------------------------------------------
 # The ops: gradcheck, opcheck
 # ----------------------------------------------------------------------------------------------
 
@@ -338,21 +392,60 @@ def test_second_gpu_matches_first(mode):
 
 @pytest.mark.parametrize("mode", list(LAYER_MODES))
 def test_side_stream(mode):
-    """Work queued on a non-default stream gives the default stream's result (every kernel, GEMM
-    and copy goes to the current stream, so nothing races with the caller's stream)."""
+    """Work queued on a non-default stream gives the default stream's result: every kernel, GEMM
+    and copy goes to the current stream. The side stream starts with a long sleep, so that a
+    kernel sent to another stream would run before the side stream's inputs exist and give
+    wrong values."""
     kwargs = dict(num_layers=2, bidirectional=True)
     _, ours = twin_layers(mode, 16, 32, device=CUDA, **kwargs)
     shapes = state_shapes(mode, 2, True, 8, 32, 0)
     make = sequence_inputs("packed_unsorted", 30, 8, 16, shapes, torch.float64, device=CUDA)
     expected = forward_backward(ours, make)
+    torch.cuda.synchronize()
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
+        torch.cuda._sleep(200_000_000)  # about 0.1 s of GPU clock cycles
         got = forward_backward(ours, make)
     torch.cuda.current_stream().wait_stream(stream)
     torch.cuda.synchronize()
     assert_close_lists(got[0], expected[0], "outputs", **TOLERANCES[torch.float64])
     assert_close_lists(got[1], expected[1], "gradients", **TOLERANCES[torch.float64])
+
+
+@pytest.mark.parametrize("mode", list(GATES))
+def test_time_loops_never_synchronize_with_the_host(mode):
+    """Forward and backward ops (packed, reverse, projection) run with torch's sync debug mode set
+    to "error": any host synchronization inside them (a blocking copy, .item(), a pageable upload)
+    raises."""
+    args = on_device(_recurrence_args(mode, True, True, True, PROJ if mode == "lstm" else 0, False), CUDA)
+    flag = (True,) if mode in ("lstm", "gru") else ()
+    forward = getattr(ops, f"{mode}_recurrence")
+    warm = forward(*args, *flag)
+    grads = [torch.ones_like(t) for t in warm[:3 if mode == "lstm" else 2]]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        results = forward(*args, *flag)
+        if mode == "lstm":
+            _, w_hh, _, w_hr, h0, c0, bs, rev = args
+            ops.lstm_recurrence_backward(*grads, w_hh, w_hr, h0, c0, results[0], results[3], bs, rev)
+        elif mode == "gru":
+            _, w_hh, _, h0, bs, rev = args
+            ops.gru_recurrence_backward(*grads, w_hh, h0, results[0], results[2], bs, rev)
+        else:
+            _, w_hh, _, h0, bs, rev = args
+            getattr(ops, f"{mode}_recurrence_backward")(*grads, w_hh, h0, results[0], bs, rev)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+
+
+def test_simulator_selftests_agree_with_the_hardware():
+    """The self-test kernels that check the CUDA simulator (shared memory, warp shuffles and votes,
+    atomics, the grid barrier of a cooperative launch, mma.sync m16n8k16 fragments in bfloat16 and
+    float16) give on this GPU the numbers the simulator gives (tests/test_cuda_sim.py)."""
+    check_selftest_kernels(lambda name, values: rnnfused._C._cuda_selftest(name, values), device=CUDA)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -371,22 +464,41 @@ def _compute_sanitizer():
     return None
 
 
+# Each tool runs tests/cuda_memcheck_workload.py (forward + backward through every recurrence
+# kernel, and the self-test kernels' correct forms, which use shared memory, barriers, warp
+# operations and a cooperative launch). Only rnnfused's kernels are instrumented (kernel-name
+# filter) and failing API calls are not reported: torch and the driver probe the API with calls
+# that are meant to fail, which are no error of rnnfused's. With RNNFUSED_SANITIZER_LOGS set, each
+# report is also written there (the GPU check, .ci/gpu_check.sh, collects them).
+SANITIZER_TOOLS = {
+    "memcheck": ["--tool", "memcheck", "--leak-check", "no"],
+    "racecheck": ["--tool", "racecheck", "--racecheck-report", "hazard"],
+    "synccheck": ["--tool", "synccheck"],
+}
+
+
+@pytest.mark.sanitizer
 @pytest.mark.slow
-def test_compute_sanitizer_memcheck():
-    """tests/cuda_memcheck_workload.py (forward + backward through every kernel) under memcheck,
-    with the caching allocator off so that out-of-bounds accesses leave their allocation."""
+@pytest.mark.parametrize("tool", list(SANITIZER_TOOLS))
+def test_compute_sanitizer(tool):
     sanitizer = _compute_sanitizer()
-    if sanitizer is None:
-        pytest.skip("compute-sanitizer not found (CUDA toolkit)")
+    assert sanitizer is not None, "compute-sanitizer not found (CUDA toolkit: set CUDA_HOME)"
     tests_dir = os.path.dirname(os.path.abspath(__file__))
     root = os.path.dirname(tests_dir)
+    # The caching allocator off, so that an out-of-bounds access leaves its allocation.
     env = dict(os.environ, PYTORCH_NO_CUDA_MEMORY_CACHING="1")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-    result = subprocess.run(
-        [sanitizer, "--tool", "memcheck", "--error-exitcode", "99", "--leak-check", "no",
-         sys.executable, os.path.join(tests_dir, "cuda_memcheck_workload.py")],
-        cwd=root, env=env, capture_output=True, text=True, timeout=1800,
-    )
-    report = (result.stdout + result.stderr)[-6000:]
-    assert result.returncode == 0, f"compute-sanitizer memcheck failed (exit {result.returncode}):\n{report}"
-    assert "ERROR SUMMARY: 0 errors" in report, report
+    command = [sanitizer, *SANITIZER_TOOLS[tool], "--kernel-name", "kns=rnnfused", "--report-api-errors", "no",
+               "--error-exitcode", "99", sys.executable, os.path.join(tests_dir, "cuda_memcheck_workload.py")]
+    result = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=1800)
+    report = result.stdout + result.stderr
+    log_dir = os.environ.get("RNNFUSED_SANITIZER_LOGS")
+    if log_dir:
+        os.makedirs(log_dir, exist_ok=True)
+        with open(os.path.join(log_dir, f"compute-sanitizer-{tool}.log"), "w") as log:
+            log.write(" ".join(command) + "\n\n" + report)
+    tail = report[-6000:]
+    assert result.returncode == 0, f"compute-sanitizer {tool} failed (exit {result.returncode}):\n{tail}"
+    assert "rnnfused CUDA workload done" in report, tail
+    summary = [line for line in report.splitlines() if "SUMMARY" in line]
+    assert summary and all(" 0 errors" in line or ": 0 hazards" in line for line in summary), tail

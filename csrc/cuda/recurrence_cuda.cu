@@ -127,8 +127,6 @@ class Launcher {
         // fewer, fuller blocks launch faster.
         max_blocks_(static_cast<int64_t>(multiprocessor_count()) * 8) {}
 
-  Stream stream() const { return stream_; }
-
   // kernel<<<...>>>(args) over n elements on the current stream; nothing for n == 0 (a grid of
   // zero blocks is a launch error). `name` names the kernel in the simulator's reports.
   template <typename Args>

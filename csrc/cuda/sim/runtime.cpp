@@ -512,7 +512,7 @@ std::map<uintptr_t, Region*> g_live_regions;  // by base address
 std::vector<Region*> g_free_regions;
 uint64_t g_generations = 1;
 
-Region* register_global(void* base, size_t bytes) {
+void register_global(void* base, size_t bytes) {
   std::lock_guard<std::mutex> lock(g_regions_mutex);
   Region* r;
   if (!g_free_regions.empty()) {
@@ -528,34 +528,37 @@ Region* register_global(void* base, size_t bytes) {
   r->live = true;
   r->shadow.clear();
   g_live_regions[reinterpret_cast<uintptr_t>(base)] = r;
-  return r;
 }
 
-void unregister_global(Region* r) {
+void unregister_global(void* base) {
   std::lock_guard<std::mutex> lock(g_regions_mutex);
-  g_live_regions.erase(reinterpret_cast<uintptr_t>(r->base));
+  auto it = g_live_regions.find(reinterpret_cast<uintptr_t>(base));
+  if (it == g_live_regions.end()) return;
+  Region* r = it->second;
+  g_live_regions.erase(it);
   r->live = false;
   r->shadow.clear();
   r->shadow.shrink_to_fit();
   g_free_regions.push_back(r);
 }
 
+// Registers each allocation as a region of global device memory. Its data pointers are "simple"
+// (context == data, a raw deleter), as ATen's CPU kernels (oneDNN's among them) require of the
+// CPU allocator, so the deleter finds the region by address.
 class TrackingAllocator final : public c10::Allocator {
  public:
   c10::DataPtr allocate(size_t n) override {
     void* data = c10::alloc_cpu(n);
-    Region* r = data ? register_global(data, n) : nullptr;
-    return {data, r, &release, c10::Device(c10::DeviceType::CPU)};
+    if (data) register_global(data, n);
+    return {data, data, &release, c10::Device(c10::DeviceType::CPU)};
   }
-  c10::DeleterFnPtr raw_deleter() const override { return nullptr; }
+  c10::DeleterFnPtr raw_deleter() const override { return &release; }
   void copy_data(void* dest, const void* src, std::size_t count) const override { default_copy_data(dest, src, count); }
 
  private:
-  static void release(void* context) {
-    if (context == nullptr) return;
-    auto* r = static_cast<Region*>(context);
-    void* data = r->base;
-    unregister_global(r);
+  static void release(void* data) {
+    if (data == nullptr) return;
+    unregister_global(data);
     c10::free_cpu(data);
   }
 };

@@ -1,0 +1,243 @@
+"""rnnfused's CUDA path, run on the CPU by the CUDA simulator (csrc/cuda/sim/, rnnfused/_sim.py).
+
+The ops rnnfused_sim::* are the host code and kernels of csrc/cuda/ compiled for the simulator:
+every kernel launch runs thread by thread with its memory accesses bounds- and race-checked and
+its barriers and warp operations checked. Here they meet the same tests as the CPU path: the
+parity grid against torch.nn (float64, tight), agreement with rnnfused's CPU kernels (float32,
+bfloat16, float16), gradcheck of every op, at sizes that use several blocks and several warps.
+The simulator's own checks are proven by kernels with planted bugs that it must report.
+
+This module needs the test build (RNNFUSED_BUILD_SIM=1, which `make test` sets); without it every
+test here fails rather than skips.
+"""
+import itertools
+
+import pytest
+import torch
+
+import rnnfused
+from rnnfused import _sim, functional
+from helpers import (
+    LAYER_MODES,
+    TOLERANCES,
+        assert_close_in_ulps,
+    assert_twins_agree,
+    check_selftest_kernels,
+    forward_backward,
+    sequence_inputs,
+    twin_layers,
+)
+from test_ops import GATES, _op_cases, _recurrence_args
+
+if not _sim.available():
+    pytest.fail(
+        "rnnfused was built without the CUDA simulator (rnnfused._sim_C); rebuild with "
+        "RNNFUSED_BUILD_SIM=1 pip install --no-build-isolation -e . (make test does)",
+        pytrace=False,
+    )
+
+# Sizes that spread every launch over several blocks of several warps: the pointwise kernels
+# run one thread per element of a step's [rows, H] block in blocks of 256 threads, so 9 x 40 =
+# 360 threads are two blocks and 12 warps; with one multiprocessor the grid is capped at 8
+# blocks (2048 threads), so the larger case below also runs the grid-stride loop.
+STEPS, BATCH, INPUT, HIDDEN, PROJ = 5, 9, 5, 40, 7
+FORMS = ["padded", "unbatched", "packed_sorted", "packed_unsorted"]
+
+
+@pytest.fixture(autouse=True)
+def simulated(request):
+    """Every test runs with rnnfused's layers routed to the simulated CUDA ops, on a simulated
+    device of one multiprocessor, and checks that kernels really ran there."""
+    before = _sim.launch_count()
+    with _sim.simulated_cuda(sm_count=1, check_global_races=True):
+        yield
+    if "no_launch_check" not in request.keywords:
+        assert _sim.launch_count() > before, "no kernel ran on the simulator"
+
+
+def state_shapes(mode, layers, bidirectional, batch, hidden, proj):
+    directions = 2 if bidirectional else 1
+    h_shape = (layers * directions, batch, proj or hidden)
+    return [h_shape, (layers * directions, batch, hidden)] if mode == "lstm" else [h_shape]
+
+
+# ----------------------------------------------------------------------------------------------
+# Parity with torch.nn (float64)
+# ----------------------------------------------------------------------------------------------
+
+
+def _grid():
+    for mode in LAYER_MODES:
+        for layers, bidirectional, proj, form, with_hx in itertools.product(
+            (1, 2), (False, True), (0, PROJ) if mode == "lstm" else (0,), FORMS, (False, True)
+        ):
+            name = (
+                f"{mode}-L{layers}-{'bi' if bidirectional else 'uni'}-P{proj}-{form}-{'hx' if with_hx else 'nohx'}"
+            )
+            yield pytest.param(mode, layers, bidirectional, proj, form, with_hx, id=name)
+
+
+@pytest.mark.parametrize("mode,layers,bidirectional,proj,form,with_hx", list(_grid()))
+def test_layer_parity_float64(mode, layers, bidirectional, proj, form, with_hx):
+    kwargs = dict(num_layers=layers, bidirectional=bidirectional)
+    if proj:
+        kwargs["proj_size"] = proj
+    ref, ours = twin_layers(mode, INPUT, HIDDEN, **kwargs)
+    shapes = state_shapes(mode, layers, bidirectional, BATCH, HIDDEN, proj) if with_hx else None
+    make = sequence_inputs(form, STEPS, BATCH, INPUT, shapes, torch.float64)
+    assert_twins_agree(ref, ours, make)
+
+
+@pytest.mark.parametrize("mode", list(LAYER_MODES))
+def test_layer_parity_no_bias_batch_first(mode):
+    ref, ours = twin_layers(mode, INPUT, HIDDEN, num_layers=2, bidirectional=True, bias=False, batch_first=True)
+    shapes = state_shapes(mode, 2, True, BATCH, HIDDEN, 0)
+    make = sequence_inputs("packed_unsorted", STEPS, BATCH, INPUT, shapes, torch.float64, batch_first=True)
+    assert_twins_agree(ref, ours, make)
+
+
+@pytest.mark.parametrize("mode", list(LAYER_MODES))
+def test_layer_parity_grid_stride(mode):
+    """16 x 160 = 2560 threads per step on a grid capped at 8 blocks of 256: the kernels' grid-stride
+    loops take a second turn."""
+    ref, ours = twin_layers(mode, 6, 160, num_layers=1)
+    make = sequence_inputs("packed_unsorted", 3, 16, 6, state_shapes(mode, 1, False, 16, 160, 0), torch.float64)
+    assert_twins_agree(ref, ours, make)
+
+
+def test_cells_run_on_the_simulated_path():
+    torch.manual_seed(0)
+    for ref_cls, our_cls in ((torch.nn.LSTMCell, rnnfused.LSTMCell), (torch.nn.GRUCell, rnnfused.GRUCell),
+                             (torch.nn.RNNCell, rnnfused.RNNCell)):
+        ref = ref_cls(INPUT, HIDDEN, dtype=torch.float64)
+        ours = our_cls(INPUT, HIDDEN, dtype=torch.float64)
+        ours.load_state_dict(ref.state_dict())
+
+        def make():
+            x = torch.randn(BATCH, INPUT, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+            x.requires_grad_()
+            return [x], (x,)
+
+        assert_twins_agree(ref, ours, make)
+
+
+# ----------------------------------------------------------------------------------------------
+# Agreement with rnnfused's CPU kernels (float32, bfloat16, float16)
+# ----------------------------------------------------------------------------------------------
+
+# The simulated CUDA path and the CPU path compute the same formulas (csrc/cell_math.h) in the
+# same order; they differ in the GEMMs' summation order and in exp/tanh (scalar libm here, SIMD on
+# the CPU path): they are compared within a few units of the dtype's precision (helpers.ULPS).
+@pytest.mark.parametrize("mode", list(LAYER_MODES))
+@pytest.mark.parametrize("form", ["padded", "packed_unsorted"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_agrees_with_cpu_kernels(mode, form, dtype):
+    kwargs = dict(num_layers=2, bidirectional=True)
+    proj = PROJ if mode == "lstm" and form == "padded" else 0
+    if proj:
+        kwargs["proj_size"] = proj
+    _, ours = twin_layers(mode, INPUT, HIDDEN, seed=1, **kwargs)
+    ours.to(dtype)
+    make = sequence_inputs(form, STEPS, BATCH, INPUT, state_shapes(mode, 2, True, BATCH, HIDDEN, proj), dtype)
+    sim_out, sim_grads = forward_backward(ours, make)
+    saved, functional._ops_ns = functional._ops_ns, torch.ops.rnnfused  # the CPU kernels
+    try:
+        cpu_out, cpu_grads = forward_backward(ours, make)
+    finally:
+        functional._ops_ns = saved
+    assert_close_in_ulps(sim_out, cpu_out, dtype, "outputs")
+    assert_close_in_ulps(sim_grads, cpu_grads, dtype, "gradients")
+
+
+# ----------------------------------------------------------------------------------------------
+# The ops: gradcheck on the simulated path
+# ----------------------------------------------------------------------------------------------
+
+
+def _sim_forward(mode, args):
+    ops = _sim.ops
+    if mode == "lstm":
+        return ops.lstm_recurrence(*args, True)[:3]
+    if mode == "gru":
+        return ops.gru_recurrence(*args, True)[:2]
+    return getattr(ops, f"{mode}_recurrence")(*args)
+
+
+@pytest.mark.parametrize("mode,packed,reverse,bias,proj", list(_op_cases()))
+def test_gradcheck(mode, packed, reverse, bias, proj):
+    args = _recurrence_args(mode, packed, reverse, bias, proj, requires_grad=True)
+    tensors = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.requires_grad]
+
+    def fn(*values):
+        full = list(args)
+        for i, v in zip(tensors, values):
+            full[i] = v
+        return _sim_forward(mode, tuple(full))
+
+    assert torch.autograd.gradcheck(fn, tuple(args[i] for i in tensors), eps=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("mode", list(GATES))
+def test_ops_match_cpu_ops_exactly_in_shape_and_dtype(mode):
+    """Every output of the simulated forward op has the CPU op's shape and dtype (one fake kernel
+    serves both), and float64 values agree to rounding."""
+    args = _recurrence_args(mode, True, True, True, 2 if mode == "lstm" else 0, False)
+    flag = (True,) if mode in ("lstm", "gru") else ()
+    sim_res = getattr(_sim.ops, f"{mode}_recurrence")(*args, *flag)
+    cpu_res = getattr(torch.ops.rnnfused, f"{mode}_recurrence")(*args, *flag)
+    for s, c in zip(sim_res, cpu_res):
+        assert s.shape == c.shape and s.dtype == c.dtype and s.is_contiguous()
+        torch.testing.assert_close(s, c, **TOLERANCES[torch.float64])
+
+
+# ----------------------------------------------------------------------------------------------
+# The simulator itself: correct kernels give the right numbers, planted bugs are reported
+# ----------------------------------------------------------------------------------------------
+
+
+def test_selftest_kernels_compute_what_they_should():
+    check_selftest_kernels(lambda name, values: _sim.selftest(name, 0, values))
+
+
+PLANTED_BUGS = [
+    # (kernel, bug, input, what the report must say)
+    ("neighbour_exchange", 1, torch.arange(64.0), r"race on shared memory 'tile'.*no barrier"),
+    ("neighbour_exchange", 2, torch.arange(64.0), r"shared memory access out of bounds: writes 4 bytes at byte offset 256"),
+    ("neighbour_exchange", 3, torch.arange(64.0), r"reads shared memory 'tile' .*\(uninitialized shared memory\)"),
+    ("scale", 1, torch.ones(1000), r"global memory access out of bounds: reads 4 bytes at byte offset 4000 of "
+                                   r"global memory \(an allocation of 4000 bytes\)"),
+    ("scale", 2, torch.ones(1000), r"race on global memory .* wrote it with no barrier"),
+    ("warp_sum", 1, torch.ones(32), r"__shfl_down_sync.*not in the mask 0x0000ffff"),
+    ("warp_sum", 2, torch.ones(32), r"exited while lanes .* wait for it in __shfl_down_sync with mask 0xffffffff"),
+    ("grid_exchange", 1, torch.ones(128), r"exited while 96 threads wait at the grid-wide barrier"),
+    ("grid_exchange", 2, torch.ones(128), r"race on global memory .* block \(0,0,0\) read it"),
+    ("grid_exchange_not_cooperative", 0, torch.ones(128), r"grid-wide barrier in a launch that is not cooperative"),
+    ("divergent_barrier", 1, torch.ones(64), r"__syncthreads\(\) is not reached by every thread of the block"),
+    ("atomic_sum", 1, torch.ones(300), r"race on global memory .* atomically updates it"),
+]
+
+
+@pytest.mark.parametrize("kernel,bug,values,report", PLANTED_BUGS,
+                         ids=[f"{k}-bug{b}" for k, b, _, _ in PLANTED_BUGS])
+def test_planted_bug_is_reported(kernel, bug, values, report):
+    with pytest.raises(RuntimeError, match=report) as error:
+        _sim.selftest(kernel, bug, values)
+    assert f"kernel {kernel.replace('_not_cooperative', '')}" in str(error.value)
+
+
+def test_cooperative_launch_larger_than_the_device_is_refused():
+    # One multiprocessor holds 2048 threads: 64 blocks of 32; the 65th cannot be co-resident.
+    _sim.selftest("grid_exchange", 0, torch.ones(32 * 64))
+    with pytest.raises(RuntimeError, match=r"at most 64 blocks fit on the device at once"):
+        _sim.selftest("grid_exchange", 0, torch.ones(32 * 65))
+
+
+@pytest.mark.no_launch_check
+def test_a_tensor_from_outside_the_simulator_is_not_device_memory():
+    """Memory the simulator did not allocate (here numpy's) is refused by the bounds checker, as a
+    host pointer would fault on a GPU."""
+    import numpy as np
+
+    outside = torch.from_numpy(np.ones(64, dtype=np.float32))
+    with pytest.raises(RuntimeError, match=r"pointer into no device allocation"):
+        _sim.selftest("neighbour_exchange", 0, outside)
