@@ -37,6 +37,13 @@ void launch_kernel(const char* name, void (*kernel)(Args), dim3 grid, dim3 block
   ::rnnfused::sim::launch(name, {grid, block, shared_bytes, cooperative}, [&] { kernel(args); });
 }
 
+// out (float32) = a b for 16-bit a and b with float32 accumulation. Here: the same product on
+// float32 copies (exact: a 16-bit value is a float32 value), which is what the GPU's tensor
+// cores compute up to summation order.
+inline void mm_lowp_into_float(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
+  at::mm_out(out, a.to(at::kFloat), b.to(at::kFloat));
+}
+
 // A host table as a tensor on the device of `like` (here: the CPU).
 inline at::Tensor upload(const std::vector<int64_t>& table, const at::Tensor& like) {
   return at::tensor(table, like.options().dtype(at::kLong));
@@ -76,6 +83,12 @@ void launch_kernel(const char*, void (*kernel)(Args), dim3 grid, dim3 block, siz
     kernel<<<grid, block, shared_bytes, stream>>>(args);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// out (float32) = a b for 16-bit a and b (bfloat16 / float16) with float32 accumulation, on
+// tensor cores (cuBLAS through ATen's mm with out_dtype).
+inline void mm_lowp_into_float(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
+  at::mm_out(out, a, b, at::kFloat);
 }
 
 // A host table as a tensor on the device of `like`: staged in pinned memory (torch's caching

@@ -45,6 +45,23 @@ __device__ __forceinline__ T round_to_storage(T x, Storage storage) {
   return x;
 }
 
+// A second copy of h_t in the storage dtype itself (bfloat16 / float16 calls; both pointers null
+// otherwise): the operand of the next step's GEMM, which then runs on 16-bit inputs with float32
+// accumulation (tensor cores). The value is already rounded to that dtype, so the copy is exact.
+struct LowpCopy {
+  dptr<c10::BFloat16> bf16 = nullptr;  // [rows, width]
+  dptr<c10::Half> f16 = nullptr;       // [rows, width]
+};
+
+template <typename T>
+__device__ __forceinline__ void store_lowp(const LowpCopy& copy, int64_t idx, T value) {
+  if (copy.bf16) {
+    copy.bf16[idx] = c10::BFloat16(static_cast<float>(value));
+  } else if (copy.f16) {
+    copy.f16[idx] = c10::Half(static_cast<float>(value));
+  }
+}
+
 // Grid-stride loop over [0, n): a grid capped at a few blocks per SM covers any size, and the
 // index is 64-bit because rows * 4H can pass 2^31 for long packed batches.
 #define RNNFUSED_CUDA_KERNEL_LOOP(idx, n)                                                       \
@@ -68,6 +85,7 @@ struct LstmForwardArgs {
   dptr<T> workspace = nullptr;      // [rows, 5H]  i, f, g, o, c_t for backward; nullptr in inference
   Storage storage = Storage::Same;  // rounding of r_out / h_copy (Same with a projection: r is
                                     // not h, and the CPU path keeps it unrounded)
+  LowpCopy h_lowp;                  // [rows, H]   h_t in the storage dtype (no projection only)
 };
 
 template <typename T>
@@ -87,6 +105,7 @@ __global__ void __launch_bounds__(kThreads) lstm_forward_kernel(const LstmForwar
     const T r = round_to_storage(act.r, a.storage);
     a.r_out[idx] = r;
     if (a.h_copy) a.h_copy[idx] = r;
+    store_lowp(a.h_lowp, idx, r);
     if (a.workspace) {
       const dptr<T> ws = a.workspace + row * 5 * H + j;
       ws[0] = act.i;
@@ -150,6 +169,7 @@ struct GruForwardArgs {
   dptr<T> h_copy = nullptr;         // [rows, H]   the step's output rows (a second copy of h_t)
   dptr<T> workspace = nullptr;      // [rows, 4H]  r, z, n, hh_n (= W_hn h + b_hn); nullptr in inference
   Storage storage = Storage::Same;
+  LowpCopy h_lowp;                  // [rows, H]   h_t in the storage dtype
 };
 
 template <typename T>
@@ -169,6 +189,7 @@ __global__ void __launch_bounds__(kThreads) gru_forward_kernel(const GruForwardA
     const T h = round_to_storage(act.h, a.storage);
     a.h_state[idx] = h;
     a.h_copy[idx] = h;
+    store_lowp(a.h_lowp, idx, h);
     if (a.workspace) {
       const dptr<T> ws = a.workspace + row * 4 * H + j;
       ws[0] = act.r;
@@ -225,6 +246,7 @@ struct RnnForwardArgs {
   dptr<T> h_state = nullptr;        // [rows, H]  out: h_t (rounded to `storage`)
   dptr<T> h_copy = nullptr;         // [rows, H]  the step's output rows
   Storage storage = Storage::Same;
+  LowpCopy h_lowp;                  // [rows, H]  h_t in the storage dtype
 };
 
 template <typename T, Activation act>
@@ -235,6 +257,7 @@ __global__ void __launch_bounds__(kThreads) rnn_forward_kernel(const RnnForwardA
                                  a.storage);
     a.h_state[idx] = h;
     a.h_copy[idx] = h;
+    store_lowp(a.h_lowp, idx, h);
   }
 }
 
@@ -267,6 +290,7 @@ struct StoreStateArgs {
   dptr<T> h_state = nullptr;     // [rows, P]  in: h_t; out: h_t rounded
   dptr<T> h_copy = nullptr;      // [rows, P]  the step's output rows
   Storage storage = Storage::Same;
+  LowpCopy h_lowp;               // [rows, P]  h_t in the storage dtype
 };
 
 template <typename T>
@@ -275,6 +299,7 @@ __global__ void __launch_bounds__(kThreads) store_state_kernel(const StoreStateA
     const T h = round_to_storage(a.h_state[idx], a.storage);
     a.h_state[idx] = h;
     a.h_copy[idx] = h;
+    store_lowp(a.h_lowp, idx, h);
   }
 }
 

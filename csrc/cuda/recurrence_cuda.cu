@@ -10,9 +10,11 @@
 // synchronizes with the host, because the step plan (batch sizes, row offsets) is computed on
 // the host from the CPU batch_sizes tensor before the loop.
 //
-// float32 and float64 run in their own type. bfloat16 and float16 run the float32 loop on float
-// copies, rounding h_t to the input dtype every step while the cell state and the workspace
-// stay float32, exactly as the CPU path does.
+// float32 and float64 run in their own type. bfloat16 and float16 run the float32 loop,
+// rounding h_t to the input dtype every step while the cell state and the workspace stay float32,
+// exactly as the CPU path does; the forward's recurrent GEMMs take the 16-bit h_t and W_hh with
+// float32 accumulation (RecurrentProduct). The backward's GEMMs stay float32: their gradient
+// operands are not rounded.
 //
 // The same source also builds for the host (RNNFUSED_CUDA_SIM, csrc/cuda/sim/): there the
 // kernels run on rnnfused's CUDA simulator, the GEMMs on ATen's CPU kernels, and the ops are
@@ -170,6 +172,50 @@ at::Tensor previous_h(const StepPlan& plan, const at::Tensor& output, const at::
   return hprev;
 }
 
+// The recurrent product of one step, gates_h[:rows] = h_{t-1}[:rows] W_hh^T (active rows are
+// always the first `rows` rows of the batch, see StepPlan). float32 / float64 calls multiply
+// their own h_state. bfloat16 / float16 calls also keep h_t in the storage dtype (the step's
+// kernel writes it, see LowpCopy) and multiply 16-bit operands with float32 accumulation on
+// tensor cores: the same product up to summation order, because h_t is exactly its rounded value
+// and W_hh is the caller's 16-bit tensor.
+class RecurrentProduct {
+ public:
+  // w_hh: the caller's [G*H, P]; h0 [B, P] in the caller's dtype; h_state [B, P] in the compute
+  // dtype, updated by the step kernels.
+  RecurrentProduct(const at::Tensor& w_hh, const at::Tensor& h0, const at::Tensor& h_state)
+      : lowp_(storage_of(w_hh.scalar_type()) != Storage::Same), h_state_(h_state) {
+    if (lowp_) {
+      w_t_ = w_hh.contiguous().t();
+      h_lowp_ = state_copy(h0, h0.scalar_type());
+    } else {
+      w_t_ = compute_view(w_hh, h_state.scalar_type()).t();
+    }
+  }
+
+  void operator()(const at::Tensor& gates_h, int64_t rows) const {
+    at::Tensor out = gates_h.narrow(0, 0, rows);
+    if (lowp_) {
+      mm_lowp_into_float(out, h_lowp_.narrow(0, 0, rows), w_t_);
+    } else {
+      at::mm_out(out, h_state_.narrow(0, 0, rows), w_t_);
+    }
+  }
+
+  // Where the step kernel writes h_t in the storage dtype (nothing for float32 / float64).
+  LowpCopy lowp_copy() const {
+    LowpCopy copy;
+    if (h_lowp_.defined() && h_lowp_.scalar_type() == at::kBFloat16) copy.bf16 = h_lowp_.data_ptr<c10::BFloat16>();
+    if (h_lowp_.defined() && h_lowp_.scalar_type() == at::kHalf) copy.f16 = h_lowp_.data_ptr<c10::Half>();
+    return copy;
+  }
+
+ private:
+  bool lowp_;
+  at::Tensor h_state_;
+  at::Tensor w_t_;     // [P, G*H]
+  at::Tensor h_lowp_;  // [B, P] in the storage dtype (bfloat16 / float16 calls)
+};
+
 // ---------------------------------------------------------------------------------------------
 // LSTM
 // ---------------------------------------------------------------------------------------------
@@ -203,7 +249,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_recurrence_cuda(
   const auto acc = compute_dtype(dtype);
   const Storage storage = storage_of(dtype);
   const at::Tensor gx = compute_view(gates_x, acc);
-  const at::Tensor whh = compute_view(w_hh, acc);
   const at::Tensor whr = optional_compute_view(w_hr, acc);
   const at::Tensor bias = bias_or_zeros(b_hh, 4 * H, gates_x, acc);
   at::Tensor h_state = state_copy(h0, acc);  // [B, P]: rows of later steps keep h0 until they start
@@ -212,12 +257,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_recurrence_cuda(
   at::Tensor workspace = empty_workspace(gates_x, training, kLstmWorkspaceGates, H);
   at::Tensor gates_h = at::empty({B, 4 * H}, gx.options());
   at::Tensor r_buffer = proj ? at::empty({B, H}, gx.options()) : at::Tensor();
+  const RecurrentProduct recurrent_product(w_hh, h0, h_state);
   const Launcher launch;
 
   AT_DISPATCH_FLOATING_TYPES(acc, "rnnfused_lstm_cuda", [&] {
     using T = scalar_t;
-    const at::Tensor whh_t = whh.t();                          // [P, 4H]: h W_hh^T
-    const at::Tensor whr_t = proj ? whr.t() : at::Tensor();    // [H, P]:  r W_hr^T
+    const at::Tensor whr_t = proj ? whr.t() : at::Tensor();  // [H, P]: r W_hr^T
     T* out = output.data_ptr<T>();
     T* ws = training ? workspace.data_ptr<T>() : nullptr;
     LstmForwardArgs<T> args;
@@ -227,12 +272,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_recurrence_cuda(
     args.c_state = c_state.data_ptr<T>();
     args.r_out = proj ? r_buffer.data_ptr<T>() : h_state.data_ptr<T>();
     args.storage = proj ? Storage::Same : storage;
+    if (!proj) args.h_lowp = recurrent_product.lowp_copy();
     for (const auto s : c10::irange(plan.steps())) {
       const int64_t t = plan.step_at(s);
       const int64_t rows = plan.batch_sizes[t], off = plan.offsets[t];
-      // Active rows are always the first `rows` rows of the batch (see StepPlan).
-      at::Tensor gh_rows = gates_h.narrow(0, 0, rows);
-      at::mm_out(gh_rows, h_state.narrow(0, 0, rows), whh_t);
+      recurrent_product(gates_h, rows);
       args.rows = rows;
       args.gates_x = gx.data_ptr<T>() + off * 4 * H;
       args.h_copy = proj ? nullptr : out + off * P;
@@ -246,6 +290,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_recurrence_cuda(
         store.h_state = h_state.data_ptr<T>();
         store.h_copy = out + off * P;
         store.storage = storage;
+        store.h_lowp = recurrent_product.lowp_copy();
         launch("store_state", store_state_kernel<T>, rows * P, store);
       }
     }
@@ -381,17 +426,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_recurrence_cuda(const at::Ten
   const auto dtype = gates_x.scalar_type();
   const auto acc = compute_dtype(dtype);
   const at::Tensor gx = compute_view(gates_x, acc);
-  const at::Tensor whh = compute_view(w_hh, acc);
   const at::Tensor bias = bias_or_zeros(b_hh, 3 * H, gates_x, acc);
   at::Tensor h_state = state_copy(h0, acc);
   at::Tensor output = at::empty({plan.rows, H}, gates_x.options().dtype(acc));
   at::Tensor workspace = empty_workspace(gates_x, training, kGruWorkspaceGates, H);
   at::Tensor gates_h = at::empty({B, 3 * H}, gx.options());
+  const RecurrentProduct recurrent_product(w_hh, h0, h_state);
   const Launcher launch;
 
   AT_DISPATCH_FLOATING_TYPES(acc, "rnnfused_gru_cuda", [&] {
     using T = scalar_t;
-    const at::Tensor whh_t = whh.t();  // [H, 3H]: h W_hh^T
     T* out = output.data_ptr<T>();
     T* ws = training ? workspace.data_ptr<T>() : nullptr;
     GruForwardArgs<T> args;
@@ -400,11 +444,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_recurrence_cuda(const at::Ten
     args.bias = bias.data_ptr<T>();
     args.h_state = h_state.data_ptr<T>();
     args.storage = storage_of(dtype);
+    args.h_lowp = recurrent_product.lowp_copy();
     for (const auto s : c10::irange(plan.steps())) {
       const int64_t t = plan.step_at(s);
       const int64_t rows = plan.batch_sizes[t], off = plan.offsets[t];
-      at::Tensor gh_rows = gates_h.narrow(0, 0, rows);
-      at::mm_out(gh_rows, h_state.narrow(0, 0, rows), whh_t);
+      recurrent_product(gates_h, rows);
       args.rows = rows;
       args.gates_x = gx.data_ptr<T>() + off * 3 * H;
       args.h_copy = out + off * H;
@@ -497,16 +541,15 @@ std::tuple<at::Tensor, at::Tensor> rnn_recurrence_cuda(const at::Tensor& gates_x
   const auto dtype = gates_x.scalar_type();
   const auto acc = compute_dtype(dtype);
   const at::Tensor gx = compute_view(gates_x, acc);
-  const at::Tensor whh = compute_view(w_hh, acc);
   const at::Tensor bias = bias_or_zeros(b_hh, H, gates_x, acc);
   at::Tensor h_state = state_copy(h0, acc);
   at::Tensor output = at::empty({plan.rows, H}, gates_x.options().dtype(acc));
   at::Tensor gates_h = at::empty({B, H}, gx.options());
+  const RecurrentProduct recurrent_product(w_hh, h0, h_state);
   const Launcher launch;
 
   AT_DISPATCH_FLOATING_TYPES(acc, "rnnfused_rnn_cuda", [&] {
     using T = scalar_t;
-    const at::Tensor whh_t = whh.t();  // [H, H]: h W_hh^T
     T* out = output.data_ptr<T>();
     RnnForwardArgs<T> args;
     args.hidden = H;
@@ -514,11 +557,11 @@ std::tuple<at::Tensor, at::Tensor> rnn_recurrence_cuda(const at::Tensor& gates_x
     args.bias = bias.data_ptr<T>();
     args.h_state = h_state.data_ptr<T>();
     args.storage = storage_of(dtype);
+    args.h_lowp = recurrent_product.lowp_copy();
     for (const auto s : c10::irange(plan.steps())) {
       const int64_t t = plan.step_at(s);
       const int64_t rows = plan.batch_sizes[t], off = plan.offsets[t];
-      at::Tensor gh_rows = gates_h.narrow(0, 0, rows);
-      at::mm_out(gh_rows, h_state.narrow(0, 0, rows), whh_t);
+      recurrent_product(gates_h, rows);
       args.rows = rows;
       args.gates_x = gx.data_ptr<T>() + off * H;
       args.h_copy = out + off * H;
