@@ -191,6 +191,10 @@ def check_selftest_kernels(run, device="cpu"):
     torch.testing.assert_close(run("grid_exchange", on(g)).cpu(), torch.roll(g, -32))
     torch.testing.assert_close(run("divergent_barrier", on(x)).cpu(), x)
     assert run("atomic_sum", on(torch.ones(300))).cpu().tolist() == [300.0, 0.0]
+    torch.testing.assert_close(run("vector_copy", on(y)).cpu(), y)
+    largest = run("grid_exchange_max", on(x)).cpu()  # the occupancy query's largest cooperative grid
+    assert largest.numel() >= 64 and largest.numel() % 32 == 0
+    torch.testing.assert_close(largest, torch.roll(torch.arange(largest.numel(), dtype=torch.float32), -32))
 
     v = torch.randn(64, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     out = run("shuffle", on(v)).cpu().view(6, 64)

@@ -214,6 +214,7 @@ PLANTED_BUGS = [
     ("grid_exchange_not_cooperative", 0, torch.ones(128), r"grid-wide barrier in a launch that is not cooperative"),
     ("divergent_barrier", 1, torch.ones(64), r"__syncthreads\(\) is not reached by every thread of the block"),
     ("atomic_sum", 1, torch.ones(300), r"race on global memory .* atomically updates it"),
+    ("vector_copy", 1, torch.ones(1000), r"misaligned access: reads 16 bytes at byte offset 4 .* alignment 16"),
 ]
 
 
@@ -226,7 +227,9 @@ def test_planted_bug_is_reported(kernel, bug, values, report):
 
 
 def test_cooperative_launch_larger_than_the_device_is_refused():
-    # One multiprocessor holds 2048 threads: 64 blocks of 32; the 65th cannot be co-resident.
+    # One multiprocessor holds 2048 threads: 64 blocks of 32 (what the occupancy query says); the
+    # 65th cannot be co-resident.
+    assert _sim.selftest("grid_exchange_max", 0, torch.ones(4)).numel() == 64 * 32
     _sim.selftest("grid_exchange", 0, torch.ones(32 * 64))
     with pytest.raises(RuntimeError, match=r"at most 64 blocks fit on the device at once"):
         _sim.selftest("grid_exchange", 0, torch.ones(32 * 65))

@@ -8,6 +8,8 @@
 //                                        kernel locals that point into memory use it.
 //   RNNFUSED_SHARED_ARRAY(T, name, n)    __shared__ T name[n]
 //   RNNFUSED_DYNAMIC_SHARED(T, name)     the launch's dynamic shared memory as T* name
+//   ptr_cast<U>(p)                       reinterpret_cast<U*>(p): the same bytes as another type
+//                                        (vector loads; alignment is checked by the simulator)
 //   grid_sync()                          cooperative_groups::this_grid().sync() (cooperative
 //                                        launches only)
 //   mma_m16n8k16<In>(d, a, b, c)         mma.sync.aligned.m16n8k16.row.col.f32.In.In.f32, In =
@@ -27,6 +29,7 @@
 namespace rnnfused::cuda {
 template <typename T>
 using dptr = ::rnnfused::sim::Ptr<T>;
+using ::rnnfused::sim::ptr_cast;
 
 inline void grid_sync() { ::rnnfused::sim::sync_grid(); }
 
@@ -53,6 +56,11 @@ inline void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (
 namespace rnnfused::cuda {
 template <typename T>
 using dptr = T*;
+
+template <typename U, typename T>
+__host__ __device__ __forceinline__ U* ptr_cast(T* p) {
+  return reinterpret_cast<U*>(p);
+}
 
 __device__ __forceinline__ void grid_sync() { cooperative_groups::this_grid().sync(); }
 

@@ -37,6 +37,13 @@ void launch_kernel(const char* name, void (*kernel)(Args), dim3 grid, dim3 block
   ::rnnfused::sim::launch(name, {grid, block, shared_bytes, cooperative}, [&] { kernel(args); });
 }
 
+// The largest grid a cooperative launch of `kernel` with `threads` threads per block and
+// `shared_bytes` of dynamic shared memory may have (every block resident at once).
+template <typename Args>
+int64_t max_cooperative_blocks(void (*)(Args), int threads, size_t shared_bytes) {
+  return ::rnnfused::sim::max_cooperative_blocks(threads, shared_bytes);
+}
+
 // out (float32) = a b for 16-bit a and b with float32 accumulation. Here: the same product on
 // float32 copies (exact: a 16-bit value is a float32 value), which is what the GPU's tensor
 // cores compute up to summation order.
@@ -83,6 +90,15 @@ void launch_kernel(const char*, void (*kernel)(Args), dim3 grid, dim3 block, siz
     kernel<<<grid, block, shared_bytes, stream>>>(args);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// The largest grid a cooperative launch of `kernel` with `threads` threads per block and
+// `shared_bytes` of dynamic shared memory may have (every block resident at once).
+template <typename Args>
+int64_t max_cooperative_blocks(void (*kernel)(Args), int threads, size_t shared_bytes) {
+  int per_sm = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, shared_bytes));
+  return static_cast<int64_t>(per_sm) * multiprocessor_count();
 }
 
 // out (float32) = a b for 16-bit a and b (bfloat16 / float16) with float32 accumulation, on

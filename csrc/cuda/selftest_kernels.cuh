@@ -70,6 +70,14 @@ __global__ void grid_exchange_kernel(const Args a) {
   a.out[i] = a.scratch[(i + 32) % a.n];
 }
 
+// out[i] = in[i] four floats at a time (float4 vector accesses), n a multiple of 4.
+// bug 1: the loads start one float late (misaligned 16-byte accesses).
+__global__ void vector_copy_kernel(const Args a) {
+  const dptr<const float4> in = ptr_cast<const float4>(a.in + (a.bug == 1 ? 1 : 0));
+  const dptr<float4> out = ptr_cast<float4>(a.out);
+  RNNFUSED_CUDA_KERNEL_LOOP(i, a.n / 4 - (a.bug == 1 ? 1 : 0)) { out[i] = in[i]; }
+}
+
 // One block of 64 threads: thread 0 leaves early, the others meet at __syncthreads() (bug 1);
 // without the bug every thread copies in to out around the barrier.
 __global__ void divergent_barrier_kernel(const Args a) {
@@ -194,6 +202,20 @@ inline at::Tensor run(const std::string& name, int64_t bug, const at::Tensor& in
     launch_kernel("grid_exchange", grid_exchange_kernel, dim3(static_cast<unsigned int>(a.n / 32)), dim3(32), 0,
                   stream, a, /*cooperative=*/name == "grid_exchange");
     return out;
+  }
+  if (name == "vector_copy") {
+    TORCH_CHECK(a.n % 4 == 0, "selftest vector_copy: input must have a multiple of 4 elements");
+    a.in = as_float(input);
+    at::Tensor out = at::empty_like(input);
+    a.out = out.data_ptr<float>();
+    launch_kernel("vector_copy", vector_copy_kernel, blocks_of(256, 4), dim3(64), 0, stream, a);
+    return out;
+  }
+  if (name == "grid_exchange_max") {
+    // The largest cooperative grid of 32-thread blocks the device holds (the occupancy query).
+    const int64_t blocks = max_cooperative_blocks(grid_exchange_kernel, 32, 0);
+    at::Tensor values = at::arange(blocks * 32, input.options());
+    return run("grid_exchange", 0, values);
   }
   if (name == "divergent_barrier") {
     TORCH_CHECK(a.n == 64, "selftest divergent_barrier: input must have 64 elements");

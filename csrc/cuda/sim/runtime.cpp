@@ -583,7 +583,8 @@ Region* find_global_region(const void* p, uint64_t* generation) {
   return r;
 }
 
-void check_access(const Region* region_c, uint64_t generation, const void* addr, size_t bytes, Access kind) {
+void check_access(const Region* region_c, uint64_t generation, const void* addr, size_t bytes, size_t align,
+                  Access kind) {
   auto* r = const_cast<Region*>(region_c);
   if (r == nullptr) {
     std::ostringstream s;
@@ -599,6 +600,12 @@ void check_access(const Region* region_c, uint64_t generation, const void* addr,
     s << (r->space == Space::Shared ? "shared" : "global") << " memory access out of bounds: " << access_name(kind)
       << " " << bytes << " bytes at byte offset " << offset << " of " << region_name(r) << " ("
       << (offset < 0 ? "before its start" : "past its end") << ")";
+    fail(s.str());
+  }
+  if (reinterpret_cast<uintptr_t>(addr) % align != 0) {
+    std::ostringstream s;
+    s << "misaligned access: " << access_name(kind) << " " << bytes << " bytes at byte offset " << offset << " of "
+      << region_name(r) << ", which is not a multiple of their alignment " << align;
     fail(s.str());
   }
   Thread* t = g_thread;
@@ -946,6 +953,13 @@ void mma_m16n8k16(MmaInput input, float* d, const uint32_t* a, const uint32_t* b
 
 uint64_t launch_count() { return g_launch_count; }
 
+int64_t max_cooperative_blocks(int64_t threads, size_t shared_bytes) {
+  const DeviceConfig& dev = config();
+  int64_t per_sm = threads > 0 ? dev.max_threads_per_sm / threads : 0;
+  if (shared_bytes > 0) per_sm = std::min<int64_t>(per_sm, dev.shared_per_sm / shared_bytes);
+  return per_sm * dev.sm_count;
+}
+
 void launch(const char* kernel, const LaunchConfig& cfg, const std::function<void()>& body) {
   TORCH_CHECK(g_launch == nullptr, "rnnfused CUDA simulator: kernel ", kernel,
               " launched from inside a kernel (dynamic parallelism is not simulated)");
@@ -961,10 +975,9 @@ void launch(const char* kernel, const LaunchConfig& cfg, const std::function<voi
   TORCH_CHECK(cfg.shared_bytes <= dev.shared_per_block, "rnnfused CUDA simulator: kernel ", kernel, ": ",
               cfg.shared_bytes, " bytes of dynamic shared memory exceed ", dev.shared_per_block);
   if (cfg.cooperative) {
-    uint64_t per_sm = dev.max_threads_per_sm / tpb;
-    if (cfg.shared_bytes > 0) per_sm = std::min<uint64_t>(per_sm, dev.shared_per_sm / cfg.shared_bytes);
-    TORCH_CHECK(blocks <= per_sm * dev.sm_count, "rnnfused CUDA simulator: cooperative launch of kernel ", kernel,
-                " with ", blocks, " blocks of ", tpb, " threads: at most ", per_sm * dev.sm_count,
+    const int64_t fit = max_cooperative_blocks(static_cast<int64_t>(tpb), cfg.shared_bytes);
+    TORCH_CHECK(static_cast<int64_t>(blocks) <= fit, "rnnfused CUDA simulator: cooperative launch of kernel ", kernel,
+                " with ", blocks, " blocks of ", tpb, " threads: at most ", fit,
                 " blocks fit on the device at once (cudaErrorCooperativeLaunchTooLarge)");
   }
 

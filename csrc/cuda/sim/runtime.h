@@ -20,7 +20,11 @@
 //   pointer came from, and recorded in a shadow of that memory (2-byte granules) with the
 //   thread's position in the launch's barriers; two accesses by different threads, at least one
 //   a write and not both atomic, that no barrier orders are reported as a race. A read of shared
-//   memory that no thread of the block has written is reported too.
+//   memory that no thread of the block has written is reported too. Limits, on the safe side
+//   (a correct kernel may be reported, a race is not missed for them): a warp operation orders
+//   memory only when its mask is the whole warp, and each 2-byte granule remembers its last write
+//   and its last read (an earlier reader that races with a later writer can go unnoticed when
+//   the same thread read it again in between).
 // - Tensor-core fragments (mma.sync m16n8k16, bfloat16/float16 inputs, float accumulation) are
 //   gathered from the 32 lanes in the register layouts the PTX ISA documents and multiplied with
 //   scalar float math, so a layout mistake gives the same wrong numbers as on a GPU.
@@ -34,6 +38,23 @@
 #include <functional>
 #include <string>
 #include <type_traits>
+
+// The CUDA built-in vector types (their alignment is what makes a vector access legal).
+struct alignas(8) float2 {
+  float x, y;
+};
+struct alignas(16) float4 {
+  float x, y, z, w;
+};
+struct alignas(16) int4 {
+  int x, y, z, w;
+};
+struct alignas(16) uint4 {
+  unsigned int x, y, z, w;
+};
+struct alignas(16) double2 {
+  double x, y;
+};
 
 // The CUDA built-in vector type of launch configurations and indices.
 struct dim3 {
@@ -72,9 +93,11 @@ struct Region;  // defined in runtime.cpp
 // keeps so that a use after the allocation was freed is reported, not silently allowed.
 Region* find_global_region(const void* p, uint64_t* generation);
 
-// Checks one access of `bytes` bytes at `addr` through a pointer into `region` (bounds, use after
-// free, races) and throws a c10::Error that names the kernel, block and thread when it fails.
-void check_access(const Region* region, uint64_t generation, const void* addr, size_t bytes, Access kind);
+// Checks one access of `bytes` bytes at `addr` through a pointer into `region` (bounds, alignment
+// to `align` bytes, use after free, races) and throws an error that names the kernel, block and
+// thread when it fails.
+void check_access(const Region* region, uint64_t generation, const void* addr, size_t bytes, size_t align,
+                  Access kind);
 
 template <typename T>
 class Ptr;
@@ -85,11 +108,11 @@ class Ref {
  public:
   Ref(T* p, Region* region, uint64_t generation) : p_(p), region_(region), generation_(generation) {}
   operator T() const {
-    check_access(region_, generation_, p_, sizeof(T), Access::Read);
+    check_access(region_, generation_, p_, sizeof(T), alignof(T), Access::Read);
     return *p_;
   }
   const Ref& operator=(const T& value) const {
-    check_access(region_, generation_, p_, sizeof(T), Access::Write);
+    check_access(region_, generation_, p_, sizeof(T), alignof(T), Access::Write);
     *p_ = value;
     return *this;
   }
@@ -131,7 +154,7 @@ class Ptr {
   // Read-only memory reads by value; writable memory hands out checked references.
   auto operator[](int64_t i) const {
     if constexpr (std::is_const_v<T>) {
-      check_access(region_, generation_, p_ + i, sizeof(T), Access::Read);
+      check_access(region_, generation_, p_ + i, sizeof(T), alignof(T), Access::Read);
       return static_cast<value_type>(p_[i]);
     } else {
       return Ref<T>(p_ + i, region_, generation_);
@@ -166,6 +189,12 @@ class Ptr {
 template <typename T>
 Ptr<T> operator+(int64_t n, const Ptr<T>& p) {
   return p + n;
+}
+
+// The same bytes seen as another type (a vector load of float4 from a float array, ...).
+template <typename U, typename T>
+Ptr<U> ptr_cast(const Ptr<T>& p) {
+  return Ptr<U>(reinterpret_cast<U*>(p.raw()), p.region(), p.generation());
 }
 
 // A `__shared__ T name[count]` declaration: one array per block, made on the first use in the
@@ -224,7 +253,7 @@ void mma_m16n8k16(MmaInput input, float* d, const uint32_t* a, const uint32_t* b
 // an ordinary update, recorded as atomic for the race checks).
 template <typename T, typename F>
 T atomic_update(const Ptr<T>& p, F&& update) {
-  check_access(p.region(), p.generation(), p.raw(), sizeof(T), Access::Atomic);
+  check_access(p.region(), p.generation(), p.raw(), sizeof(T), alignof(T), Access::Atomic);
   const T old = *p.raw();
   *p.raw() = update(old);
   return old;
@@ -245,6 +274,10 @@ struct LaunchConfig {
 // when all have finished. Errors (bad configuration, a failed check in any thread) are thrown as
 // c10::Error after the launch is abandoned.
 void launch(const char* kernel, const LaunchConfig& config, const std::function<void()>& body);
+
+// The most blocks of `threads` threads with `shared_bytes` of dynamic shared memory that are
+// resident at once on the simulated device: the largest grid of a cooperative launch.
+int64_t max_cooperative_blocks(int64_t threads, size_t shared_bytes);
 
 // Installs the allocator that registers every CPU allocation as global device memory. Called
 // when the simulator's extension loads.
@@ -272,6 +305,10 @@ uint64_t launch_count();
 inline void __syncthreads() { ::rnnfused::sim::sync_block(); }
 inline void __syncwarp(unsigned mask = 0xffffffffu) { ::rnnfused::sim::sync_warp(mask); }
 inline void __threadfence() {}
+template <typename T>
+T __ldg(const ::rnnfused::sim::Ptr<const T>& p) {
+  return p[0];
+}
 inline void __threadfence_block() {}
 
 namespace rnnfused::sim {
