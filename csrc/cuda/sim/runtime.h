@@ -20,11 +20,11 @@
 //   pointer came from, and recorded in a shadow of that memory (2-byte granules) with the
 //   thread's position in the launch's barriers; two accesses by different threads, at least one
 //   a write and not both atomic, that no barrier orders are reported as a race. A read of shared
-//   memory that no thread of the block has written is reported too. Limits, on the safe side
-//   (a correct kernel may be reported, a race is not missed for them): a warp operation orders
-//   memory only when its mask is the whole warp, and each 2-byte granule remembers its last write
-//   and its last read (an earlier reader that races with a later writer can go unnoticed when
-//   the same thread read it again in between).
+//   memory that no thread of the block has written is reported too. Limits: a warp operation
+//   orders memory only when its mask is the whole warp (a correct kernel that relies on a
+//   partial-mask __syncwarp for ordering would be reported), and each 2-byte granule remembers
+//   only its last write and its last read (a race between an earlier reader and a later writer
+//   goes unnoticed when another thread's read came in between).
 // - Tensor-core fragments (mma.sync m16n8k16, bfloat16/float16 inputs, float accumulation) are
 //   gathered from the 32 lanes in the register layouts the PTX ISA documents and multiplied with
 //   scalar float math, so a layout mistake gives the same wrong numbers as on a GPU.
