@@ -57,5 +57,7 @@ import rnnfused
 info = rnnfused.build_info()
 print("rnnfused", info)
 assert info["cuda"], "the build carries no CUDA kernels"
+# The time loops call cuBLAS through the libcublas that torch loaded: it must resolve here too.
+print("cuBLAS GEMMs from", rnnfused._C._cuda_gemm_library())
 ')
 echo "cuda_compile: CUDA build of rnnfused checked in $(( $(date +%s) - start )) s"

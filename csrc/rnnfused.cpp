@@ -26,6 +26,7 @@ namespace rnnfused {
 #ifdef RNNFUSED_WITH_CUDA
 namespace cuda {
 at::Tensor run_selftest(const std::string& name, const at::Tensor& input);  // csrc/cuda/selftest.cu
+std::string gemm_library();                                                  // csrc/cuda/selftest.cu
 }
 #endif
 
@@ -47,6 +48,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #ifdef RNNFUSED_WITH_CUDA
   m.def("_cuda_selftest", &rnnfused::cuda::run_selftest,
         "Testing hook: run one of the self-test kernels of csrc/cuda/selftest_kernels.cuh (correct form) on the GPU");
+  m.def("_cuda_gemm_library", &rnnfused::cuda::gemm_library,
+        "Testing hook: the libcublas whose GEMMs the CUDA time loops call (resolved on first use)");
 #endif
   m.def(
       "_set_cpu_blas", [](const std::string& name) { rnnfused::cpu::set_blas_backend(name.c_str()); },

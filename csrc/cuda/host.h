@@ -37,6 +37,30 @@ void launch_kernel(const char* name, void (*kernel)(Args), dim3 grid, dim3 block
   ::rnnfused::sim::launch(name, {grid, block, shared_bytes, cooperative}, [&] { kernel(args); });
 }
 
+// The row-major GEMMs of the time loops, on one contiguous block of rows each (see the CUDA
+// versions below). Here: ATen's CPU GEMM on views of the same memory.
+//   gemm_nt: c[rows, n] = a[rows, k] b^T + beta c, b [n, k]
+//   gemm_nn: c[rows, n] = a[rows, k] b   + beta c, b [k, n]
+template <typename T>
+void gemm_nt(int64_t rows, int64_t n, int64_t k, const T* a, const T* b, T* c, T beta) {
+  if (rows == 0 || n == 0) return;
+  const auto options = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+  at::Tensor a_t = at::from_blob(const_cast<T*>(a), {rows, k}, options);
+  at::Tensor b_t = at::from_blob(const_cast<T*>(b), {n, k}, options);
+  at::Tensor c_t = at::from_blob(c, {rows, n}, options);
+  c_t.addmm_(a_t, b_t.t(), beta, 1);
+}
+
+template <typename T>
+void gemm_nn(int64_t rows, int64_t n, int64_t k, const T* a, const T* b, T* c, T beta) {
+  if (rows == 0 || n == 0) return;
+  const auto options = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+  at::Tensor a_t = at::from_blob(const_cast<T*>(a), {rows, k}, options);
+  at::Tensor b_t = at::from_blob(const_cast<T*>(b), {k, n}, options);
+  at::Tensor c_t = at::from_blob(c, {rows, n}, options);
+  c_t.addmm_(a_t, b_t, beta, 1);
+}
+
 // The largest grid a cooperative launch of `kernel` with `threads` threads per block and
 // `shared_bytes` of dynamic shared memory may have (every block resident at once).
 template <typename Args>
@@ -64,6 +88,12 @@ inline at::Tensor upload(const std::vector<int64_t>& table, const at::Tensor& li
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <cublas_v2.h>
+#include <dlfcn.h>
+
+#include <algorithm>
+#include <limits>
+#include <string>
 
 #define RNNFUSED_CUDA_OPS_NAMESPACE rnnfused
 #define RNNFUSED_CUDA_DISPATCH_KEY CUDA
@@ -91,6 +121,73 @@ void launch_kernel(const char*, void (*kernel)(Args), dim3 grid, dim3 block, siz
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
+
+// cuBLAS's float32 and float64 GEMMs, taken from the libcublas that libtorch_cuda has loaded (it
+// is a dependency of it): torch does not export its own GEMM wrappers, and pip's wheels carry no
+// unversioned libcublas.so to link against. Resolved once, by the soname of the cuBLAS headers
+// rnnfused was compiled with.
+struct CublasGemms {
+  decltype(&cublasSgemm_v2) sgemm = nullptr;
+  decltype(&cublasDgemm_v2) dgemm = nullptr;
+  std::string library;
+};
+
+inline const CublasGemms& cublas_gemms() {
+  static const CublasGemms gemms = [] {
+    CublasGemms g;
+    g.library = "libcublas.so." + std::to_string(CUBLAS_VER_MAJOR);
+    void* lib = dlopen(g.library.c_str(), RTLD_NOW | RTLD_NOLOAD);
+    if (lib == nullptr) lib = dlopen(g.library.c_str(), RTLD_NOW);
+    TORCH_CHECK(lib != nullptr, "rnnfused: cannot load ", g.library, " (", dlerror(), ")");
+    g.sgemm = reinterpret_cast<decltype(&cublasSgemm_v2)>(dlsym(lib, "cublasSgemm_v2"));
+    g.dgemm = reinterpret_cast<decltype(&cublasDgemm_v2)>(dlsym(lib, "cublasDgemm_v2"));
+    TORCH_CHECK(g.sgemm != nullptr && g.dgemm != nullptr, "rnnfused: ", g.library, " lacks cublasSgemm_v2 / cublasDgemm_v2");
+    return g;
+  }();
+  return gemms;
+}
+
+// Column-major C[m, n] = op(A) op(B) + beta C on torch's cuBLAS handle for the current device,
+// which is bound to the current stream and set to torch's TF32 choice for float32.
+template <typename T>
+void cublas_gemm(cublasOperation_t op_a, cublasOperation_t op_b, int64_t m, int64_t n, int64_t k, const T* a,
+                 int64_t lda, const T* b, int64_t ldb, T beta, T* c, int64_t ldc) {
+  constexpr int64_t kMax = std::numeric_limits<int>::max();
+  TORCH_CHECK(m <= kMax && n <= kMax && k <= kMax && lda <= kMax && ldb <= kMax && ldc <= kMax,
+              "rnnfused: a GEMM dimension exceeds cuBLAS's 32-bit range");
+  cublasHandle_t handle = at::cuda::getCurrentCUDABlasHandle();
+  const T alpha = 1;
+  const auto i = [](int64_t v) { return static_cast<int>(v); };
+  cublasStatus_t status;
+  if constexpr (std::is_same_v<T, float>) {
+    status = cublas_gemms().sgemm(handle, op_a, op_b, i(m), i(n), i(k), &alpha, a, i(lda), b, i(ldb), &beta, c, i(ldc));
+  } else {
+    status = cublas_gemms().dgemm(handle, op_a, op_b, i(m), i(n), i(k), &alpha, a, i(lda), b, i(ldb), &beta, c, i(ldc));
+  }
+  TORCH_CHECK(status == CUBLAS_STATUS_SUCCESS, "rnnfused: cuBLAS GEMM failed with status ", static_cast<int>(status));
+}
+
+// The row-major GEMMs of the time loops, on one contiguous block of rows each: straight to cuBLAS,
+// with no tensor views and no dispatcher, so a step costs one cuBLAS call of host time per GEMM.
+//   gemm_nt: c[rows, n] = a[rows, k] b^T + beta c, b [n, k]   (h W_hh^T, r W_hr^T)
+//   gemm_nn: c[rows, n] = a[rows, k] b   + beta c, b [k, n]   (dG W_hh, dh W_hr)
+// Row-major c[rows, n] is column-major c^T [n, rows], so each is the column-major product of the
+// transposes: c^T = b a^T and c^T = b^T a^T.
+template <typename T>
+void gemm_nt(int64_t rows, int64_t n, int64_t k, const T* a, const T* b, T* c, T beta) {
+  if (rows == 0 || n == 0) return;
+  cublas_gemm<T>(CUBLAS_OP_T, CUBLAS_OP_N, n, rows, k, b, std::max<int64_t>(k, 1), a, std::max<int64_t>(k, 1), beta, c,
+                 n);
+}
+
+template <typename T>
+void gemm_nn(int64_t rows, int64_t n, int64_t k, const T* a, const T* b, T* c, T beta) {
+  if (rows == 0 || n == 0) return;
+  cublas_gemm<T>(CUBLAS_OP_N, CUBLAS_OP_N, n, rows, k, b, n, a, std::max<int64_t>(k, 1), beta, c, n);
+}
+
+// Which libcublas the GEMMs use (resolving it on the first call): a testing hook.
+inline std::string cublas_library() { return cublas_gemms().library; }
 
 // The largest grid a cooperative launch of `kernel` with `threads` threads per block and
 // `shared_bytes` of dynamic shared memory may have (every block resident at once).

@@ -1,14 +1,16 @@
 // The recurrence ops on CUDA: the same time loops as csrc/cpu/recurrence_cpu.cpp (which defines
-// the semantics), with one cuBLAS GEMM per step (at::mm_out into a preallocated buffer, on the
-// current stream, honouring torch's TF32 setting) and one fused pointwise kernel per step
-// (pointwise_kernels.cuh); an LSTM with a projection adds the W_hr GEMM and one small kernel.
+// the semantics), with one cuBLAS GEMM per step (host.h's gemm_nt / gemm_nn straight into a
+// preallocated buffer, on the current stream, honouring torch's TF32 setting) and one fused
+// pointwise kernel per step (pointwise_kernels.cuh); an LSTM with a projection adds the W_hr
+// GEMM and one small kernel.
 // Backward mirrors the loop in reverse; dW_hh, db_hh and dW_hr are one GEMM / reduction each
 // over all steps, after the loop.
 //
-// Every device buffer is allocated before the time loop. Inside it only views are made
-// (narrow: a host-side TensorImpl, no device memory) and kernels / GEMMs are queued; nothing
-// synchronizes with the host, because the step plan (batch sizes, row offsets) is computed on
-// the host from the CPU batch_sizes tensor before the loop.
+// Every device buffer is allocated before the time loop. Inside it only kernels and GEMMs on raw
+// pointers are queued (no tensors, no dispatcher; the bfloat16 / float16 forward GEMM goes
+// through ATen for its 16-bit inputs); nothing synchronizes with the host, because the step
+// plan (batch sizes, row offsets) is computed on the host from the CPU batch_sizes tensor
+// before the loop.
 //
 // float32 and float64 run in their own type. bfloat16 and float16 run the float32 loop,
 // rounding h_t to the input dtype every step while the cell state and the workspace stay float32,
@@ -185,19 +187,22 @@ class RecurrentProduct {
   RecurrentProduct(const at::Tensor& w_hh, const at::Tensor& h0, const at::Tensor& h_state)
       : lowp_(storage_of(w_hh.scalar_type()) != Storage::Same), h_state_(h_state) {
     if (lowp_) {
-      w_t_ = w_hh.contiguous().t();
+      w_ = w_hh.contiguous();
       h_lowp_ = state_copy(h0, h0.scalar_type());
     } else {
-      w_t_ = compute_view(w_hh, h_state.scalar_type()).t();
+      w_ = compute_view(w_hh, h_state.scalar_type());
     }
   }
 
-  void operator()(const at::Tensor& gates_h, int64_t rows) const {
-    at::Tensor out = gates_h.narrow(0, 0, rows);
+  // gates_h [B, G*H] in the compute dtype T.
+  template <typename T>
+  void run(const at::Tensor& gates_h, int64_t rows) const {
     if (lowp_) {
-      mm_lowp_into_float(out, h_lowp_.narrow(0, 0, rows), w_t_);
+      at::Tensor out = gates_h.narrow(0, 0, rows);
+      mm_lowp_into_float(out, h_lowp_.narrow(0, 0, rows), w_.t());
     } else {
-      at::mm_out(out, h_state_.narrow(0, 0, rows), w_t_);
+      gemm_nt<T>(rows, w_.size(0), w_.size(1), h_state_.data_ptr<T>(), w_.data_ptr<T>(), gates_h.data_ptr<T>(),
+                 T(0));
     }
   }
 
@@ -212,7 +217,7 @@ class RecurrentProduct {
  private:
   bool lowp_;
   at::Tensor h_state_;
-  at::Tensor w_t_;     // [P, G*H]
+  at::Tensor w_;       // [G*H, P]: the caller's dtype (bfloat16 / float16 calls) or the compute dtype
   at::Tensor h_lowp_;  // [B, P] in the storage dtype (bfloat16 / float16 calls)
 };
 
@@ -262,7 +267,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_recurrence_cuda(
 
   AT_DISPATCH_FLOATING_TYPES(acc, "rnnfused_lstm_cuda", [&] {
     using T = scalar_t;
-    const at::Tensor whr_t = proj ? whr.t() : at::Tensor();  // [H, P]: r W_hr^T
     T* out = output.data_ptr<T>();
     T* ws = training ? workspace.data_ptr<T>() : nullptr;
     LstmForwardArgs<T> args;
@@ -276,15 +280,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_recurrence_cuda(
     for (const auto s : c10::irange(plan.steps())) {
       const int64_t t = plan.step_at(s);
       const int64_t rows = plan.batch_sizes[t], off = plan.offsets[t];
-      recurrent_product(gates_h, rows);
+      recurrent_product.run<T>(gates_h, rows);
       args.rows = rows;
       args.gates_x = gx.data_ptr<T>() + off * 4 * H;
       args.h_copy = proj ? nullptr : out + off * P;
       args.workspace = ws ? ws + off * kLstmWorkspaceGates * H : nullptr;
       launch("lstm_forward", lstm_forward_kernel<T>, rows * H, args);
       if (proj) {
-        at::Tensor h_rows = h_state.narrow(0, 0, rows);
-        at::mm_out(h_rows, r_buffer.narrow(0, 0, rows), whr_t);
+        // h_t = r W_hr^T: [rows, H] x [P, H]^T
+        gemm_nt<T>(rows, P, H, r_buffer.data_ptr<T>(), whr.data_ptr<T>(), h_state.data_ptr<T>(), T(0));
         StoreStateArgs<T> store;
         store.count = rows * P;
         store.h_state = h_state.data_ptr<T>();
@@ -379,8 +383,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         add.y = go_p ? go_p + off * P : nullptr;
         add.out = grad_h_rows.data_ptr<T>() + off * P;
         launch("add", add_kernel<T>, rows * P, add);
-        at::Tensor grad_r_rows = grad_r.narrow(0, 0, rows);
-        at::mm_out(grad_r_rows, grad_h_rows.narrow(0, off, rows), whr);  // [rows, P] @ [P, H]
+        gemm_nn<T>(rows, H, P, grad_h_rows.data_ptr<T>() + off * P, whr.data_ptr<T>(), grad_r.data_ptr<T>(),
+                   T(0));  // [rows, P] x [P, H]
         args.grad_r = grad_r.data_ptr<T>();
         args.grad_r_extra = nullptr;
         args.r_out = r_rows.data_ptr<T>() + off * H;
@@ -391,8 +395,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       }
       launch("lstm_backward", lstm_backward_kernel<T>, rows * H, args);
       // dL/dh_{t-1} = dG_t W_hh, into the state rows the pointwise kernel has just consumed.
-      at::Tensor dh_rows = dh_state.narrow(0, 0, rows);
-      at::mm_out(dh_rows, grad_gates.narrow(0, off, rows), whh);  // [rows, 4H] @ [4H, P]
+      gemm_nn<T>(rows, P, 4 * H, grad_gates.data_ptr<T>() + off * 4 * H, whh.data_ptr<T>(), dh, T(0));
     }
   });
   const at::Tensor hprev = previous_h(plan, out, h0_c, launch);
@@ -448,7 +451,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_recurrence_cuda(const at::Ten
     for (const auto s : c10::irange(plan.steps())) {
       const int64_t t = plan.step_at(s);
       const int64_t rows = plan.batch_sizes[t], off = plan.offsets[t];
-      recurrent_product(gates_h, rows);
+      recurrent_product.run<T>(gates_h, rows);
       args.rows = rows;
       args.gates_x = gx.data_ptr<T>() + off * 3 * H;
       args.h_copy = out + off * H;
@@ -510,8 +513,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_recurrence_backwa
       args.grad_gates_h = grad_gates_h.data_ptr<T>() + off * 3 * H;
       launch("gru_backward", gru_backward_kernel<T>, rows * H, args);  // leaves dh_t * z in the state rows
       // dL/dh_{t-1} = dh_t * z + dG_h W_hh: accumulated in place (beta = 1).
-      at::Tensor dh_rows = dh_state.narrow(0, 0, rows);
-      dh_rows.addmm_(grad_gates_h.narrow(0, off, rows), whh);  // [rows, 3H] @ [3H, H]
+      gemm_nn<T>(rows, H, 3 * H, grad_gates_h.data_ptr<T>() + off * 3 * H, whh.data_ptr<T>(),
+                 dh_state.data_ptr<T>(), T(1));
     }
   });
   at::Tensor grad_w_hh = grad_gates_h.t().mm(hprev);
@@ -561,7 +564,7 @@ std::tuple<at::Tensor, at::Tensor> rnn_recurrence_cuda(const at::Tensor& gates_x
     for (const auto s : c10::irange(plan.steps())) {
       const int64_t t = plan.step_at(s);
       const int64_t rows = plan.batch_sizes[t], off = plan.offsets[t];
-      recurrent_product(gates_h, rows);
+      recurrent_product.run<T>(gates_h, rows);
       args.rows = rows;
       args.gates_x = gx.data_ptr<T>() + off * H;
       args.h_copy = out + off * H;
@@ -615,8 +618,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_recurrence_backwa
       args.grad_output = go_p ? go_p + off * H : nullptr;
       args.grad_gates = grad_gates.data_ptr<T>() + off * H;
       launch("rnn_backward", rnn_backward_kernel<T, act>, rows * H, args);
-      at::Tensor dh_rows = dh_state.narrow(0, 0, rows);
-      at::mm_out(dh_rows, grad_gates.narrow(0, off, rows), whh);  // [rows, H] @ [H, H]
+      gemm_nn<T>(rows, H, H, grad_gates.data_ptr<T>() + off * H, whh.data_ptr<T>(), dh_state.data_ptr<T>(),
+                 T(0));
     }
   });
   const at::Tensor hprev = previous_h(plan, out, compute_view(h0, acc), launch);

@@ -10,4 +10,6 @@ at::Tensor run_selftest(const std::string& name, const at::Tensor& input) {
   return selftest::run(name, /*bug=*/0, input);
 }
 
+std::string gemm_library() { return cublas_library(); }
+
 }  // namespace rnnfused::cuda

@@ -98,8 +98,8 @@ char* take_stack() {
     pool.pop_back();
     return s;
   }
-  void* mem = mmap(nullptr, kStackBytes + kGuardBytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
-                   -1, 0);
+  void* mem = mmap(nullptr, kStackBytes + kGuardBytes, PROT_READ | PROT_WRITE,
+                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
   TORCH_CHECK(mem != MAP_FAILED, "rnnfused CUDA simulator: cannot map a thread stack");
   mprotect(mem, kGuardBytes, PROT_NONE);
   return static_cast<char*>(mem) + kGuardBytes;
@@ -279,8 +279,13 @@ std::string where(const Thread* t) {
   throw std::runtime_error("rnnfused CUDA simulator: " + where(g_thread) + ": " + what);
 }
 
+// A launch-wide error (no single thread to name): "rnnfused CUDA simulator: kernel K: what".
+std::string launch_error(const std::string& what) {
+  return "rnnfused CUDA simulator: kernel " + std::string(g_launch->kernel) + ": " + what;
+}
+
 void record_error(const std::string& what) {
-  if (g_launch->error.empty()) g_launch->error = "rnnfused CUDA simulator: kernel " + std::string(g_launch->kernel) + ": " + what;
+  if (g_launch->error.empty()) g_launch->error = launch_error(what);
 }
 
 Thread* current(const char* what) {
@@ -332,8 +337,9 @@ void thread_exited(Thread* t) {
   }
   for (const PendingWarpOp& p : w.pending) {
     if (p.mask & (1u << t->lane)) {
-      s << "lanes " << hex(p.arrived) << " of its warp wait for it in " << warp_op_name(p.op, p.shuffle_kind, p.vote_kind)
-        << " with mask " << hex(p.mask) << "; every lane named in the mask must take part (wrong lane mask?)";
+      s << "lanes " << hex(p.arrived) << " of its warp wait for it in "
+        << warp_op_name(p.op, p.shuffle_kind, p.vote_kind) << " with mask " << hex(p.mask)
+        << "; every lane named in the mask must take part (wrong lane mask?)";
       record_error(s.str());
       return;
     }
@@ -451,8 +457,7 @@ void run(Launch& L) {
   for (auto& bp : L.blocks) {
     for (Thread& t : bp->threads) {
       if (t.wait != Wait::Done) {
-        L.error = "rnnfused CUDA simulator: kernel " + std::string(L.kernel) +
-                  ": deadlock, no thread can go on (it would hang on a GPU): " + describe_waits(L);
+        L.error = launch_error("deadlock, no thread can go on (it would hang on a GPU): " + describe_waits(L));
         return;
       }
     }
@@ -487,7 +492,8 @@ bool ordered(const Region::Stamp& a, const Region::Stamp& b) {
 std::string who(uint32_t global) {
   const Launch& L = *g_launch;
   const uint32_t tpb = L.threads_per_block;
-  return "thread " + fmt(unflatten(global % tpb, L.cfg.block)) + " of block " + fmt(unflatten(global / tpb, L.cfg.grid));
+  return "thread " + fmt(unflatten(global % tpb, L.cfg.block)) + " of block " +
+         fmt(unflatten(global / tpb, L.cfg.grid));
 }
 
 std::string region_name(const Region* r) {
@@ -709,7 +715,7 @@ void sync_block() {
   }
   if (++b.arrived == static_cast<int>(b.threads.size())) {
     const std::string uninitialized = uninitialized_read_error(b);
-    if (!uninitialized.empty()) throw std::runtime_error("rnnfused CUDA simulator: kernel " + std::string(g_launch->kernel) + ": " + uninitialized);
+    if (!uninitialized.empty()) throw std::runtime_error(launch_error(uninitialized));
     b.arrived = 0;
     b.epoch++;
     for (Thread& other : b.threads) {
@@ -779,7 +785,9 @@ void complete_mma(Block& b, int warp) {
     lanes[l] = &t;
     const int group = l / 4, tig = l % 4;
     for (int j = 0; j < 4; ++j) {
-      for (int h = 0; h < 2; ++h) A[group + 8 * (j % 2)][2 * tig + h + 8 * (j / 2)] = unpack_half(t.mma_a[j], h, t.mma_input);
+      for (int h = 0; h < 2; ++h) {
+        A[group + 8 * (j % 2)][2 * tig + h + 8 * (j / 2)] = unpack_half(t.mma_a[j], h, t.mma_input);
+      }
     }
     for (int j = 0; j < 2; ++j) {
       for (int h = 0; h < 2; ++h) B[2 * tig + h + 8 * j][group] = unpack_half(t.mma_b[j], h, t.mma_input);
@@ -1005,7 +1013,7 @@ void launch(const char* kernel, const LaunchConfig& cfg, const std::function<voi
     for (auto& bp : L.blocks) {
       if (L.error.empty()) {
         const std::string uninitialized = uninitialized_read_error(*bp);
-        if (!uninitialized.empty()) L.error = "rnnfused CUDA simulator: kernel " + std::string(L.kernel) + ": " + uninitialized;
+        if (!uninitialized.empty()) L.error = launch_error(uninitialized);
       }
     }
     L.runnable.clear();
