@@ -28,7 +28,7 @@ from helpers import (
     sequence_inputs,
     twin_layers,
 )
-from test_ops import GATES, _forward, _op_cases, _opcheck_cases, _recurrence_args
+from test_ops import GATES, _forward, _op_cases, _opcheck_cases, _recurrence_args, assert_gradcheck
 
 HAS_GPU = torch.cuda.is_available()
 if HAS_GPU and not rnnfused.cuda_built():
@@ -256,16 +256,7 @@ def test_half_precision_values_match_cpu(no_tf32, mode, dtype):
 
 @pytest.mark.parametrize("mode,packed,reverse,bias,proj", list(_op_cases()))
 def test_gradcheck_cuda(mode, packed, reverse, bias, proj):
-    args = on_device(_recurrence_args(mode, packed, reverse, bias, proj, requires_grad=True), CUDA)
-    tensors = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.requires_grad]
-
-    def fn(*values):
-        full = list(args)
-        for i, v in zip(tensors, values):
-            full[i] = v
-        return _forward(mode, tuple(full))
-
-    assert torch.autograd.gradcheck(fn, tuple(args[i] for i in tensors), eps=1e-6, atol=1e-7)
+    assert_gradcheck(mode, on_device(_recurrence_args(mode, packed, reverse, bias, proj, requires_grad=True), CUDA))
 
 
 @pytest.mark.parametrize("mode,packed,reverse,bias,proj", list(_opcheck_cases()))

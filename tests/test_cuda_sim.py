@@ -27,7 +27,7 @@ from helpers import (
     sequence_inputs,
     twin_layers,
 )
-from test_ops import GATES, _op_cases, _recurrence_args
+from test_ops import GATES, _op_cases, _recurrence_args, assert_gradcheck
 
 if not _sim.available():
     pytest.fail(
@@ -154,27 +154,9 @@ def test_agrees_with_cpu_kernels(mode, form, dtype):
 # ----------------------------------------------------------------------------------------------
 
 
-def _sim_forward(mode, args):
-    ops = _sim.ops
-    if mode == "lstm":
-        return ops.lstm_recurrence(*args, True)[:3]
-    if mode == "gru":
-        return ops.gru_recurrence(*args, True)[:2]
-    return getattr(ops, f"{mode}_recurrence")(*args)
-
-
 @pytest.mark.parametrize("mode,packed,reverse,bias,proj", list(_op_cases()))
 def test_gradcheck(mode, packed, reverse, bias, proj):
-    args = _recurrence_args(mode, packed, reverse, bias, proj, requires_grad=True)
-    tensors = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.requires_grad]
-
-    def fn(*values):
-        full = list(args)
-        for i, v in zip(tensors, values):
-            full[i] = v
-        return _sim_forward(mode, tuple(full))
-
-    assert torch.autograd.gradcheck(fn, tuple(args[i] for i in tensors), eps=1e-6, atol=1e-7)
+    assert_gradcheck(mode, _recurrence_args(mode, packed, reverse, bias, proj, requires_grad=True), _sim.ops)
 
 
 @pytest.mark.parametrize("mode", list(GATES))

@@ -65,27 +65,32 @@ def _opcheck_cases():
             yield pytest.param(mode, packed, reverse, bias, proj, id=name)
 
 
-def _forward(mode, args):
-    """The op's differentiable outputs (the workspace is internal)."""
+def _forward(mode, args, library=ops):
+    """The op's differentiable outputs (the workspace is internal). ``library``: the op namespace
+    (torch.ops.rnnfused, or rnnfused_sim for the CUDA path on the simulator)."""
     if mode == "lstm":
-        return ops.lstm_recurrence(*args, True)[:3]
+        return library.lstm_recurrence(*args, True)[:3]
     if mode == "gru":
-        return ops.gru_recurrence(*args, True)[:2]
-    return getattr(ops, f"{mode}_recurrence")(*args)
+        return library.gru_recurrence(*args, True)[:2]
+    return getattr(library, f"{mode}_recurrence")(*args)
 
 
-@pytest.mark.parametrize("mode,packed,reverse,bias,proj", list(_op_cases()))
-def test_gradcheck(mode, packed, reverse, bias, proj):
-    args = _recurrence_args(mode, packed, reverse, bias, proj, requires_grad=True)
+def assert_gradcheck(mode, args, library=ops):
+    """torch.autograd.gradcheck of the op over every argument that requires grad."""
     tensors = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.requires_grad]
 
     def fn(*values):
         full = list(args)
         for i, v in zip(tensors, values):
             full[i] = v
-        return _forward(mode, tuple(full))
+        return _forward(mode, tuple(full), library)
 
     assert torch.autograd.gradcheck(fn, tuple(args[i] for i in tensors), eps=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("mode,packed,reverse,bias,proj", list(_op_cases()))
+def test_gradcheck(mode, packed, reverse, bias, proj):
+    assert_gradcheck(mode, _recurrence_args(mode, packed, reverse, bias, proj, requires_grad=True))
 
 
 @pytest.mark.parametrize("mode,packed,reverse,bias,proj", list(_opcheck_cases()))
