@@ -187,6 +187,8 @@ def check_selftest_kernels(run, device="cpu"):
     torch.testing.assert_close(run("scale", on(y)).cpu(), 2 * y)
     w = torch.arange(32, dtype=torch.float32)
     assert run("warp_sum", on(w)).item() == w.sum().item()
+    halves = torch.cat([torch.roll(w[:16], -1), torch.roll(w[16:], -1)])
+    torch.testing.assert_close(run("half_warp_exchange", on(w)).cpu(), halves)
     g = torch.arange(128, dtype=torch.float32)
     torch.testing.assert_close(run("grid_exchange", on(g)).cpu(), torch.roll(g, -32))
     torch.testing.assert_close(run("divergent_barrier", on(x)).cpu(), x)

@@ -27,7 +27,7 @@ from helpers import (
     sequence_inputs,
     twin_layers,
 )
-from test_ops import GATES, _op_cases, _recurrence_args, assert_gradcheck
+from test_ops import GATES, _op_cases, _opcheck_cases, _recurrence_args, assert_gradcheck
 
 if not _sim.available():
     pytest.fail(
@@ -191,6 +191,8 @@ PLANTED_BUGS = [
     ("scale", 2, torch.ones(1000), r"race on global memory .* wrote it with no barrier"),
     ("warp_sum", 1, torch.ones(32), r"__shfl_down_sync.*not in the mask 0x0000ffff"),
     ("warp_sum", 2, torch.ones(32), r"exited while lanes .* wait for it in __shfl_down_sync with mask 0xffffffff"),
+    ("half_warp_exchange", 1, torch.ones(32), r"race on shared memory 'tile'"),
+    ("half_warp_exchange", 2, torch.ones(32), r"race on shared memory 'tile'"),
     ("grid_exchange", 1, torch.ones(128), r"exited while 96 threads wait at the grid-wide barrier"),
     ("grid_exchange", 2, torch.ones(128), r"race on global memory .* block \(0,0,0\) read it"),
     ("grid_exchange_not_cooperative", 0, torch.ones(128), r"grid-wide barrier in a launch that is not cooperative"),
@@ -226,3 +228,13 @@ def test_a_tensor_from_outside_the_simulator_is_not_device_memory():
     outside = torch.from_numpy(np.ones(64, dtype=np.float32))
     with pytest.raises(RuntimeError, match=r"pointer into no device allocation"):
         _sim.selftest("neighbour_exchange", 0, outside)
+
+
+@pytest.mark.parametrize("mode,packed,reverse,bias,proj", list(_opcheck_cases()))
+def test_opcheck_forward(mode, packed, reverse, bias, proj):
+    """The simulated ops carry rnnfused's schemas, fake kernels and autograd (rnnfused/_ops.py
+    registers them for both libraries): torch.library.opcheck passes on them as on the CPU ops."""
+    args = _recurrence_args(mode, packed, reverse, bias, proj, True, dtype=torch.float32)
+    op = getattr(_sim.ops, f"{mode}_recurrence").default
+    for flag in ((False,), (True,)) if mode in ("lstm", "gru") else ((),):
+        torch.library.opcheck(op, args + flag)

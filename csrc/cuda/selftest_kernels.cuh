@@ -58,6 +58,20 @@ __global__ void warp_sum_kernel(const Args a) {
   if (lane == 0) a.out[0] = v;
 }
 
+// One warp in two halves: each lane writes in[lane] to shared memory, its half-warp meets at
+// __syncwarp with the half's mask, then out[lane] = the next lane's value within the half.
+// bug 1: no __syncwarp (a race inside each half).
+// bug 2: the half-warps read across the halves (lanes the __syncwarp did not order: a race).
+__global__ void half_warp_exchange_kernel(const Args a) {
+  RNNFUSED_SHARED_ARRAY(float, tile, 32);
+  const int lane = static_cast<int>(threadIdx.x);
+  const unsigned mask = lane < 16 ? 0x0000ffffu : 0xffff0000u;
+  tile[lane] = a.in[lane];
+  if (a.bug != 1) __syncwarp(mask);
+  const int neighbour = (lane & 16) | ((lane + 1) & 15);
+  a.out[lane] = tile[a.bug == 2 ? neighbour ^ 16 : neighbour];
+}
+
 // Blocks of 32 threads: each thread copies in[i] to scratch[i], the whole grid meets at the grid
 // barrier, then out[i] = scratch[(i + 32) % n], a value another block wrote. Cooperative launch.
 // bug 1: the last block returns before the barrier (a grid barrier not all blocks reach).
@@ -190,6 +204,14 @@ inline at::Tensor run(const std::string& name, int64_t bug, const at::Tensor& in
     at::Tensor out = at::zeros({1}, input.options());
     a.out = out.data_ptr<float>();
     launch_kernel("warp_sum", warp_sum_kernel, dim3(1), dim3(32), 0, stream, a);
+    return out;
+  }
+  if (name == "half_warp_exchange") {
+    TORCH_CHECK(a.n == 32, "selftest half_warp_exchange: input must have 32 elements");
+    a.in = as_float(input);
+    at::Tensor out = at::empty_like(input);
+    a.out = out.data_ptr<float>();
+    launch_kernel("half_warp_exchange", half_warp_exchange_kernel, dim3(1), dim3(32), 0, stream, a);
     return out;
   }
   if (name == "grid_exchange" || name == "grid_exchange_not_cooperative") {

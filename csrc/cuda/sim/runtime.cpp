@@ -86,8 +86,10 @@ struct Fiber {
 #endif
 };
 
+// Per host thread: launches run on the thread that makes them, so two host threads never share a
+// stack (or any other launch state, all of it thread_local below).
 std::vector<char*>& stack_pool() {
-  static std::vector<char*> pool;
+  thread_local std::vector<char*> pool;
   return pool;
 }
 
@@ -161,6 +163,12 @@ struct Thread {
   const uint32_t* mma_b = nullptr;
   const float* mma_c = nullptr;
   float* mma_d = nullptr;
+  // Vector clock of the warp's lanes, for the race checks: `clock` numbers this lane's stretches
+  // between the warp operations it takes part in; seen[l] is the latest stretch of lane l that is
+  // ordered before this lane's present one (through warp operations they took part in, directly
+  // or by way of other lanes).
+  uint32_t clock = 1;
+  uint32_t seen[32] = {};
 };
 
 // A warp operation that some lanes have reached and others not yet.
@@ -175,7 +183,6 @@ struct PendingWarpOp {
 struct WarpState {
   uint32_t existing = 0;  // lanes the block has in this warp
   uint32_t exited = 0;
-  uint32_t epoch = 0;     // completed full-warp synchronizations
   std::vector<PendingWarpOp> pending;
 };
 
@@ -245,8 +252,8 @@ thread_local void* g_scheduler_sp = nullptr;
 thread_local ucontext_t g_scheduler_context;
 #endif
 
-uint32_t g_launch_ids = 0;
-uint64_t g_launch_count = 0;
+std::atomic<uint32_t> g_launch_ids{0};
+std::atomic<uint64_t> g_launch_count{0};
 
 std::string fmt(const dim3& d) {
   std::ostringstream s;
@@ -475,18 +482,18 @@ std::string uninitialized_read_error(Block& b) {
          " that no thread of the block has written (uninitialized shared memory)";
 }
 
-Region::Stamp stamp_of(const Thread* t) {
-  return {t->global, g_launch->grid_epoch, t->block->epoch, t->block->warps[t->warp].epoch};
-}
+Region::Stamp stamp_of(const Thread* t) { return {t->global, g_launch->grid_epoch, t->block->epoch, t->clock}; }
 
-// Whether an earlier access `a` happens before the access `b` of the current thread: the same
-// thread, or a barrier that both took part in lies between them.
-bool ordered(const Region::Stamp& a, const Region::Stamp& b) {
+// Whether an earlier access `a` happens before the access `b` that thread `now` makes: the same
+// thread, or a barrier between them that both took part in (the grid barrier, __syncthreads, or
+// a chain of warp operations from a's lane to now's).
+bool ordered(const Region::Stamp& a, const Region::Stamp& b, const Thread* now) {
   if (a.thread == b.thread || a.grid < b.grid) return true;
   const uint32_t tpb = g_launch->threads_per_block;
   if (a.thread / tpb != b.thread / tpb) return false;
   if (a.block < b.block) return true;
-  return (a.thread % tpb) / 32 == (b.thread % tpb) / 32 && a.warp < b.warp;
+  const uint32_t a_in_block = a.thread % tpb;
+  return a_in_block / 32 == now->linear / 32 && now->seen[a_in_block % 32] >= a.warp;
 }
 
 std::string who(uint32_t global) {
@@ -635,14 +642,14 @@ void check_access(const Region* region_c, uint64_t generation, const void* addr,
         << " it with no barrier between the two (__syncthreads, __syncwarp or the grid barrier)";
       fail(s.str());
     };
-    if (written && !ordered(c.write, now) && !(c.write_atomic && kind == Access::Atomic)) {
+    if (written && !ordered(c.write, now, t) && !(c.write_atomic && kind == Access::Atomic)) {
       race(c.write, c.write_atomic ? "atomically updated" : "wrote");
     }
     if (kind == Access::Read) {
       c.read_launch = launch;
       c.read = now;
     } else {
-      if (c.read_launch == launch && !ordered(c.read, now)) race(c.read, "read");
+      if (c.read_launch == launch && !ordered(c.read, now, t)) race(c.read, "read");
       c.write_launch = launch;
       c.write = now;
       c.write_atomic = kind == Access::Atomic;
@@ -685,7 +692,6 @@ Region* SharedDecl::block_shared_region(int id, const char* name, size_t bytes) 
   return raw;
 }
 
-void* SharedDecl::region_base(Region* region) { return region->base; }
 
 Region* dynamic_shared_region() { return current("dynamic shared memory")->block->dynamic_shared.get(); }
 
@@ -900,7 +906,23 @@ void warp_collective(Thread* t) {
     w.pending.erase(w.pending.begin() + (p - w.pending.data()));
     complete(b, t->warp, done);
     g_thread = t;
-    if (done.mask == w.existing) w.epoch++;
+    // After __syncwarp the lanes of the mask are ordered after everything each of them (and every
+    // lane they had synchronized with) did before: merge their clocks, then start a new stretch
+    // each. Shuffles, votes and mma exchange registers only; CUDA promises no memory ordering
+    // for them, so neither does the simulator.
+    uint32_t merged[32] = {};
+    for (int l = 0; l < 32 && done.op == WarpOp::Sync; ++l) {
+      if (!(done.mask >> l & 1)) continue;
+      const Thread& lane = b.threads[t->warp * 32 + l];
+      for (int k = 0; k < 32; ++k) merged[k] = std::max(merged[k], lane.seen[k]);
+      merged[l] = std::max(merged[l], lane.clock);
+    }
+    for (int l = 0; l < 32 && done.op == WarpOp::Sync; ++l) {
+      if (!(done.mask >> l & 1)) continue;
+      Thread& lane = b.threads[t->warp * 32 + l];
+      std::copy(std::begin(merged), std::end(merged), std::begin(lane.seen));
+      lane.clock++;
+    }
     for (int l = 0; l < 32; ++l) {
       if (!(done.mask >> l & 1) || l == t->lane) continue;  // the mask names existing lanes only
       Thread& other = b.threads[t->warp * 32 + l];

@@ -20,11 +20,12 @@
 //   pointer came from, and recorded in a shadow of that memory (2-byte granules) with the
 //   thread's position in the launch's barriers; two accesses by different threads, at least one
 //   a write and not both atomic, that no barrier orders are reported as a race. A read of shared
-//   memory that no thread of the block has written is reported too. Limits: a warp operation
-//   orders memory only when its mask is the whole warp (a correct kernel that relies on a
-//   partial-mask __syncwarp for ordering would be reported), and each 2-byte granule remembers
-//   only its last write and its last read (a race between an earlier reader and a later writer
-//   goes unnoticed when another thread's read came in between).
+//   memory that no thread of the block has written is reported too. __syncwarp orders the lanes
+//   of its mask (a vector clock per lane), so a half-warp __syncwarp(0x0000ffff) orders lanes
+//   0-15 among themselves and nothing else; shuffles and votes order no memory (CUDA promises
+//   none). Limit: each 2-byte granule remembers only its
+//   last write and its last read (a race between an earlier reader and a later writer goes
+//   unnoticed when another thread's read came in between).
 // - Tensor-core fragments (mma.sync m16n8k16, bfloat16/float16 inputs, float accumulation) are
 //   gathered from the 32 lanes in the register layouts the PTX ISA documents and multiplied with
 //   scalar float math, so a layout mistake gives the same wrong numbers as on a GPU.
@@ -197,6 +198,9 @@ Ptr<U> ptr_cast(const Ptr<T>& p) {
   return Ptr<U>(reinterpret_cast<U*>(p.raw()), p.region(), p.generation());
 }
 
+// The first byte of a region.
+void* region_data(Region* region);
+
 // A `__shared__ T name[count]` declaration: one array per block, made on the first use in the
 // block. Kernels declare it through RNNFUSED_SHARED_ARRAY (csrc/cuda/device.cuh).
 class SharedDecl {
@@ -205,12 +209,11 @@ class SharedDecl {
   template <typename T>
   Ptr<T> get() const {
     Region* region = block_shared_region(id_, name_, bytes_);
-    return Ptr<T>(static_cast<T*>(region_base(region)), region, 1);
+    return Ptr<T>(static_cast<T*>(region_data(region)), region, 1);
   }
 
  private:
   static Region* block_shared_region(int id, const char* name, size_t bytes);
-  static void* region_base(Region* region);
   int id_;
   const char* name_;
   size_t bytes_;
@@ -218,7 +221,6 @@ class SharedDecl {
 
 // The block's dynamic shared memory (the launch's shared-memory size), as `T`.
 Region* dynamic_shared_region();
-void* region_data(Region* region);
 template <typename T>
 Ptr<T> dynamic_shared() {
   Region* region = dynamic_shared_region();
