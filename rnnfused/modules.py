@@ -19,6 +19,17 @@ __all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell"]
 
 _ZERO_LENGTH_MESSAGE = "Expected sequence length to be larger than 0 in RNN"
 
+# One side stream per CUDA device, on which the reverse direction of a bidirectional layer runs
+# while the forward direction runs on the caller's stream (see _FusedStack._run_directions).
+_SIDE_STREAMS = {}
+
+
+def _side_stream(device):
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SIDE_STREAMS:
+        _SIDE_STREAMS[index] = torch.cuda.Stream(device=index)
+    return _SIDE_STREAMS[index]
+
 
 class _FusedStack:
     """Runs the stacked, possibly bidirectional layers of an RNNBase on rnnfused's ops."""
@@ -50,6 +61,49 @@ class _FusedStack:
             return rf.rnn_relu_layer(layer_input, w_ih, w_hh, b_ih, b_hh, h0, batch_sizes, reverse)
         raise ValueError("Unrecognized RNN mode: " + self.mode)
 
+    def _run_directions(self, layer_input, layer, num_directions, h0, c0, batch_sizes):
+        """The results of every direction of one layer, forward first.
+
+        On a GPU the two directions of a bidirectional layer are independent chains of small
+        kernels, each too small to fill the device: the reverse one runs on a side stream while
+        the forward one runs on the caller's stream, and the caller's stream then waits for it.
+        Autograd runs each backward op on its forward op's stream, so the backward passes overlap
+        too. Elsewhere (CPU, meta, under torch.compile or CUDA graph capture) they run one after
+        the other. Either way the results are the same, bit for bit."""
+
+        def run(direction):
+            index = layer * num_directions + direction
+            return self._run_layer(
+                layer_input, index, h0[index], None if c0 is None else c0[index], batch_sizes, direction == 1
+            )
+
+        if (
+            num_directions == 1
+            or not layer_input.is_cuda
+            or torch.compiler.is_compiling()
+            or torch.cuda.is_current_stream_capturing()
+        ):
+            return [run(direction) for direction in range(num_directions)]
+        main = torch.cuda.current_stream(layer_input.device)
+        side = _side_stream(layer_input.device)
+        side.wait_stream(main)  # the layer input, states and weights are ready
+        # Made on the caller's stream and read on the side one, here and by the reverse direction's
+        # backward (autograd saves them): their memory must not be reused before the side stream
+        # is done with them, whenever they are freed.
+        for tensor in (layer_input, h0, c0):
+            if tensor is not None:
+                tensor.record_stream(side)
+        with torch.cuda.stream(side):
+            reverse = run(1)
+        forward = run(0)
+        main.wait_stream(side)
+        # Made on the side stream, used from here on on the caller's: the caching allocator must
+        # not hand their memory out again before the caller's stream is done with them.
+        for tensor in reverse:
+            if tensor is not None:
+                tensor.record_stream(main)
+        return [forward, reverse]
+
     def _run_stack(self, input, batch_sizes, h0, c0=None):
         """The equivalent of torch.nn's ``_VF.lstm/gru/rnn_*`` call.
 
@@ -68,11 +122,7 @@ class _FusedStack:
         h_n, c_n = [], []
         for layer in range(self.num_layers):
             outputs = []
-            for direction in range(num_directions):
-                index = layer * num_directions + direction
-                result = self._run_layer(
-                    layer_input, index, h0[index], None if c0 is None else c0[index], batch_sizes, direction == 1
-                )
+            for result in self._run_directions(layer_input, layer, num_directions, h0, c0, batch_sizes):
                 outputs.append(result[0])
                 h_n.append(result[1])
                 if c0 is not None:
