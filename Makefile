@@ -3,7 +3,8 @@
 #   make bench   build it and run the benchmark suite (rnnfused vs torch.nn, side by side)
 # and, on a machine with a GPU and a CUDA build of torch:
 #   make gpu-check OUT=dir   build with the CUDA kernels, CUDA tests, compute-sanitizer, GPU
-#                            benchmark; every log and the benchmark JSON in dir (.ci/gpu_check.sh)
+#                            benchmark; every log and the benchmark JSON in dir (.ci/gpu_check.sh);
+#                            STEPS="build tests" runs only those steps
 #
 # Variables:
 #   VENV=.venv            where the virtual environment lives
@@ -24,6 +25,7 @@ BENCH_ARGS ?=
 PYTEST_ARGS ?=
 SIM ?= 1
 OUT ?= gpu-check
+STEPS ?=
 
 ifeq ($(SYSTEM_PYTHON),1)
 PY := python3
@@ -48,7 +50,7 @@ bench: setup
 	$(PY) -m benchmarks $(BENCH_ARGS)
 
 gpu-check:
-	PYTHON=python3 .ci/gpu_check.sh $(OUT)
+	PYTHON=python3 .ci/gpu_check.sh $(OUT) $(STEPS)
 
 clean:
 	rm -rf build rnnfused/*.so *.egg-info

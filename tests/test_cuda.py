@@ -461,10 +461,10 @@ def _compute_sanitizer():
 # filter) and failing API calls are not reported: torch and the driver probe the API with calls
 # that are meant to fail, which are no error of rnnfused's. With RNNFUSED_SANITIZER_LOGS set, each
 # report is also written there (the GPU check, .ci/gpu_check.sh, collects them).
-SANITIZER_TOOLS = {
-    "memcheck": ["--tool", "memcheck", "--leak-check", "no"],
-    "racecheck": ["--tool", "racecheck", "--racecheck-report", "hazard"],
-    "synccheck": ["--tool", "synccheck"],
+SANITIZER_TOOLS = {  # tool: (its options, the workload's options)
+    "memcheck": (["--tool", "memcheck", "--leak-check", "no"], []),
+    "racecheck": (["--tool", "racecheck", "--racecheck-report", "hazard"], ["--light"]),
+    "synccheck": (["--tool", "synccheck"], ["--light"]),
 }
 
 
@@ -479,8 +479,10 @@ def test_compute_sanitizer(tool):
     # The caching allocator off, so that an out-of-bounds access leaves its allocation.
     env = dict(os.environ, PYTORCH_NO_CUDA_MEMORY_CACHING="1")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-    command = [sanitizer, *SANITIZER_TOOLS[tool], "--kernel-name", "kns=rnnfused", "--report-api-errors", "no",
-               "--error-exitcode", "99", sys.executable, os.path.join(tests_dir, "cuda_memcheck_workload.py")]
+    tool_options, workload_options = SANITIZER_TOOLS[tool]
+    command = [sanitizer, *tool_options, "--kernel-name", "kns=rnnfused", "--report-api-errors", "no",
+               "--error-exitcode", "99", sys.executable, os.path.join(tests_dir, "cuda_memcheck_workload.py"),
+               *workload_options]
     result = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=1800)
     report = result.stdout + result.stderr
     log_dir = os.environ.get("RNNFUSED_SANITIZER_LOGS")
