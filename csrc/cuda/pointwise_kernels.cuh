@@ -280,7 +280,7 @@ __global__ void __launch_bounds__(kThreads) rnn_backward_kernel(const RnnBackwar
 }
 
 // ---------------------------------------------------------------------------------------------
-// Small helpers of the LSTM projection
+// The LSTM projection: storing h_t after its GEMM
 // ---------------------------------------------------------------------------------------------
 
 // After h_t = r W_hr^T: round h_t to the storage dtype in place and copy it to the output rows.
@@ -301,21 +301,6 @@ __global__ void __launch_bounds__(kThreads) store_state_kernel(const StoreStateA
     a.h_copy[idx] = h;
     store_lowp(a.h_lowp, idx, h);
   }
-}
-
-// out = x + y (y may be null: out = x). With a projection, dL/dh_t = dL/doutput_t + the part
-// carried from step t+1, kept per row for dW_hr.
-template <typename T>
-struct AddArgs {
-  int64_t count = 0;     // rows * P
-  dptr<const T> x = nullptr;  // [rows, P]  dL/dh_t from later steps
-  dptr<const T> y = nullptr;  // [rows, P]  dL/doutput_t, or nullptr
-  dptr<T> out = nullptr;      // [rows, P]
-};
-
-template <typename T>
-__global__ void __launch_bounds__(kThreads) add_kernel(const AddArgs<T> a) {
-  RNNFUSED_CUDA_KERNEL_LOOP(idx, a.count) { a.out[idx] = a.x[idx] + (a.y ? a.y[idx] : T(0)); }
 }
 
 // ---------------------------------------------------------------------------------------------

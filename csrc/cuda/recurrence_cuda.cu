@@ -2,7 +2,7 @@
 // the semantics), with one cuBLAS GEMM per step (host.h's gemm_nt / gemm_nn straight into a
 // preallocated buffer, on the current stream, honouring torch's TF32 setting) and one fused
 // pointwise kernel per step (pointwise_kernels.cuh); an LSTM with a projection adds the W_hr
-// GEMM and one small kernel.
+// GEMM and, in the forward, one small kernel (rounding h_t and copying it to the output).
 // Backward mirrors the loop in reverse; dW_hh, db_hh and dW_hr are one GEMM / reduction each
 // over all steps, after the loop.
 //
@@ -348,20 +348,40 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   // The workspace is read through raw pointers: make sure of its layout (a caller's own tensor
   // may be a non-contiguous one of the right shape).
   const at::Tensor ws_c = workspace.contiguous();
-  at::Tensor dh_state = present(grad_h_n) ? state_copy(*grad_h_n, acc) : at::zeros({B, P}, options);
   at::Tensor dc_state = present(grad_c_n) ? state_copy(*grad_c_n, acc) : at::zeros({B, H}, options);
   at::Tensor grad_gates = at::empty({plan.rows, 4 * H}, options);
-  // With a projection: dL/dh per row (for dW_hr), o tanh(c) per row, and dL/dr of one step.
-  at::Tensor grad_h_rows = proj ? at::empty({plan.rows, P}, options) : at::Tensor();
-  at::Tensor r_rows = proj ? at::empty({plan.rows, H}, options) : at::Tensor();
-  at::Tensor grad_r = proj ? at::empty({B, H}, options) : at::Tensor();
+  // dL/dh of the state. Without a projection it is carried from step to step in dh_state [B, P]
+  // (the step kernel adds dL/doutput). With one, dL/dh_t of every row is kept for dW_hr in
+  // grad_h_rows [N, P]: it starts as dL/doutput, plus dL/dh_n in the row where each sequence's
+  // state ends, and each step's dG_t W_hh is accumulated into the rows of the step before it by
+  // the GEMM itself (beta = 1), or written to dL/dh0 for the rows that start at step t; so a step
+  // costs no extra kernel.
+  at::Tensor dh_state, grad_h_rows, grad_h0;
+  if (proj) {
+    grad_h_rows = go.defined() ? go.clone(at::MemoryFormat::Contiguous) : at::zeros({plan.rows, P}, options);
+    grad_h0 = plan.rows > 0 ? at::empty({B, P}, options)
+                            : (present(grad_h_n) ? state_copy(*grad_h_n, acc) : at::zeros({B, P}, options));
+    if (present(grad_h_n) && plan.rows > 0) {
+      std::vector<int64_t> final_row(B);  // the row of each sequence's last computed step
+      for (const auto s : c10::irange(plan.steps())) {
+        const int64_t t = plan.step_at(s);
+        for (const auto r : c10::irange(plan.batch_sizes[t])) final_row[r] = plan.offsets[t] + r;
+      }
+      grad_h_rows.index_add_(0, upload(final_row, grad_h_rows), compute_view(*grad_h_n, acc));
+    }
+  } else {
+    dh_state = present(grad_h_n) ? state_copy(*grad_h_n, acc) : at::zeros({B, P}, options);
+  }
+  at::Tensor r_rows = proj ? at::empty({plan.rows, H}, options) : at::Tensor();  // o tanh(c), for dW_hr
+  at::Tensor grad_r = proj ? at::empty({B, H}, options) : at::Tensor();          // dL/dr of one step
   const Launcher launch;
 
   AT_DISPATCH_FLOATING_TYPES(acc, "rnnfused_lstm_backward_cuda", [&] {
     using T = scalar_t;
     const T* ws = plan.rows > 0 ? ws_c.data_ptr<T>() : nullptr;
     const T* go_p = ptr_or_null<T>(go);
-    T* dh = dh_state.data_ptr<T>();
+    const T* whh_p = whh.data_ptr<T>();
+    T* dh = proj ? nullptr : dh_state.data_ptr<T>();
     LstmBackwardArgs<T> args;
     args.hidden = H;
     args.c0 = c0_c.data_ptr<T>();
@@ -370,21 +390,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       const int64_t t = plan.step_at(s);
       const int64_t rows = plan.batch_sizes[t], off = plan.offsets[t];
       const int64_t prev = plan.previous_step(t);
+      const int64_t from_prev = plan.rows_from_previous(t);
+      T* dg = grad_gates.data_ptr<T>() + off * 4 * H;
       args.rows = rows;
       args.workspace = ws + off * kLstmWorkspaceGates * H;
       args.prev_workspace = prev >= 0 ? ws + plan.offsets[prev] * kLstmWorkspaceGates * H : nullptr;
-      args.rows_from_prev = plan.rows_from_previous(t);
-      args.grad_gates = grad_gates.data_ptr<T>() + off * 4 * H;
+      args.rows_from_prev = from_prev;
+      args.grad_gates = dg;
       if (proj) {
-        // dL/dh_t = dL/doutput_t + dL/dh_t from step t+1, kept for dW_hr; dL/dr = (dL/dh_t) W_hr.
-        AddArgs<T> add;
-        add.count = rows * P;
-        add.x = dh;
-        add.y = go_p ? go_p + off * P : nullptr;
-        add.out = grad_h_rows.data_ptr<T>() + off * P;
-        launch("add", add_kernel<T>, rows * P, add);
-        gemm_nn<T>(rows, H, P, grad_h_rows.data_ptr<T>() + off * P, whr.data_ptr<T>(), grad_r.data_ptr<T>(),
-                   T(0));  // [rows, P] x [P, H]
+        // dL/dr = (dL/dh_t) W_hr: [rows, P] x [P, H]
+        gemm_nn<T>(rows, H, P, grad_h_rows.data_ptr<T>() + off * P, whr.data_ptr<T>(), grad_r.data_ptr<T>(), T(0));
         args.grad_r = grad_r.data_ptr<T>();
         args.grad_r_extra = nullptr;
         args.r_out = r_rows.data_ptr<T>() + off * H;
@@ -394,8 +409,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         args.r_out = nullptr;
       }
       launch("lstm_backward", lstm_backward_kernel<T>, rows * H, args);
-      // dL/dh_{t-1} = dG_t W_hh, into the state rows the pointwise kernel has just consumed.
-      gemm_nn<T>(rows, P, 4 * H, grad_gates.data_ptr<T>() + off * 4 * H, whh.data_ptr<T>(), dh, T(0));
+      // dL/dh_{t-1} = dG_t W_hh: [rows, 4H] x [4H, P].
+      if (!proj) {
+        gemm_nn<T>(rows, P, 4 * H, dg, whh_p, dh, T(0));  // into the state rows just consumed
+        continue;
+      }
+      if (from_prev > 0) {
+        gemm_nn<T>(from_prev, P, 4 * H, dg, whh_p, grad_h_rows.data_ptr<T>() + plan.offsets[prev] * P, T(1));
+      }
+      if (rows > from_prev) {
+        gemm_nn<T>(rows - from_prev, P, 4 * H, dg + from_prev * 4 * H, whh_p, grad_h0.data_ptr<T>() + from_prev * P,
+                   T(0));
+      }
     }
   });
   const at::Tensor hprev = previous_h(plan, out, h0_c, launch);
@@ -403,7 +428,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor grad_b_hh = grad_gates.sum(0);
   at::Tensor grad_w_hr = proj ? grad_h_rows.t().mm(r_rows) : at::empty({0}, options);
   return {to_dtype(grad_gates, dtype), to_dtype(grad_w_hh, dtype), to_dtype(grad_b_hh, dtype),
-          to_dtype(grad_w_hr, dtype), to_dtype(dh_state, dtype), to_dtype(dc_state, dtype)};
+          to_dtype(grad_w_hr, dtype), to_dtype(proj ? grad_h0 : dh_state, dtype), to_dtype(dc_state, dtype)};
 }
 
 // ---------------------------------------------------------------------------------------------
