@@ -192,6 +192,7 @@ def check_selftest_kernels(run, device="cpu"):
     g = torch.arange(128, dtype=torch.float32)
     torch.testing.assert_close(run("grid_exchange", on(g)).cpu(), torch.roll(g, -32))
     torch.testing.assert_close(run("divergent_barrier", on(x)).cpu(), x)
+    torch.testing.assert_close(run("broadcast_then_overwrite", on(x)).cpu(), torch.zeros(64))
     assert run("atomic_sum", on(torch.ones(300))).cpu().tolist() == [300.0, 0.0]
     torch.testing.assert_close(run("vector_copy", on(y)).cpu(), y)
     largest = run("grid_exchange_max", on(x)).cpu()  # the occupancy query's largest cooperative grid

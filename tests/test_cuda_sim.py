@@ -196,6 +196,8 @@ PLANTED_BUGS = [
     ("grid_exchange", 2, torch.ones(128), r"race on global memory .* block \(0,0,0\) read it"),
     ("grid_exchange_not_cooperative", 0, torch.ones(128), r"grid-wide barrier in a launch that is not cooperative"),
     ("divergent_barrier", 1, torch.ones(64), r"__syncthreads\(\) is not reached by every thread of the block"),
+    ("broadcast_then_overwrite", 1, torch.ones(64),
+     r"thread \(62,0,0\): race on shared memory 'cell' .* this thread writes it, and .* read it"),
     ("atomic_sum", 1, torch.ones(300), r"race on global memory .* atomically updates it"),
     ("vector_copy", 1, torch.ones(1000), r"misaligned access: reads 16 bytes at byte offset 4 .* alignment 16"),
 ]

@@ -92,6 +92,23 @@ __global__ void vector_copy_kernel(const Args a) {
   RNNFUSED_CUDA_KERNEL_LOOP(i, a.n / 4 - (a.bug == 1 ? 1 : 0)) { out[i] = in[i]; }
 }
 
+// One block of 64 threads: thread 0 stores in[0] in shared memory, every thread reads it, then
+// thread 62 overwrites it with in[1]; out[t] = what thread t read (in[0]).
+// bug 1: no __syncthreads between the reads and the overwrite: a race with the other readers.
+// (The simulator resumes the threads after a barrier as 63, 0, 1, ..., 62, so the writer's own
+// read is the last one before its write: the race is only seen if the shadow remembers an
+// earlier reader too. On a GPU any order is possible.)
+__global__ void broadcast_then_overwrite_kernel(const Args a) {
+  RNNFUSED_SHARED_ARRAY(float, cell, 1);
+  const int t = static_cast<int>(threadIdx.x);
+  if (t == 0) cell[0] = a.in[0];
+  __syncthreads();
+  const float v = cell[0];
+  if (a.bug != 1) __syncthreads();
+  if (t == 62) cell[0] = a.in[1];
+  a.out[t] = v;
+}
+
 // One block of 64 threads: thread 0 leaves early, the others meet at __syncthreads() (bug 1);
 // without the bug every thread copies in to out around the barrier.
 __global__ void divergent_barrier_kernel(const Args a) {
@@ -238,6 +255,14 @@ inline at::Tensor run(const std::string& name, int64_t bug, const at::Tensor& in
     const int64_t blocks = max_cooperative_blocks(grid_exchange_kernel, 32, 0);
     at::Tensor values = at::arange(blocks * 32, input.options());
     return run("grid_exchange", 0, values);
+  }
+  if (name == "broadcast_then_overwrite") {
+    TORCH_CHECK(a.n == 64, "selftest broadcast_then_overwrite: input must have 64 elements");
+    a.in = as_float(input);
+    at::Tensor out = at::empty_like(input);
+    a.out = out.data_ptr<float>();
+    launch_kernel("broadcast_then_overwrite", broadcast_then_overwrite_kernel, dim3(1), dim3(64), 0, stream, a);
+    return out;
   }
   if (name == "divergent_barrier") {
     TORCH_CHECK(a.n == 64, "selftest divergent_barrier: input must have 64 elements");

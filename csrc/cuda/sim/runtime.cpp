@@ -199,8 +199,9 @@ struct Region {
     uint32_t thread, grid, block, warp;
   };
   struct Cell {
-    uint32_t write_launch = 0, read_launch = 0;
-    Stamp write{}, read{};
+    // The last write, and the last reads by two different threads (most recent first).
+    uint32_t write_launch = 0, read_launch[2] = {0, 0};
+    Stamp write{}, read[2]{};
     bool write_atomic = false;
   };
   std::vector<Cell> shadow;  // one cell per 2-byte granule, made on the first checked access
@@ -646,10 +647,16 @@ void check_access(const Region* region_c, uint64_t generation, const void* addr,
       race(c.write, c.write_atomic ? "atomically updated" : "wrote");
     }
     if (kind == Access::Read) {
-      c.read_launch = launch;
-      c.read = now;
+      if (c.read_launch[0] != launch || c.read[0].thread != now.thread) {
+        c.read_launch[1] = c.read_launch[0];
+        c.read[1] = c.read[0];
+      }
+      c.read_launch[0] = launch;
+      c.read[0] = now;
     } else {
-      if (c.read_launch == launch && !ordered(c.read, now, t)) race(c.read, "read");
+      for (int i = 0; i < 2; ++i) {
+        if (c.read_launch[i] == launch && !ordered(c.read[i], now, t)) race(c.read[i], "read");
+      }
       c.write_launch = launch;
       c.write = now;
       c.write_atomic = kind == Access::Atomic;

@@ -23,9 +23,9 @@
 //   memory that no thread of the block has written is reported too. __syncwarp orders the lanes
 //   of its mask (a vector clock per lane), so a half-warp __syncwarp(0x0000ffff) orders lanes
 //   0-15 among themselves and nothing else; shuffles and votes order no memory (CUDA promises
-//   none). Limit: each 2-byte granule remembers only its
-//   last write and its last read (a race between an earlier reader and a later writer goes
-//   unnoticed when another thread's read came in between).
+//   none). Limit: each 2-byte granule remembers its last
+//   write and the last reads of two different threads (a race between an earlier reader and a
+//   later writer goes unnoticed when reads by two other threads came in between).
 // - Tensor-core fragments (mma.sync m16n8k16, bfloat16/float16 inputs, float accumulation) are
 //   gathered from the 32 lanes in the register layouts the PTX ISA documents and multiplied with
 //   scalar float math, so a layout mistake gives the same wrong numbers as on a GPU.
