@@ -37,6 +37,12 @@ void launch_kernel(const char* name, void (*kernel)(Args), dim3 grid, dim3 block
   ::rnnfused::sim::launch(name, {grid, block, shared_bytes, cooperative}, [&] { kernel(args); });
 }
 
+// A [rows, cols] row-major matrix at `p`, as a CPU tensor that does not own it.
+template <typename T>
+at::Tensor host_matrix(const T* p, int64_t rows, int64_t cols) {
+  return at::from_blob(const_cast<T*>(p), {rows, cols}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
+}
+
 // The row-major GEMMs of the time loops, on one contiguous block of rows each (see the CUDA
 // versions below). Here: ATen's CPU GEMM on views of the same memory.
 //   gemm_nt: c[rows, n] = a[rows, k] b^T + beta c, b [n, k]
@@ -44,21 +50,13 @@ void launch_kernel(const char* name, void (*kernel)(Args), dim3 grid, dim3 block
 template <typename T>
 void gemm_nt(int64_t rows, int64_t n, int64_t k, const T* a, const T* b, T* c, T beta) {
   if (rows == 0 || n == 0) return;
-  const auto options = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
-  at::Tensor a_t = at::from_blob(const_cast<T*>(a), {rows, k}, options);
-  at::Tensor b_t = at::from_blob(const_cast<T*>(b), {n, k}, options);
-  at::Tensor c_t = at::from_blob(c, {rows, n}, options);
-  c_t.addmm_(a_t, b_t.t(), beta, 1);
+  host_matrix(c, rows, n).addmm_(host_matrix(a, rows, k), host_matrix(b, n, k).t(), beta, 1);
 }
 
 template <typename T>
 void gemm_nn(int64_t rows, int64_t n, int64_t k, const T* a, const T* b, T* c, T beta) {
   if (rows == 0 || n == 0) return;
-  const auto options = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
-  at::Tensor a_t = at::from_blob(const_cast<T*>(a), {rows, k}, options);
-  at::Tensor b_t = at::from_blob(const_cast<T*>(b), {k, n}, options);
-  at::Tensor c_t = at::from_blob(c, {rows, n}, options);
-  c_t.addmm_(a_t, b_t, beta, 1);
+  host_matrix(c, rows, n).addmm_(host_matrix(a, rows, k), host_matrix(b, k, n), beta, 1);
 }
 
 // The largest grid a cooperative launch of `kernel` with `threads` threads per block and
@@ -141,7 +139,8 @@ inline const CublasGemms& cublas_gemms() {
     TORCH_CHECK(lib != nullptr, "rnnfused: cannot load ", g.library, " (", dlerror(), ")");
     g.sgemm = reinterpret_cast<decltype(&cublasSgemm_v2)>(dlsym(lib, "cublasSgemm_v2"));
     g.dgemm = reinterpret_cast<decltype(&cublasDgemm_v2)>(dlsym(lib, "cublasDgemm_v2"));
-    TORCH_CHECK(g.sgemm != nullptr && g.dgemm != nullptr, "rnnfused: ", g.library, " lacks cublasSgemm_v2 / cublasDgemm_v2");
+    TORCH_CHECK(g.sgemm != nullptr && g.dgemm != nullptr, "rnnfused: ", g.library,
+                " lacks cublasSgemm_v2 / cublasDgemm_v2");
     return g;
   }();
   return gemms;

@@ -184,9 +184,8 @@ class RecurrentProduct {
  public:
   // w_hh: the caller's [G*H, P]; h0 [B, P] in the caller's dtype; h_state [B, P] in the compute
   // dtype, updated by the step kernels.
-  RecurrentProduct(const at::Tensor& w_hh, const at::Tensor& h0, const at::Tensor& h_state)
-      : lowp_(storage_of(w_hh.scalar_type()) != Storage::Same), h_state_(h_state) {
-    if (lowp_) {
+  RecurrentProduct(const at::Tensor& w_hh, const at::Tensor& h0, const at::Tensor& h_state) : h_state_(h_state) {
+    if (storage_of(w_hh.scalar_type()) != Storage::Same) {
       w_ = w_hh.contiguous();
       h_lowp_ = state_copy(h0, h0.scalar_type());
     } else {
@@ -197,7 +196,7 @@ class RecurrentProduct {
   // gates_h [B, G*H] in the compute dtype T.
   template <typename T>
   void run(const at::Tensor& gates_h, int64_t rows) const {
-    if (lowp_) {
+    if (h_lowp_.defined()) {
       at::Tensor out = gates_h.narrow(0, 0, rows);
       mm_lowp_into_float(out, h_lowp_.narrow(0, 0, rows), w_.t());
     } else {
@@ -209,13 +208,13 @@ class RecurrentProduct {
   // Where the step kernel writes h_t in the storage dtype (nothing for float32 / float64).
   LowpCopy lowp_copy() const {
     LowpCopy copy;
-    if (h_lowp_.defined() && h_lowp_.scalar_type() == at::kBFloat16) copy.bf16 = h_lowp_.data_ptr<c10::BFloat16>();
-    if (h_lowp_.defined() && h_lowp_.scalar_type() == at::kHalf) copy.f16 = h_lowp_.data_ptr<c10::Half>();
+    if (!h_lowp_.defined()) return copy;
+    if (h_lowp_.scalar_type() == at::kBFloat16) copy.bf16 = h_lowp_.data_ptr<c10::BFloat16>();
+    if (h_lowp_.scalar_type() == at::kHalf) copy.f16 = h_lowp_.data_ptr<c10::Half>();
     return copy;
   }
 
  private:
-  bool lowp_;
   at::Tensor h_state_;
   at::Tensor w_;       // [G*H, P]: the caller's dtype (bfloat16 / float16 calls) or the compute dtype
   at::Tensor h_lowp_;  // [B, P] in the storage dtype (bfloat16 / float16 calls)
