@@ -1,4 +1,5 @@
-"""The implementations a case is measured on ("sides"): rnnfused, torch.nn, and, when they are
+"""The implementations a case is measured on ("sides"): rnnfused, torch.nn, on CUDA rnnfused with each
+of its two paths forced (standard, persistent), and, when they are
 importable, FlashRNN and haste.
 
 Every side of a case gets the same weights (torch.nn's module loads rnnfused's state_dict; the
@@ -8,6 +9,7 @@ driven the same way: forward under torch.no_grad(), or forward + backward of
 (torch.autograd.grad, so no gradient accumulates between iterations).
 """
 import dataclasses
+import os
 from typing import Callable
 
 import torch
@@ -24,6 +26,9 @@ TORCH_DTYPES = {
 }
 RNNFUSED = "rnnfused"
 TORCH_NN = "torch.nn"
+# On CUDA, rnnfused also runs with each path forced (RNNFUSED_CUDA_PATH): the "rnnfused" column is
+# what a user gets (the automatic choice), these show both paths side by side.
+CUDA_PATH_SIDES = {"rnnfused standard": "standard", "rnnfused persistent": "persistent"}
 
 
 @dataclasses.dataclass
@@ -108,6 +113,24 @@ def module_step(module, inputs, mode):
         return output.detach()
 
     return step
+
+
+def with_cuda_path(path, step):
+    """``step`` run with RNNFUSED_CUDA_PATH=path (read by rnnfused's CUDA ops at every call); a path
+    that cannot run the case raises, and the runner drops the side with a note."""
+
+    def wrapped():
+        saved = os.environ.get("RNNFUSED_CUDA_PATH")
+        os.environ["RNNFUSED_CUDA_PATH"] = path
+        try:
+            return step()
+        finally:
+            if saved is None:
+                os.environ.pop("RNNFUSED_CUDA_PATH", None)
+            else:
+                os.environ["RNNFUSED_CUDA_PATH"] = saved
+
+    return wrapped
 
 
 # --- optional baselines ------------------------------------------------------------------------
@@ -245,11 +268,14 @@ def optional_baselines():
 
 
 def build_sides(case, baselines=()):
-    """The sides of one case, in the order they are timed (rnnfused, torch.nn, then the optional
-    baselines that implement the case), and notes on optional baselines that failed to set up."""
+    """The sides of one case, in the order they are timed (rnnfused, torch.nn, on CUDA rnnfused with
+    each path forced, then the optional baselines that implement the case), and notes on optional baselines that failed to set up."""
     ours, ref = build_modules(case)
     inputs = build_input(case)
     sides = [Side(RNNFUSED, module_step(ours, inputs, case.mode)), Side(TORCH_NN, module_step(ref, inputs, case.mode))]
+    if case.device == "cuda":
+        sides += [Side(name, with_cuda_path(path, module_step(ours, inputs, case.mode)))
+                  for name, path in CUDA_PATH_SIDES.items()]
     notes = []
     for baseline in baselines:
         try:

@@ -35,6 +35,20 @@ if _sim_C is not None:
 
 
 @contextlib.contextmanager
+def device_limits(max_threads_per_sm, shared_per_block):
+    """Within the block, the simulated device has these limits: threads per multiprocessor (which
+    bounds how many blocks of a cooperative launch can be co-resident) and dynamic shared memory per
+    block (which bounds the persistent kernels' weight slices)."""
+    if _sim_C is None:
+        raise RuntimeError("rnnfused was built without the CUDA simulator; rebuild with RNNFUSED_BUILD_SIM=1")
+    saved = _sim_C.configure_limits(max_threads_per_sm, shared_per_block)
+    try:
+        yield
+    finally:
+        _sim_C.configure_limits(*saved)
+
+
+@contextlib.contextmanager
 def simulated_cuda(sm_count=None, check_global_races=None):
     """Within the block, rnnfused's layers and cells run their recurrences on the simulated CUDA
     path (CPU tensors in, CPU tensors out). ``sm_count`` and ``check_global_races`` set the

@@ -13,8 +13,10 @@ Covered: the four recurrences, forward and reverse directions (bidirectional), t
 padded and unsorted packed batches (steps whose batch shrinks and grows), the LSTM projection,
 layers without bias, float32 / float64 / bfloat16 (the rounding path), training (workspace
 recorded) and eval (no workspace; backward recomputes the forward), a zero-length call, and the
-self-test kernels of csrc/cuda/selftest_kernels.cuh.
+self-test kernels of csrc/cuda/selftest_kernels.cuh; all of it on the standard and on the persistent
+path (RNNFUSED_CUDA_PATH).
 """
+import os
 import sys
 
 import torch
@@ -81,11 +83,15 @@ def main(argv):
     dtypes = (torch.float32,) if light else (torch.float32, torch.float64, torch.bfloat16)
     forms = (True,) if light else (False, True)
     modes = (True,) if light else (True, False)
-    for cls, kwargs in layers:
-        for dtype in dtypes:
-            for packed in forms:
-                for train in modes:
-                    run_layer(cls, kwargs, dtype, packed, train)
+    # Both CUDA paths: the per-step kernels and the persistent (cooperative) kernels.
+    for path in ("standard", "persistent"):
+        os.environ["RNNFUSED_CUDA_PATH"] = path
+        for cls, kwargs in layers:
+            for dtype in dtypes:
+                for packed in forms:
+                    for train in modes:
+                        run_layer(cls, kwargs, dtype, packed, train)
+    os.environ.pop("RNNFUSED_CUDA_PATH")
     run_empty()
     run_selftests()
     torch.cuda.synchronize()

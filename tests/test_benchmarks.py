@@ -337,3 +337,31 @@ def test_compare_rejects_files_that_are_not_results(tmp_path, capsys):
         cli.main(["compare", str(good), str(other)])
     assert exit_info.value.code == 2
     assert "not a result file" in capsys.readouterr().err
+
+
+# --- the CUDA path sides ---------------------------------------------------------------------------
+
+
+def test_cuda_path_sides_force_the_path_only_during_their_step(monkeypatch):
+    """The 'rnnfused standard' / 'rnnfused persistent' sides set RNNFUSED_CUDA_PATH for their own
+    step and restore what was there (set or not), also when the step raises."""
+    from benchmarks import sides
+
+    seen = []
+
+    def step():
+        seen.append(os.environ.get("RNNFUSED_CUDA_PATH"))
+        if len(seen) == 3:
+            raise RuntimeError("the persistent kernel cannot run this call")
+        return len(seen)
+
+    monkeypatch.delenv("RNNFUSED_CUDA_PATH", raising=False)
+    assert sides.with_cuda_path("standard", step)() == 1
+    assert "RNNFUSED_CUDA_PATH" not in os.environ
+    monkeypatch.setenv("RNNFUSED_CUDA_PATH", "auto")
+    assert sides.with_cuda_path("persistent", step)() == 2
+    with pytest.raises(RuntimeError):
+        sides.with_cuda_path("persistent", step)()
+    assert os.environ["RNNFUSED_CUDA_PATH"] == "auto"
+    assert seen == ["standard", "persistent", "persistent"]
+    assert set(sides.CUDA_PATH_SIDES.values()) == {"standard", "persistent"}

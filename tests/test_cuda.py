@@ -54,6 +54,15 @@ def no_tf32():
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
+@pytest.fixture(params=["standard", "persistent"])
+def cuda_path(request, monkeypatch):
+    """Runs the test on each CUDA path, forced by RNNFUSED_CUDA_PATH: the per-step loop (a cuBLAS
+    GEMM and a pointwise kernel per step) and the persistent kernels (one cooperative launch per
+    layer and direction)."""
+    monkeypatch.setenv("RNNFUSED_CUDA_PATH", request.param)
+    return request.param
+
+
 def state_shapes(mode, layers, bidirectional, batch, hidden, proj):
     directions = 2 if bidirectional else 1
     h_shape = (layers * directions, batch, proj or hidden)
@@ -92,7 +101,7 @@ def _cudnn_grid():
 
 
 @pytest.mark.parametrize("mode,layers,bidirectional,form,proj", list(_cudnn_grid()))
-def test_layer_parity_with_cudnn_float64(mode, layers, bidirectional, form, proj):
+def test_layer_parity_with_cudnn_float64(mode, layers, bidirectional, form, proj, cuda_path):
     kwargs = dict(num_layers=layers, bidirectional=bidirectional)
     if proj:
         kwargs["proj_size"] = proj
@@ -103,7 +112,7 @@ def test_layer_parity_with_cudnn_float64(mode, layers, bidirectional, form, proj
 
 
 @pytest.mark.parametrize("mode", list(LAYER_MODES))
-def test_layer_parity_with_cudnn_no_bias_batch_first_no_hx(mode):
+def test_layer_parity_with_cudnn_no_bias_batch_first_no_hx(mode, cuda_path):
     ref, ours = twin_layers(mode, INPUT, HIDDEN, device=CUDA, num_layers=2, bidirectional=True, bias=False,
                             batch_first=True)
     make = sequence_inputs("packed_sorted", STEPS, BATCH, INPUT, None, torch.float64, batch_first=True, device=CUDA)
@@ -113,7 +122,7 @@ def test_layer_parity_with_cudnn_no_bias_batch_first_no_hx(mode):
 @pytest.mark.parametrize("mode", list(LAYER_MODES))
 @pytest.mark.parametrize("form", ["padded", "packed_unsorted"])
 @pytest.mark.parametrize("bidirectional", [False, True])
-def test_layer_parity_with_cudnn_float32(no_tf32, mode, form, bidirectional):
+def test_layer_parity_with_cudnn_float32(no_tf32, mode, form, bidirectional, cuda_path):
     """float32 (TF32 off on both sides) agrees with cuDNN to rtol 2e-4, atol 2e-5 (T=12, two layers)."""
     kwargs = dict(num_layers=2, bidirectional=bidirectional)
     proj = PROJ if mode == "lstm" else 0
@@ -133,7 +142,7 @@ def test_layer_parity_with_cudnn_float32(no_tf32, mode, form, bidirectional):
 @pytest.mark.parametrize("mode", list(LAYER_MODES))
 @pytest.mark.parametrize("form", ["padded", "packed_unsorted", "unbatched"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_cuda_matches_cpu(no_tf32, mode, form, dtype):
+def test_cuda_matches_cpu(no_tf32, mode, form, dtype, cuda_path):
     kwargs = dict(num_layers=2, bidirectional=True)
     proj = PROJ if mode == "lstm" else 0
     if proj:
@@ -214,7 +223,7 @@ BIG_T, BIG_B, BIG_I, BIG_H = 50, 64, 64, 512
 
 @pytest.mark.parametrize("mode", list(LAYER_MODES))
 @pytest.mark.parametrize("form", ["padded", "packed_unsorted"])
-def test_multi_block_parity_with_cudnn_and_cpu(no_tf32, mode, form):
+def test_multi_block_parity_with_cudnn_and_cpu(no_tf32, mode, form, cuda_path):
     """float32, TF32 off on both sides: rnnfused on the GPU agrees with cuDNN and with its own CPU
     kernels within 1024 float32 ulps (0.01%) of each value and of each tensor's largest value over
     50 steps; an indexing or synchronization mistake is off by O(1)."""
@@ -232,7 +241,7 @@ def test_multi_block_parity_with_cudnn_and_cpu(no_tf32, mode, form):
 
 @pytest.mark.parametrize("mode", list(LAYER_MODES))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision_values_match_cpu(no_tf32, mode, dtype):
+def test_half_precision_values_match_cpu(no_tf32, mode, dtype, cuda_path):
     """bfloat16 / float16 values (outputs, states, every gradient) on the GPU match rnnfused's CPU
     kernels within a few units of the dtype: both compute in float32 and round h to the dtype every
     step, so only float32 rounding differences can move a value, by about one unit."""
@@ -255,7 +264,7 @@ def test_half_precision_values_match_cpu(no_tf32, mode, dtype):
 
 
 @pytest.mark.parametrize("mode,packed,reverse,bias,proj", list(_op_cases()))
-def test_gradcheck_cuda(mode, packed, reverse, bias, proj):
+def test_gradcheck_cuda(mode, packed, reverse, bias, proj, cuda_path):
     assert_gradcheck(mode, on_device(_recurrence_args(mode, packed, reverse, bias, proj, requires_grad=True), CUDA))
 
 
@@ -272,7 +281,7 @@ def test_opcheck_forward_cuda(mode, packed, reverse, bias, proj, requires_grad):
 
 @pytest.mark.parametrize("mode,packed,reverse,bias,proj", list(_opcheck_cases()))
 @pytest.mark.parametrize("with_grad_output,with_grad_state", [(True, True), (False, True), (True, False)])
-def test_opcheck_backward_cuda(mode, packed, reverse, bias, proj, with_grad_output, with_grad_state):
+def test_opcheck_backward_cuda(mode, packed, reverse, bias, proj, with_grad_output, with_grad_state, cuda_path):
     args = on_device(_recurrence_args(mode, packed, reverse, bias, proj, False, dtype=torch.float32), CUDA)
     generator = torch.Generator().manual_seed(5)
 
@@ -304,7 +313,7 @@ def test_opcheck_backward_cuda(mode, packed, reverse, bias, proj, with_grad_outp
 
 @pytest.mark.parametrize("mode", list(LAYER_MODES))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision_error_against_float64_cuda(mode, dtype):
+def test_half_precision_error_against_float64_cuda(mode, dtype, cuda_path):
     """bfloat16 / float16 on CUDA judged against a float64 reference: rnnfused's error (outputs,
     states, gradients) is at most twice torch.nn's own error in the same dtype on the same GPU,
     plus one unit of the dtype's precision at the scale of the value (cuDNN may keep more of its
@@ -382,7 +391,7 @@ def test_second_gpu_matches_first(mode):
 
 
 @pytest.mark.parametrize("mode", list(LAYER_MODES))
-def test_side_stream(mode):
+def test_side_stream(mode, cuda_path):
     """Work queued on a non-default stream gives the default stream's result: every kernel, GEMM
     and copy goes to the current stream. The side stream starts with a long sleep, so that a
     kernel sent to another stream would run before the side stream's inputs exist and give
@@ -405,7 +414,7 @@ def test_side_stream(mode):
 
 
 @pytest.mark.parametrize("mode", list(GATES))
-def test_time_loops_never_synchronize_with_the_host(mode):
+def test_time_loops_never_synchronize_with_the_host(mode, cuda_path):
     """Forward and backward ops (packed, reverse, projection) run with torch's sync debug mode set
     to "error": any host synchronization inside them (a blocking copy, .item(), a pageable upload)
     raises."""
@@ -495,3 +504,19 @@ def test_compute_sanitizer(tool):
     assert "rnnfused CUDA workload done" in report, tail
     summary = [line for line in report.splitlines() if "SUMMARY" in line]
     assert summary and all(" 0 errors" in line or ": 0 hazards" in line for line in summary), tail
+
+
+def test_persistent_path_refuses_weights_that_do_not_fit(monkeypatch):
+    """H = 2048 LSTM float32: a block's slice of W_hh (16 units x 4 gates x 2048 x 4 bytes = 512 KiB)
+    is more than any GPU's shared memory per block. Forced, the persistent path says so; auto takes
+    the standard path; nothing hangs."""
+    layer = rnnfused.LSTM(8, 2048).to(CUDA)
+    x = torch.randn(3, 2, 8, device=CUDA)
+    monkeypatch.setenv("RNNFUSED_CUDA_PATH", "persistent")
+    with pytest.raises(RuntimeError, match=r"RNNFUSED_CUDA_PATH=persistent, but the persistent kernel cannot run "
+                                           r"this call: its slice of the recurrent weights needs"):
+        layer(x)
+    monkeypatch.setenv("RNNFUSED_CUDA_PATH", "auto")
+    out, _ = layer(x)
+    monkeypatch.setenv("RNNFUSED_CUDA_PATH", "standard")
+    torch.testing.assert_close(out, layer(x)[0])

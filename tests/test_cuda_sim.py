@@ -37,10 +37,18 @@ STEPS, BATCH, INPUT, HIDDEN, PROJ = 5, 9, 5, 40, 7
 FORMS = ["padded", "unbatched", "packed_sorted", "packed_unsorted"]
 
 
+# The persistent path's tests run on a device of PERSISTENT_SMS multiprocessors: one block each,
+# so HIDDEN = 40 units are split 14 + 14 + 12 and PROJ = 7 columns 3 + 3 + 1 (test_ops' sizes,
+# H = 3 and P = 2, give blocks of one unit and a block with no column).
+PERSISTENT_SMS = 3
+
+
 @pytest.fixture(autouse=True)
-def simulated(request):
+def simulated(request, monkeypatch):
     """Every test runs with rnnfused's layers routed to the simulated CUDA ops, on a simulated
-    device of one multiprocessor, and checks that kernels really ran there."""
+    device of one multiprocessor, on the standard path unless it asks for the `path` fixture,
+    and checks that kernels really ran there."""
+    monkeypatch.setenv("RNNFUSED_CUDA_PATH", "standard")
     if not _sim.available():
         pytest.fail(
             "rnnfused was built without the CUDA simulator (rnnfused._sim_C); rebuild with "
@@ -52,6 +60,18 @@ def simulated(request):
         yield
     if "no_launch_check" not in request.keywords:
         assert _sim.launch_count() > before, "no kernel ran on the simulator"
+
+
+@pytest.fixture(params=["standard", "persistent"])
+def path(request, monkeypatch):
+    """Runs the test on each CUDA path (forced by RNNFUSED_CUDA_PATH): the per-step loop, and the
+    persistent kernels on a device of several multiprocessors (so that they use several blocks)."""
+    monkeypatch.setenv("RNNFUSED_CUDA_PATH", request.param)
+    if request.param == "standard":
+        yield request.param
+    else:
+        with _sim.simulated_cuda(sm_count=PERSISTENT_SMS):
+            yield request.param
 
 
 def state_shapes(mode, layers, bidirectional, batch, hidden, proj):
@@ -77,7 +97,7 @@ def _grid():
 
 
 @pytest.mark.parametrize("mode,layers,bidirectional,proj,form,with_hx", list(_grid()))
-def test_layer_parity_float64(mode, layers, bidirectional, proj, form, with_hx):
+def test_layer_parity_float64(mode, layers, bidirectional, proj, form, with_hx, path):
     kwargs = dict(num_layers=layers, bidirectional=bidirectional)
     if proj:
         kwargs["proj_size"] = proj
@@ -88,7 +108,7 @@ def test_layer_parity_float64(mode, layers, bidirectional, proj, form, with_hx):
 
 
 @pytest.mark.parametrize("mode", list(LAYER_MODES))
-def test_layer_parity_no_bias_batch_first(mode):
+def test_layer_parity_no_bias_batch_first(mode, path):
     ref, ours = twin_layers(mode, INPUT, HIDDEN, num_layers=2, bidirectional=True, bias=False, batch_first=True)
     shapes = state_shapes(mode, 2, True, BATCH, HIDDEN, 0)
     make = sequence_inputs("packed_unsorted", STEPS, BATCH, INPUT, shapes, torch.float64, batch_first=True)
@@ -104,7 +124,7 @@ def test_layer_parity_grid_stride(mode):
     assert_twins_agree(ref, ours, make)
 
 
-def test_cells_run_on_the_simulated_path():
+def test_cells_run_on_the_simulated_path(path):
     torch.manual_seed(0)
     for ref_cls, our_cls in ((torch.nn.LSTMCell, rnnfused.LSTMCell), (torch.nn.GRUCell, rnnfused.GRUCell),
                              (torch.nn.RNNCell, rnnfused.RNNCell)):
@@ -130,7 +150,7 @@ def test_cells_run_on_the_simulated_path():
 @pytest.mark.parametrize("mode", list(LAYER_MODES))
 @pytest.mark.parametrize("form", ["padded", "packed_unsorted"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_agrees_with_cpu_kernels(mode, form, dtype):
+def test_agrees_with_cpu_kernels(mode, form, dtype, path):
     kwargs = dict(num_layers=2, bidirectional=True)
     proj = PROJ if mode == "lstm" and form == "padded" else 0
     if proj:
@@ -154,12 +174,12 @@ def test_agrees_with_cpu_kernels(mode, form, dtype):
 
 
 @pytest.mark.parametrize("mode,packed,reverse,bias,proj", list(_op_cases()))
-def test_gradcheck(mode, packed, reverse, bias, proj):
+def test_gradcheck(mode, packed, reverse, bias, proj, path):
     assert_gradcheck(mode, _recurrence_args(mode, packed, reverse, bias, proj, requires_grad=True), _sim.ops)
 
 
 @pytest.mark.parametrize("mode", list(GATES))
-def test_ops_match_cpu_ops_exactly_in_shape_and_dtype(mode):
+def test_ops_match_cpu_ops_exactly_in_shape_and_dtype(mode, path):
     """Every output of the simulated forward op has the CPU op's shape and dtype (one fake kernel
     serves both), and float64 values agree to rounding."""
     args = _recurrence_args(mode, True, True, True, 2 if mode == "lstm" else 0, False)
@@ -232,10 +252,79 @@ def test_a_tensor_from_outside_the_simulator_is_not_device_memory():
 
 
 @pytest.mark.parametrize("mode,packed,reverse,bias,proj", list(_opcheck_cases()))
-def test_opcheck_forward(mode, packed, reverse, bias, proj):
+def test_opcheck_forward(mode, packed, reverse, bias, proj, path):
     """The simulated ops carry rnnfused's schemas, fake kernels and autograd (rnnfused/_ops.py
     registers them for both libraries): torch.library.opcheck passes on them as on the CPU ops."""
     args = _recurrence_args(mode, packed, reverse, bias, proj, True, dtype=torch.float32)
     op = getattr(_sim.ops, f"{mode}_recurrence").default
     for flag in ((False,), (True,)) if mode in ("lstm", "gru") else ((),):
         torch.library.opcheck(op, args + flag)
+
+
+# ----------------------------------------------------------------------------------------------
+# Choosing between the standard and the persistent path (RNNFUSED_CUDA_PATH)
+# ----------------------------------------------------------------------------------------------
+
+
+def _forward_op_call(mode, batch, steps=5, hidden=HIDDEN, dtype=torch.float64):
+    """Runs one forward op on the simulated path; returns its results and the kernels it launched."""
+    g = torch.Generator().manual_seed(7)
+    gates = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}[mode]
+    gates_x = torch.randn(steps * batch, gates * hidden, generator=g, dtype=dtype)
+    w_hh = torch.randn(gates * hidden, hidden, generator=g, dtype=dtype) * 0.2
+    b_hh = torch.randn(gates * hidden, generator=g, dtype=dtype)
+    h0 = torch.randn(batch, hidden, generator=g, dtype=dtype)
+    if mode == "lstm":
+        args = (gates_x, w_hh, b_hh, None, h0, torch.randn(batch, hidden, generator=g, dtype=dtype), None, False, True)
+    elif mode == "gru":
+        args = (gates_x, w_hh, b_hh, h0, None, False, True)
+    else:
+        args = (gates_x, w_hh, b_hh, h0, None, False)
+    before = _sim.launch_count()
+    result = getattr(_sim.ops, f"{mode}_recurrence")(*args)
+    return result, _sim.launch_count() - before
+
+
+@pytest.mark.parametrize("mode", list(GATES))
+def test_auto_path_is_persistent_up_to_batch_64(mode, monkeypatch):
+    """One launch for the whole sequence where the weights fit and B <= 64; one launch per step
+    (the GEMMs run outside the simulator) beyond; the same numbers either way."""
+    with _sim.simulated_cuda(sm_count=PERSISTENT_SMS, check_global_races=False):
+        for batch, launches in ((64, 1), (65, 5)):
+            monkeypatch.setenv("RNNFUSED_CUDA_PATH", "auto")
+            auto, auto_launches = _forward_op_call(mode, batch, hidden=8)
+            assert auto_launches == launches, f"B={batch}: {auto_launches} launches"
+            monkeypatch.setenv("RNNFUSED_CUDA_PATH", "standard")
+            standard, _ = _forward_op_call(mode, batch, hidden=8)
+            for a, s in zip(auto, standard):
+                torch.testing.assert_close(a, s, **TOLERANCES[torch.float64])
+
+
+@pytest.mark.parametrize("limits,reason", [
+    # 14 units x 4 gates x 40 columns x 8 bytes = 17920 bytes per block
+    (dict(max_threads_per_sm=2048, shared_per_block=1024),
+     r"its slice of the recurrent weights needs 17920 bytes of shared memory per block over 3 blocks, more than "
+     r"the 1024 a block can have on this device"),
+    (dict(max_threads_per_sm=128, shared_per_block=227 * 1024),
+     r"its grid of 3 blocks cannot be resident at once \(0 fit\)"),
+])
+def test_a_call_the_persistent_kernel_cannot_run(limits, reason, monkeypatch):
+    """Weights too large for a block's shared memory, or a grid that cannot be co-resident (a grid
+    barrier would never complete): auto takes the standard path, a forced persistent path says why
+    it cannot run."""
+    with _sim.simulated_cuda(sm_count=PERSISTENT_SMS), _sim.device_limits(**limits):
+        monkeypatch.setenv("RNNFUSED_CUDA_PATH", "auto")
+        _, launches = _forward_op_call("lstm", 4, hidden=40)
+        assert launches == 5
+        monkeypatch.setenv("RNNFUSED_CUDA_PATH", "persistent")
+        with pytest.raises(RuntimeError, match=r"rnnfused::lstm_recurrence: RNNFUSED_CUDA_PATH=persistent, but the "
+                                               r"persistent kernel cannot run this call: " + reason):
+            _forward_op_call("lstm", 4, hidden=40)
+
+
+@pytest.mark.no_launch_check
+def test_unknown_path_is_refused(monkeypatch):
+    monkeypatch.setenv("RNNFUSED_CUDA_PATH", "fastest")
+    with pytest.raises(RuntimeError, match=r"RNNFUSED_CUDA_PATH must be 'auto', 'standard' or 'persistent', got "
+                                           r"'fastest'"):
+        _forward_op_call("gru", 2)

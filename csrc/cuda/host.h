@@ -66,6 +66,13 @@ int64_t max_cooperative_blocks(void (*)(Args), int threads, size_t shared_bytes)
   return ::rnnfused::sim::max_cooperative_blocks(threads, shared_bytes);
 }
 
+// The most dynamic shared memory one block may have (with the opt-in a real launch makes).
+inline size_t max_dynamic_shared_bytes() { return ::rnnfused::sim::config().shared_per_block; }
+
+// Lets `kernel` launch with `bytes` of dynamic shared memory (nothing to do here).
+template <typename Args>
+void reserve_dynamic_shared(void (*)(Args), size_t) {}
+
 // out (float32) = a b for 16-bit a and b with float32 accumulation. Here: the same product on
 // float32 copies (exact: a 16-bit value is a float32 value), which is what the GPU's tensor
 // cores compute up to summation order.
@@ -195,6 +202,23 @@ int64_t max_cooperative_blocks(void (*kernel)(Args), int threads, size_t shared_
   int per_sm = 0;
   C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, shared_bytes));
   return static_cast<int64_t>(per_sm) * multiprocessor_count();
+}
+
+// The most dynamic shared memory one block may have, with the opt-in (above 48 KiB) that
+// reserve_dynamic_shared makes.
+inline size_t max_dynamic_shared_bytes() {
+  int device = 0, bytes = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  return static_cast<size_t>(bytes);
+}
+
+// Lets `kernel` launch with `bytes` of dynamic shared memory (beyond the default 48 KiB a kernel
+// must opt in); to be called before the occupancy query, which counts with it.
+template <typename Args>
+void reserve_dynamic_shared(void (*kernel)(Args), size_t bytes) {
+  C10_CUDA_CHECK(cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel),
+                                      cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
 }
 
 // out (float32) = a b for 16-bit a and b (bfloat16 / float16) with float32 accumulation, on

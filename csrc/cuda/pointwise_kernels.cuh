@@ -88,32 +88,41 @@ struct LstmForwardArgs {
   LowpCopy h_lowp;                  // [rows, H]   h_t in the storage dtype (no projection only)
 };
 
+// One element (row, j) of an LSTM step, given the recurrent sums gh_* = (h_{t-1} W_hh^T)[row, g*H + j]
+// of its four gates: the body of lstm_forward_kernel and the epilogue of the persistent kernel.
+template <typename T>
+__device__ __forceinline__ void lstm_forward_element(const LstmForwardArgs<T>& a, int64_t row, int64_t j, T gh_i,
+                                                     T gh_f, T gh_g, T gh_o) {
+  const int64_t H = a.hidden;
+  const int64_t idx = row * H + j;
+  const dptr<const T> gx = a.gates_x + row * 4 * H + j;
+  const dptr<const T> b = a.bias + j;
+  // Same summation order as the CPU pass: (x + h) + b.
+  const auto act = rnnfused::lstm_forward<T>(gx[0] + gh_i + b[0], gx[H] + gh_f + b[H], gx[2 * H] + gh_g + b[2 * H],
+                                             gx[3 * H] + gh_o + b[3 * H], a.c_state[idx]);
+  a.c_state[idx] = act.c;
+  const T r = round_to_storage(act.r, a.storage);
+  a.r_out[idx] = r;
+  if (a.h_copy) a.h_copy[idx] = r;
+  store_lowp(a.h_lowp, idx, r);
+  if (a.workspace) {
+    const dptr<T> ws = a.workspace + row * 5 * H + j;
+    ws[0] = act.i;
+    ws[H] = act.f;
+    ws[2 * H] = act.g;
+    ws[3 * H] = act.o;
+    ws[4 * H] = act.c;
+  }
+}
+
 template <typename T>
 __global__ void __launch_bounds__(kThreads) lstm_forward_kernel(const LstmForwardArgs<T> a) {
   const int64_t H = a.hidden;
   RNNFUSED_CUDA_KERNEL_LOOP(idx, a.rows * H) {
     const int64_t row = idx / H;
     const int64_t j = idx - row * H;
-    const dptr<const T> gx = a.gates_x + row * 4 * H + j;
     const dptr<const T> gh = a.gates_h + row * 4 * H + j;
-    const dptr<const T> b = a.bias + j;
-    // Same summation order as the CPU pass: (x + h) + b.
-    const auto act = rnnfused::lstm_forward<T>(gx[0] + gh[0] + b[0], gx[H] + gh[H] + b[H],
-                                               gx[2 * H] + gh[2 * H] + b[2 * H],
-                                               gx[3 * H] + gh[3 * H] + b[3 * H], a.c_state[idx]);
-    a.c_state[idx] = act.c;
-    const T r = round_to_storage(act.r, a.storage);
-    a.r_out[idx] = r;
-    if (a.h_copy) a.h_copy[idx] = r;
-    store_lowp(a.h_lowp, idx, r);
-    if (a.workspace) {
-      const dptr<T> ws = a.workspace + row * 5 * H + j;
-      ws[0] = act.i;
-      ws[H] = act.f;
-      ws[2 * H] = act.g;
-      ws[3 * H] = act.o;
-      ws[4 * H] = act.c;
-    }
+    lstm_forward_element(a, row, j, gh[0], gh[H], gh[2 * H], gh[3 * H]);
   }
 }
 
@@ -133,25 +142,33 @@ struct LstmBackwardArgs {
   dptr<T> r_out = nullptr;                 // [rows, H]   o tanh(c) for dW_hr; nullptr without projection
 };
 
+// One element (row, j) of an LSTM backward step: the body of lstm_backward_kernel and of the
+// persistent backward kernel's pointwise phase.
+template <typename T>
+__device__ __forceinline__ void lstm_backward_element(const LstmBackwardArgs<T>& a, int64_t row, int64_t j) {
+  const int64_t H = a.hidden;
+  const int64_t idx = row * H + j;
+  const dptr<const T> ws = a.workspace + row * 5 * H + j;
+  const T c_prev = row < a.rows_from_prev ? a.prev_workspace[row * 5 * H + 4 * H + j] : a.c0[idx];
+  T dr = a.grad_r[idx];
+  if (a.grad_r_extra) dr = dr + a.grad_r_extra[idx];
+  const auto d =
+      rnnfused::lstm_backward<T>(ws[0], ws[H], ws[2 * H], ws[3 * H], ws[4 * H], c_prev, dr, a.dc_state[idx]);
+  const dptr<T> dg = a.grad_gates + row * 4 * H + j;
+  dg[0] = d.pre_i;
+  dg[H] = d.pre_f;
+  dg[2 * H] = d.pre_g;
+  dg[3 * H] = d.pre_o;
+  a.dc_state[idx] = d.c_prev;
+  if (a.r_out) a.r_out[idx] = d.r;
+}
+
 template <typename T>
 __global__ void __launch_bounds__(kThreads) lstm_backward_kernel(const LstmBackwardArgs<T> a) {
   const int64_t H = a.hidden;
   RNNFUSED_CUDA_KERNEL_LOOP(idx, a.rows * H) {
     const int64_t row = idx / H;
-    const int64_t j = idx - row * H;
-    const dptr<const T> ws = a.workspace + row * 5 * H + j;
-    const T c_prev = row < a.rows_from_prev ? a.prev_workspace[row * 5 * H + 4 * H + j] : a.c0[idx];
-    T dr = a.grad_r[idx];
-    if (a.grad_r_extra) dr = dr + a.grad_r_extra[idx];
-    const auto d = rnnfused::lstm_backward<T>(ws[0], ws[H], ws[2 * H], ws[3 * H], ws[4 * H], c_prev, dr,
-                                              a.dc_state[idx]);
-    const dptr<T> dg = a.grad_gates + row * 4 * H + j;
-    dg[0] = d.pre_i;
-    dg[H] = d.pre_f;
-    dg[2 * H] = d.pre_g;
-    dg[3 * H] = d.pre_o;
-    a.dc_state[idx] = d.c_prev;
-    if (a.r_out) a.r_out[idx] = d.r;
+    lstm_backward_element(a, row, idx - row * H);
   }
 }
 
@@ -172,31 +189,39 @@ struct GruForwardArgs {
   LowpCopy h_lowp;                  // [rows, H]   h_t in the storage dtype
 };
 
+// One element (row, j) of a GRU step, given the recurrent sums gh_* = (h_{t-1} W_hh^T)[row, g*H + j].
+template <typename T>
+__device__ __forceinline__ void gru_forward_element(const GruForwardArgs<T>& a, int64_t row, int64_t j, T gh_r,
+                                                    T gh_z, T gh_n) {
+  const int64_t H = a.hidden;
+  const int64_t idx = row * H + j;
+  const dptr<const T> gx = a.gates_x + row * 3 * H + j;
+  const dptr<const T> b = a.bias + j;
+  const T hh_n = gh_n + b[2 * H];
+  // Each thread reads and writes only its own element of h_state: the product that read all of
+  // h_{t-1} is complete before any element of the step is written.
+  const auto act = rnnfused::gru_forward<T>(gx[0], gx[H], gx[2 * H], gh_r + b[0], gh_z + b[H], hh_n, a.h_state[idx]);
+  const T h = round_to_storage(act.h, a.storage);
+  a.h_state[idx] = h;
+  a.h_copy[idx] = h;
+  store_lowp(a.h_lowp, idx, h);
+  if (a.workspace) {
+    const dptr<T> ws = a.workspace + row * 4 * H + j;
+    ws[0] = act.r;
+    ws[H] = act.z;
+    ws[2 * H] = act.n;
+    ws[3 * H] = hh_n;
+  }
+}
+
 template <typename T>
 __global__ void __launch_bounds__(kThreads) gru_forward_kernel(const GruForwardArgs<T> a) {
   const int64_t H = a.hidden;
   RNNFUSED_CUDA_KERNEL_LOOP(idx, a.rows * H) {
     const int64_t row = idx / H;
     const int64_t j = idx - row * H;
-    const dptr<const T> gx = a.gates_x + row * 3 * H + j;
     const dptr<const T> gh = a.gates_h + row * 3 * H + j;
-    const dptr<const T> b = a.bias + j;
-    const T hh_n = gh[2 * H] + b[2 * H];
-    // Each thread reads and writes only its own element of h_state: the GEMM that read all of
-    // h_{t-1} ran before this kernel on the same stream.
-    const auto act = rnnfused::gru_forward<T>(gx[0], gx[H], gx[2 * H], gh[0] + b[0], gh[H] + b[H], hh_n,
-                                              a.h_state[idx]);
-    const T h = round_to_storage(act.h, a.storage);
-    a.h_state[idx] = h;
-    a.h_copy[idx] = h;
-    store_lowp(a.h_lowp, idx, h);
-    if (a.workspace) {
-      const dptr<T> ws = a.workspace + row * 4 * H + j;
-      ws[0] = act.r;
-      ws[H] = act.z;
-      ws[2 * H] = act.n;
-      ws[3 * H] = hh_n;
-    }
+    gru_forward_element(a, row, j, gh[0], gh[H], gh[2 * H]);
   }
 }
 
@@ -211,25 +236,32 @@ struct GruBackwardArgs {
   dptr<T> grad_gates_h = nullptr;       // [rows, 3H]  dL/d(h_{t-1} W_hh^T + b_hh)
 };
 
+// One element (row, j) of a GRU backward step.
+template <typename T>
+__device__ __forceinline__ void gru_backward_element(const GruBackwardArgs<T>& a, int64_t row, int64_t j) {
+  const int64_t H = a.hidden;
+  const int64_t idx = row * H + j;
+  const dptr<const T> ws = a.workspace + row * 4 * H + j;
+  T dh = a.dh_state[idx];
+  if (a.grad_output) dh = dh + a.grad_output[idx];
+  const auto d = rnnfused::gru_backward<T>(ws[0], ws[H], ws[2 * H], ws[3 * H], a.h_prev[idx], dh);
+  const dptr<T> dgx = a.grad_gates_x + row * 3 * H + j;
+  const dptr<T> dgh = a.grad_gates_h + row * 3 * H + j;
+  dgx[0] = d.x_r;
+  dgx[H] = d.x_z;
+  dgx[2 * H] = d.x_n;
+  dgh[0] = d.x_r;
+  dgh[H] = d.x_z;
+  dgh[2 * H] = d.hh_n;
+  a.dh_state[idx] = d.h_prev;
+}
+
 template <typename T>
 __global__ void __launch_bounds__(kThreads) gru_backward_kernel(const GruBackwardArgs<T> a) {
   const int64_t H = a.hidden;
   RNNFUSED_CUDA_KERNEL_LOOP(idx, a.rows * H) {
     const int64_t row = idx / H;
-    const int64_t j = idx - row * H;
-    const dptr<const T> ws = a.workspace + row * 4 * H + j;
-    T dh = a.dh_state[idx];
-    if (a.grad_output) dh = dh + a.grad_output[idx];
-    const auto d = rnnfused::gru_backward<T>(ws[0], ws[H], ws[2 * H], ws[3 * H], a.h_prev[idx], dh);
-    const dptr<T> dgx = a.grad_gates_x + row * 3 * H + j;
-    const dptr<T> dgh = a.grad_gates_h + row * 3 * H + j;
-    dgx[0] = d.x_r;
-    dgx[H] = d.x_z;
-    dgx[2 * H] = d.x_n;
-    dgh[0] = d.x_r;
-    dgh[H] = d.x_z;
-    dgh[2 * H] = d.hh_n;
-    a.dh_state[idx] = d.h_prev;
+    gru_backward_element(a, row, idx - row * H);
   }
 }
 
@@ -249,15 +281,21 @@ struct RnnForwardArgs {
   LowpCopy h_lowp;                  // [rows, H]  h_t in the storage dtype
 };
 
+// One element (row, j) of an Elman RNN step, given the recurrent sum gh = (h_{t-1} W_hh^T)[row, j].
+template <typename T, Activation act>
+__device__ __forceinline__ void rnn_forward_element(const RnnForwardArgs<T>& a, int64_t row, int64_t j, T gh) {
+  const int64_t idx = row * a.hidden + j;
+  const T h = round_to_storage(rnnfused::rnn_forward<act, T>(a.gates_x[idx] + gh + a.bias[j]), a.storage);
+  a.h_state[idx] = h;
+  a.h_copy[idx] = h;
+  store_lowp(a.h_lowp, idx, h);
+}
+
 template <typename T, Activation act>
 __global__ void __launch_bounds__(kThreads) rnn_forward_kernel(const RnnForwardArgs<T> a) {
   RNNFUSED_CUDA_KERNEL_LOOP(idx, a.rows * a.hidden) {
-    const int64_t j = idx % a.hidden;
-    const T h = round_to_storage(rnnfused::rnn_forward<act, T>(a.gates_x[idx] + a.gates_h[idx] + a.bias[j]),
-                                 a.storage);
-    a.h_state[idx] = h;
-    a.h_copy[idx] = h;
-    store_lowp(a.h_lowp, idx, h);
+    const int64_t row = idx / a.hidden;
+    rnn_forward_element<T, act>(a, row, idx - row * a.hidden, a.gates_h[idx]);
   }
 }
 
@@ -270,12 +308,20 @@ struct RnnBackwardArgs {
   dptr<T> grad_gates = nullptr;         // [rows, H]  dL/d pre-activation
 };
 
+// One element (row, j) of an Elman RNN backward step.
+template <typename T, Activation act>
+__device__ __forceinline__ void rnn_backward_element(const RnnBackwardArgs<T>& a, int64_t row, int64_t j) {
+  const int64_t idx = row * a.hidden + j;
+  T dh = a.dh_state[idx];
+  if (a.grad_output) dh = dh + a.grad_output[idx];
+  a.grad_gates[idx] = rnnfused::rnn_backward<act, T>(a.h[idx], dh);
+}
+
 template <typename T, Activation act>
 __global__ void __launch_bounds__(kThreads) rnn_backward_kernel(const RnnBackwardArgs<T> a) {
   RNNFUSED_CUDA_KERNEL_LOOP(idx, a.rows * a.hidden) {
-    T dh = a.dh_state[idx];
-    if (a.grad_output) dh = dh + a.grad_output[idx];
-    a.grad_gates[idx] = rnnfused::rnn_backward<act, T>(a.h[idx], dh);
+    const int64_t row = idx / a.hidden;
+    rnn_backward_element<T, act>(a, row, idx - row * a.hidden);
   }
 }
 
@@ -293,14 +339,19 @@ struct StoreStateArgs {
   LowpCopy h_lowp;               // [rows, P]  h_t in the storage dtype
 };
 
+// Stores element idx of h_t (the projection's output, before rounding) in the state, the output
+// rows and the 16-bit copy.
+template <typename T>
+__device__ __forceinline__ void store_state_element(const StoreStateArgs<T>& a, int64_t idx, T value) {
+  const T h = round_to_storage(value, a.storage);
+  a.h_state[idx] = h;
+  a.h_copy[idx] = h;
+  store_lowp(a.h_lowp, idx, h);
+}
+
 template <typename T>
 __global__ void __launch_bounds__(kThreads) store_state_kernel(const StoreStateArgs<T> a) {
-  RNNFUSED_CUDA_KERNEL_LOOP(idx, a.count) {
-    const T h = round_to_storage(a.h_state[idx], a.storage);
-    a.h_state[idx] = h;
-    a.h_copy[idx] = h;
-    store_lowp(a.h_lowp, idx, h);
-  }
+  RNNFUSED_CUDA_KERNEL_LOOP(idx, a.count) { store_state_element(a, idx, static_cast<T>(a.h_state[idx])); }
 }
 
 // ---------------------------------------------------------------------------------------------

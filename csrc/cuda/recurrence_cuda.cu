@@ -29,12 +29,16 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 #include <initializer_list>
+#include <string>
 #include <vector>
 
 #include "../cell_math.h"
 #include "../recurrence.h"
 #include "host.h"
+#include "persistent_kernels.cuh"
 #include "pointwise_kernels.cuh"
 
 namespace rnnfused::cuda {
@@ -220,6 +224,151 @@ class RecurrentProduct {
   at::Tensor h_lowp_;  // [B, P] in the storage dtype (bfloat16 / float16 calls)
 };
 
+
+// ---------------------------------------------------------------------------------------------
+// The persistent path (persistent_kernels.cuh): path selection, layout, launch
+// ---------------------------------------------------------------------------------------------
+
+// Which path a call takes, from RNNFUSED_CUDA_PATH (read at every call, so tests and users can
+// switch it at run time): "auto" (the default) picks the persistent path where it fits and the
+// batch is at most kPersistentMaxBatch, "standard" always takes the per-step loop, "persistent"
+// takes the persistent path or raises an error that says why it cannot.
+enum class PathRequest { Auto, Standard, Persistent };
+
+PathRequest requested_path() {
+  const char* value = std::getenv("RNNFUSED_CUDA_PATH");
+  if (value == nullptr || *value == '\0' || std::strcmp(value, "auto") == 0) return PathRequest::Auto;
+  if (std::strcmp(value, "standard") == 0) return PathRequest::Standard;
+  if (std::strcmp(value, "persistent") == 0) return PathRequest::Persistent;
+  TORCH_CHECK(false, "RNNFUSED_CUDA_PATH must be 'auto', 'standard' or 'persistent', got '", value, "'");
+}
+
+// Beyond this batch the standard path's GEMMs use the GPU well, and every block of the persistent
+// kernel would read all of h_{t-1} (B x P) from L2 every step.
+constexpr int64_t kPersistentMaxBatch = 64;
+
+// How a persistent kernel splits one call over blocks, or why it cannot run it.
+struct PersistentLayout {
+  int64_t blocks = 0;
+  int64_t units_per_block = 0;  // U: hidden units per block
+  int64_t cols_per_block = 0;   // Pc: columns of P per block (= U without a projection)
+  size_t shared_bytes = 0;
+  std::string refusal;          // empty when the kernel can run the call
+};
+
+// One block per multiprocessor (never more blocks than hidden units), each holding its slice of
+// the recurrent weights in shared memory; refused when the slice does not fit in a block's shared
+// memory or the grid cannot be co-resident (a grid barrier needs every block running at once).
+template <typename Args>
+PersistentLayout persistent_layout(void (*kernel)(Args), int64_t G, int64_t H, int64_t P, bool proj,
+                                   size_t element_bytes, bool backward) {
+  PersistentLayout layout;
+  if (H == 0 || P == 0) {
+    layout.refusal = "the hidden size is 0";
+    return layout;
+  }
+  const int64_t sms = multiprocessor_count();
+  const int64_t wanted = std::max<int64_t>(1, std::min<int64_t>(sms, H));
+  layout.units_per_block = (H + wanted - 1) / wanted;
+  layout.blocks = (H + layout.units_per_block - 1) / layout.units_per_block;
+  layout.cols_per_block = proj ? (P + layout.blocks - 1) / layout.blocks : layout.units_per_block;
+  const int64_t U = layout.units_per_block, Pc = layout.cols_per_block;
+  const int64_t elements = backward ? Pc * G * H + (proj ? U * P : 0) : U * G * P + (proj ? Pc * H : 0);
+  layout.shared_bytes = static_cast<size_t>(elements) * element_bytes;
+  const size_t limit = max_dynamic_shared_bytes();
+  if (layout.shared_bytes > limit) {
+    layout.refusal = "its slice of the recurrent weights needs " + std::to_string(layout.shared_bytes) +
+                     " bytes of shared memory per block over " + std::to_string(layout.blocks) +
+                     " blocks, more than the " + std::to_string(limit) + " a block can have on this device";
+    return layout;
+  }
+  reserve_dynamic_shared(kernel, layout.shared_bytes);
+  const int64_t resident = max_cooperative_blocks(kernel, kPersistentThreads, layout.shared_bytes);
+  if (resident < layout.blocks) {
+    layout.refusal = "its grid of " + std::to_string(layout.blocks) + " blocks cannot be resident at once (" +
+                     std::to_string(resident) + " fit)";
+  }
+  return layout;
+}
+
+bool use_persistent(const char* op, const PersistentLayout& layout, const StepPlan& plan) {
+  if (plan.rows == 0) return false;  // nothing to run on either path
+  switch (requested_path()) {
+    case PathRequest::Standard:
+      return false;
+    case PathRequest::Persistent:
+      TORCH_CHECK(layout.refusal.empty(), op, ": RNNFUSED_CUDA_PATH=persistent, but the persistent kernel cannot ",
+                  "run this call: ", layout.refusal);
+      return true;
+    case PathRequest::Auto:
+    default:
+      return layout.refusal.empty() && plan.batch <= kPersistentMaxBatch;
+  }
+}
+
+// The step plan as the persistent kernels read it: one row of kPlanColumns per computed step, in
+// the order of the forward computation.
+at::Tensor plan_table(const StepPlan& plan, const at::Tensor& like) {
+  std::vector<int64_t> table(plan.steps() * kPlanColumns);
+  for (const auto s : c10::irange(plan.steps())) {
+    const int64_t t = plan.step_at(s);
+    const int64_t prev = plan.previous_step(t);
+    int64_t* row = table.data() + s * kPlanColumns;
+    row[kPlanRows] = plan.batch_sizes[t];
+    row[kPlanOffset] = plan.offsets[t];
+    row[kPlanPrevOffset] = prev >= 0 ? plan.offsets[prev] : 0;
+    row[kPlanRowsFromPrev] = plan.rows_from_previous(t);
+  }
+  return upload(table, like);
+}
+
+// One cooperative launch of a persistent kernel over the layout's grid.
+template <typename Args>
+void launch_persistent(const char* name, void (*kernel)(Args), const PersistentLayout& layout, const Args& args) {
+  launch_kernel(name, kernel, dim3(static_cast<unsigned int>(layout.blocks)), dim3(kPersistentThreads),
+                layout.shared_bytes, current_stream(), args, /*cooperative=*/true);
+}
+
+// Fills what every persistent forward call shares.
+template <typename T>
+PersistentForwardArgs<T> persistent_forward_args(const StepPlan& plan, const PersistentLayout& layout,
+                                                 const at::Tensor& table, int64_t H, int64_t P, const at::Tensor& gx,
+                                                 const at::Tensor& whh, const at::Tensor& bias, const at::Tensor& h0,
+                                                 at::Tensor& h_state, at::Tensor& output, at::Tensor& workspace,
+                                                 bool training, Storage storage) {
+  PersistentForwardArgs<T> a;
+  a.steps = plan.steps();
+  a.hidden = H;
+  a.width = P;
+  a.units_per_block = layout.units_per_block;
+  a.cols_per_block = layout.cols_per_block;
+  a.plan = table.data_ptr<int64_t>();
+  a.gates_x = gx.data_ptr<T>();
+  a.w_hh = whh.data_ptr<T>();
+  a.bias = bias.data_ptr<T>();
+  a.h0 = h0.data_ptr<T>();
+  a.h_state = h_state.data_ptr<T>();
+  a.output = output.data_ptr<T>();
+  a.workspace = training ? workspace.data_ptr<T>() : nullptr;
+  a.storage = storage;
+  return a;
+}
+
+template <typename T>
+PersistentBackwardArgs<T> persistent_backward_args(const StepPlan& plan, const PersistentLayout& layout,
+                                                   const at::Tensor& table, int64_t H, int64_t P,
+                                                   const at::Tensor& whh) {
+  PersistentBackwardArgs<T> a;
+  a.steps = plan.steps();
+  a.hidden = H;
+  a.width = P;
+  a.units_per_block = layout.units_per_block;
+  a.cols_per_block = layout.cols_per_block;
+  a.plan = table.data_ptr<int64_t>();
+  a.w_hh = whh.data_ptr<T>();
+  return a;
+}
+
 // ---------------------------------------------------------------------------------------------
 // LSTM
 // ---------------------------------------------------------------------------------------------
@@ -266,6 +415,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_recurrence_cuda(
 
   AT_DISPATCH_FLOATING_TYPES(acc, "rnnfused_lstm_cuda", [&] {
     using T = scalar_t;
+    const auto kernel = persistent_forward_kernel<T, Cell::Lstm>;
+    const PersistentLayout layout = persistent_layout(kernel, 4, H, P, proj, sizeof(T), /*backward=*/false);
+    if (use_persistent(op, layout, plan)) {
+      const at::Tensor whh = compute_view(w_hh, acc), h0_c = compute_view(h0, acc);
+      const at::Tensor table = plan_table(plan, gx);
+      auto args = persistent_forward_args<T>(plan, layout, table, H, P, gx, whh, bias, h0_c, h_state, output,
+                                             workspace, training, storage);
+      args.w_hr = proj ? whr.data_ptr<T>() : nullptr;
+      args.c_state = c_state.data_ptr<T>();
+      args.r_scratch = proj ? r_buffer.data_ptr<T>() : nullptr;
+      launch_persistent("persistent_lstm_forward", kernel, layout, args);
+      return;
+    }
     T* out = output.data_ptr<T>();
     T* ws = training ? workspace.data_ptr<T>() : nullptr;
     LstmForwardArgs<T> args;
@@ -377,6 +539,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 
   AT_DISPATCH_FLOATING_TYPES(acc, "rnnfused_lstm_backward_cuda", [&] {
     using T = scalar_t;
+    const auto kernel = persistent_backward_kernel<T, Cell::Lstm>;
+    const PersistentLayout layout = persistent_layout(kernel, 4, H, P, proj, sizeof(T), /*backward=*/true);
+    if (use_persistent(op, layout, plan)) {
+      const at::Tensor table = plan_table(plan, out);
+      auto args = persistent_backward_args<T>(plan, layout, table, H, P, whh);
+      args.w_hr = proj ? whr.data_ptr<T>() : nullptr;
+      args.workspace = ws_c.data_ptr<T>();
+      args.c0 = c0_c.data_ptr<T>();
+      args.dc_state = dc_state.data_ptr<T>();
+      args.grad_gates = grad_gates.data_ptr<T>();
+      if (proj) {
+        args.grad_h_rows = grad_h_rows.data_ptr<T>();
+        args.grad_h0 = grad_h0.data_ptr<T>();
+        args.grad_r = grad_r.data_ptr<T>();
+        args.r_rows = r_rows.data_ptr<T>();
+      } else {
+        args.grad_output = ptr_or_null<T>(go);
+        args.dh_state = dh_state.data_ptr<T>();
+      }
+      launch_persistent("persistent_lstm_backward", kernel, layout, args);
+      return;
+    }
     const T* ws = plan.rows > 0 ? ws_c.data_ptr<T>() : nullptr;
     const T* go_p = ptr_or_null<T>(go);
     const T* whh_p = whh.data_ptr<T>();
@@ -463,6 +647,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_recurrence_cuda(const at::Ten
 
   AT_DISPATCH_FLOATING_TYPES(acc, "rnnfused_gru_cuda", [&] {
     using T = scalar_t;
+    const auto kernel = persistent_forward_kernel<T, Cell::Gru>;
+    const PersistentLayout layout = persistent_layout(kernel, 3, H, H, false, sizeof(T), /*backward=*/false);
+    if (use_persistent(op, layout, plan)) {
+      const at::Tensor whh = compute_view(w_hh, acc), h0_c = compute_view(h0, acc);
+      const at::Tensor table = plan_table(plan, gx);
+      const auto args = persistent_forward_args<T>(plan, layout, table, H, H, gx, whh, bias, h0_c, h_state, output,
+                                                   workspace, training, storage_of(dtype));
+      launch_persistent("persistent_gru_forward", kernel, layout, args);
+      return;
+    }
     T* out = output.data_ptr<T>();
     T* ws = training ? workspace.data_ptr<T>() : nullptr;
     GruForwardArgs<T> args;
@@ -521,6 +715,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_recurrence_backwa
 
   AT_DISPATCH_FLOATING_TYPES(acc, "rnnfused_gru_backward_cuda", [&] {
     using T = scalar_t;
+    const auto kernel = persistent_backward_kernel<T, Cell::Gru>;
+    const PersistentLayout layout = persistent_layout(kernel, 3, H, H, false, sizeof(T), /*backward=*/true);
+    if (use_persistent(op, layout, plan)) {
+      const at::Tensor table = plan_table(plan, hprev);
+      auto args = persistent_backward_args<T>(plan, layout, table, H, H, whh);
+      args.workspace = ws_c.data_ptr<T>();
+      args.h_prev = hprev.data_ptr<T>();
+      args.grad_output = ptr_or_null<T>(go);
+      args.dh_state = dh_state.data_ptr<T>();
+      args.grad_gates = grad_gates_x.data_ptr<T>();
+      args.grad_gates_h = grad_gates_h.data_ptr<T>();
+      launch_persistent("persistent_gru_backward", kernel, layout, args);
+      return;
+    }
     const T* ws = plan.rows > 0 ? ws_c.data_ptr<T>() : nullptr;
     const T* go_p = ptr_or_null<T>(go);
     GruBackwardArgs<T> args;
@@ -577,6 +785,18 @@ std::tuple<at::Tensor, at::Tensor> rnn_recurrence_cuda(const at::Tensor& gates_x
 
   AT_DISPATCH_FLOATING_TYPES(acc, "rnnfused_rnn_cuda", [&] {
     using T = scalar_t;
+    constexpr Cell cell = act == Activation::Tanh ? Cell::RnnTanh : Cell::RnnRelu;
+    const auto kernel = persistent_forward_kernel<T, cell>;
+    const PersistentLayout layout = persistent_layout(kernel, 1, H, H, false, sizeof(T), /*backward=*/false);
+    if (use_persistent(op, layout, plan)) {
+      const at::Tensor whh = compute_view(w_hh, acc), h0_c = compute_view(h0, acc);
+      const at::Tensor table = plan_table(plan, gx);
+      at::Tensor no_workspace;
+      const auto args = persistent_forward_args<T>(plan, layout, table, H, H, gx, whh, bias, h0_c, h_state, output,
+                                                   no_workspace, false, storage_of(dtype));
+      launch_persistent("persistent_rnn_forward", kernel, layout, args);
+      return;
+    }
     T* out = output.data_ptr<T>();
     RnnForwardArgs<T> args;
     args.hidden = H;
@@ -630,6 +850,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_recurrence_backwa
 
   AT_DISPATCH_FLOATING_TYPES(acc, "rnnfused_rnn_backward_cuda", [&] {
     using T = scalar_t;
+    constexpr Cell cell = act == Activation::Tanh ? Cell::RnnTanh : Cell::RnnRelu;
+    const auto kernel = persistent_backward_kernel<T, cell>;
+    const PersistentLayout layout = persistent_layout(kernel, 1, H, H, false, sizeof(T), /*backward=*/true);
+    if (use_persistent(op, layout, plan)) {
+      const at::Tensor table = plan_table(plan, out);
+      auto args = persistent_backward_args<T>(plan, layout, table, H, H, whh);
+      args.output = out.data_ptr<T>();
+      args.grad_output = ptr_or_null<T>(go);
+      args.dh_state = dh_state.data_ptr<T>();
+      args.grad_gates = grad_gates.data_ptr<T>();
+      launch_persistent("persistent_rnn_backward", kernel, layout, args);
+      return;
+    }
     const T* go_p = ptr_or_null<T>(go);
     RnnBackwardArgs<T> args;
     args.hidden = H;

@@ -27,6 +27,19 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       },
       "Set the simulated device's multiprocessor count and whether global accesses are race-checked",
       pybind11::arg("sm_count"), pybind11::arg("check_global_races"));
+  m.def(
+      "configure_limits",
+      [](int max_threads_per_sm, int64_t shared_per_block) {
+        TORCH_CHECK(max_threads_per_sm > 0 && shared_per_block > 0, "limits must be positive");
+        const auto previous = std::make_tuple(sim::config().max_threads_per_sm,
+                                              static_cast<int64_t>(sim::config().shared_per_block));
+        sim::config().max_threads_per_sm = max_threads_per_sm;
+        sim::config().shared_per_block = static_cast<size_t>(shared_per_block);
+        return previous;
+      },
+      "Set the simulated device's threads per multiprocessor (which bounds a cooperative grid) and dynamic "
+      "shared memory per block; returns the previous values",
+      pybind11::arg("max_threads_per_sm"), pybind11::arg("shared_per_block"));
   m.def("sm_count", [] { return sim::config().sm_count; });
   m.def("check_global_races", [] { return sim::config().check_global_races; });
   m.def("launch_count", &sim::launch_count, "Kernel launches run on the simulator so far");
