@@ -32,6 +32,7 @@ if _sim_C is not None:
     configure = _sim_C.configure
     selftest = _sim_C.selftest
     launch_count = _sim_C.launch_count
+    last_kernel = _sim_C.last_kernel
 
 
 @contextlib.contextmanager

@@ -328,3 +328,14 @@ def test_unknown_path_is_refused(monkeypatch):
     with pytest.raises(RuntimeError, match=r"RNNFUSED_CUDA_PATH must be 'auto', 'standard' or 'persistent', got "
                                            r"'fastest'"):
         _forward_op_call("gru", 2)
+
+
+@pytest.mark.parametrize("mode", list(GATES))
+@pytest.mark.parametrize("dtype,suffix", [(torch.float64, ""), (torch.float32, ""), (torch.bfloat16, "_mma"),
+                                          (torch.float16, "_mma")])
+def test_persistent_forward_kernel_of_each_dtype(mode, dtype, suffix, monkeypatch):
+    """float32 / float64 run the FMA kernel; bfloat16 / float16 the tensor-core (mma.sync) kernel."""
+    monkeypatch.setenv("RNNFUSED_CUDA_PATH", "persistent")
+    with _sim.simulated_cuda(sm_count=PERSISTENT_SMS, check_global_races=False):
+        _forward_op_call(mode, 9, hidden=20, dtype=dtype)
+    assert _sim.last_kernel() == f"persistent_{mode.split('_')[0]}_forward{suffix}"

@@ -69,6 +69,9 @@ int64_t max_cooperative_blocks(void (*)(Args), int threads, size_t shared_bytes)
 // The most dynamic shared memory one block may have (with the opt-in a real launch makes).
 inline size_t max_dynamic_shared_bytes() { return ::rnnfused::sim::config().shared_per_block; }
 
+// Whether mma.sync with bfloat16 / float16 inputs runs here (the simulator models it).
+inline bool device_supports_mma() { return true; }
+
 // Lets `kernel` launch with `bytes` of dynamic shared memory (nothing to do here).
 template <typename Args>
 void reserve_dynamic_shared(void (*)(Args), size_t) {}
@@ -212,6 +215,9 @@ inline size_t max_dynamic_shared_bytes() {
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
   return static_cast<size_t>(bytes);
 }
+
+// Whether mma.sync with bfloat16 / float16 inputs runs on the current device (sm_80 and newer).
+inline bool device_supports_mma() { return at::cuda::getCurrentDeviceProperties()->major >= 8; }
 
 // Lets `kernel` launch with `bytes` of dynamic shared memory (beyond the default 48 KiB a kernel
 // must opt in); to be called before the occupancy query, which counts with it.

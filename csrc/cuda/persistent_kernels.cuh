@@ -284,6 +284,183 @@ __global__ void __launch_bounds__(kPersistentThreads) persistent_forward_kernel(
 }
 
 // ---------------------------------------------------------------------------------------------
+// Forward on tensor cores (bfloat16 / float16, no projection)
+// ---------------------------------------------------------------------------------------------
+//
+// The same step as persistent_forward_kernel, with the recurrent product on mma.sync m16n8k16:
+// A = 16 rows of the block's W_hh slice (16-bit, in shared memory), B = 8 batch rows of h_{t-1}
+// (k x n; h_t is stored rounded to the 16-bit dtype, so converting it back is exact), float32
+// accumulation: the numbers of the standard path's 16-bit GEMM, up to summation order. An A tile
+// holds the G gate rows of kMmaUnits = 16 / G units (GRU: 5 units, one zero row); K is padded
+// with zeros to a multiple of 16. When there are fewer (tile, batch tile) pairs than warps, the K
+// steps are split over warps too; the partial tiles go to shared memory and the pointwise phase
+// adds them in a fixed order, so results are deterministic.
+
+constexpr int kMmaM = 16, kMmaN = 8, kMmaK = 16;
+// Row stride padding of the A tiles (in 16-bit elements): 16 bytes, so that the 8 rows one
+// fragment load touches fall in different shared-memory banks.
+constexpr int kMmaRowPad = 8;
+
+template <Cell cell>
+constexpr int mma_units_per_tile() {
+  return kMmaM / gates_of<cell>();
+}
+
+template <typename In>
+__device__ __forceinline__ uint32_t pack_lowp_pair(float lo, float hi) {
+  return static_cast<uint32_t>(In(lo).x) | (static_cast<uint32_t>(In(hi).x) << 16);
+}
+
+// How a step's product is split over the warps of a block; the host sizes the scratch with
+// the same function at the batch of the call.
+struct MmaSplit {
+  int64_t m_tiles, n_tiles, k_steps, k_split;
+  __host__ __device__ int64_t items() const { return m_tiles * n_tiles * k_split; }
+};
+
+__host__ __device__ inline MmaSplit mma_split(int64_t units, int64_t units_per_tile, int64_t rows, int64_t width,
+                                              int64_t warps) {
+  MmaSplit s;
+  s.m_tiles = (units + units_per_tile - 1) / units_per_tile;
+  s.n_tiles = (rows + kMmaN - 1) / kMmaN;
+  s.k_steps = (width + kMmaK - 1) / kMmaK;
+  const int64_t pairs = s.m_tiles * s.n_tiles;
+  s.k_split = pairs > 0 && pairs < warps ? warps / pairs : 1;
+  if (s.k_split > s.k_steps) s.k_split = s.k_steps > 0 ? s.k_steps : 1;
+  return s;
+}
+
+template <typename In>
+struct PersistentMmaArgs {
+  PersistentForwardArgs<float> base;  // everything but W_hh, float32 buffers (w_hh / w_hr unused)
+  dptr<const In> w_hh = nullptr;      // [G*H, P] in the 16-bit dtype
+};
+
+// Dynamic shared memory: the A tiles [m_tiles][16][Kp + kMmaRowPad] (16-bit), then the partial
+// product tiles [items][16][8] (float32).
+template <typename In, Cell cell>
+__global__ void __launch_bounds__(kPersistentThreads) persistent_forward_mma_kernel(const PersistentMmaArgs<In> m) {
+  constexpr int G = gates_of<cell>();
+  constexpr int kUnitsPerTile = mma_units_per_tile<cell>();
+  const PersistentForwardArgs<float>& a = m.base;
+  RNNFUSED_DYNAMIC_SHARED(In, smem);
+  const int64_t H = a.hidden, P = a.width;
+  const Slice units = block_slice(H, a.units_per_block);
+  const int64_t max_m_tiles = (a.units_per_block + kUnitsPerTile - 1) / kUnitsPerTile;
+  const int64_t k_steps = (P + kMmaK - 1) / kMmaK;
+  const int64_t ld = k_steps * kMmaK + kMmaRowPad;
+  const dptr<In> tiles = smem;
+  const dptr<float> partial = ptr_cast<float>(smem + max_m_tiles * kMmaM * ld);
+  // A tile rows: row r of tile mt is gate r % G of unit mt * kUnitsPerTile + r / G; rows past the
+  // block's units, the GRU's 16th row and the K padding are zeros.
+  for (int64_t i = threadIdx.x; i < max_m_tiles * kMmaM * ld; i += blockDim.x) {
+    const int64_t row = i / ld, k = i - row * ld;
+    const int64_t mt = row / kMmaM, r = row - mt * kMmaM;
+    const int64_t u = mt * kUnitsPerTile + r / G;
+    const bool valid = r < kUnitsPerTile * G && u < units.size && k < P;
+    tiles[i] = valid ? static_cast<In>(m.w_hh[((r % G) * H + units.begin + u) * P + k]) : In(0.f);
+  }
+  __syncthreads();
+
+  const int lane = static_cast<int>(threadIdx.x) % kWarpSize;
+  const int group = lane / 4, tig = lane % 4;
+  const int64_t warp = threadIdx.x / kWarpSize, warps = blockDim.x / kWarpSize;
+  for (int64_t s = 0; s < a.steps; ++s) {
+    const PlannedStep st = planned_step(a.plan, s);
+    const MmaSplit split = mma_split(units.size, kUnitsPerTile, st.rows, P, warps);
+    // Phase 1: partial products, one (A tile, batch tile, K chunk) item per warp at a time.
+    for (int64_t item = warp; item < split.items(); item += warps) {
+      const int64_t ks = item % split.k_split, pair = item / split.k_split;
+      const int64_t nt = pair % split.n_tiles, mt = pair / split.n_tiles;
+      const int64_t k_begin = ks * split.k_steps / split.k_split, k_end = (ks + 1) * split.k_steps / split.k_split;
+      // This lane's batch row of the B fragment (n = group) and where its h_{t-1} is.
+      const int64_t row = nt * kMmaN + group;
+      const dptr<const float> h_row = row >= st.rows            ? dptr<const float>(nullptr)
+                                      : row < st.rows_from_prev ? dptr<const float>(a.output + (st.prev_offset + row) * P)
+                                                                : a.h0 + row * P;
+      float acc[4] = {0.f, 0.f, 0.f, 0.f};
+      for (int64_t kt = k_begin; kt < k_end; ++kt) {
+        const int64_t k0 = kt * kMmaK;
+        uint32_t afrag[4], bfrag[2];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const int64_t r = mt * kMmaM + group + 8 * (j % 2), c = k0 + 2 * tig + 8 * (j / 2);
+          afrag[j] = ptr_cast<uint32_t>(tiles + r * ld + c)[0];
+        }
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+          const int64_t k = k0 + 2 * tig + 8 * j;
+          const float lo = h_row && k < P ? static_cast<float>(h_row[k]) : 0.f;
+          const float hi = h_row && k + 1 < P ? static_cast<float>(h_row[k + 1]) : 0.f;
+          bfrag[j] = pack_lowp_pair<In>(lo, hi);
+        }
+        mma_m16n8k16<In>(acc, afrag, bfrag, acc);
+      }
+      const dptr<float> out = partial + item * kMmaM * kMmaN;
+#pragma unroll
+      for (int i = 0; i < 4; ++i) out[(group + 8 * (i / 2)) * kMmaN + 2 * tig + i % 2] = acc[i];
+    }
+    __syncthreads();
+    // Phase 2: the cell update of each (row, unit), adding the K chunks in order.
+    LstmForwardArgs<float> lstm;
+    GruForwardArgs<float> gru;
+    RnnForwardArgs<float> rnn;
+    if constexpr (cell == Cell::Lstm) {
+      lstm.rows = st.rows;
+      lstm.hidden = H;
+      lstm.gates_x = a.gates_x + st.offset * 4 * H;
+      lstm.bias = a.bias;
+      lstm.c_state = a.c_state;
+      lstm.r_out = a.h_state;
+      lstm.h_copy = a.output + st.offset * P;
+      lstm.workspace = a.workspace ? a.workspace + st.offset * 5 * H : dptr<float>(nullptr);
+      lstm.storage = a.storage;
+    } else if constexpr (cell == Cell::Gru) {
+      gru.rows = st.rows;
+      gru.hidden = H;
+      gru.gates_x = a.gates_x + st.offset * 3 * H;
+      gru.bias = a.bias;
+      gru.h_state = a.h_state;
+      gru.h_copy = a.output + st.offset * H;
+      gru.workspace = a.workspace ? a.workspace + st.offset * 4 * H : dptr<float>(nullptr);
+      gru.storage = a.storage;
+    } else {
+      rnn.rows = st.rows;
+      rnn.hidden = H;
+      rnn.gates_x = a.gates_x + st.offset * H;
+      rnn.bias = a.bias;
+      rnn.h_state = a.h_state;
+      rnn.h_copy = a.output + st.offset * H;
+      rnn.storage = a.storage;
+    }
+    for (int64_t e = threadIdx.x; e < st.rows * units.size; e += blockDim.x) {
+      const int64_t row = e / units.size, u = e - row * units.size;
+      const int64_t mt = u / kUnitsPerTile, r0 = (u - mt * kUnitsPerTile) * G;
+      const int64_t nt = row / kMmaN, col = row - nt * kMmaN;
+      float gh[G];
+#pragma unroll
+      for (int g = 0; g < G; ++g) {
+        float sum = 0.f;
+        for (int64_t ks = 0; ks < split.k_split; ++ks) {
+          sum += partial[((mt * split.n_tiles + nt) * split.k_split + ks) * kMmaM * kMmaN + (r0 + g) * kMmaN + col];
+        }
+        gh[g] = sum;
+      }
+      const int64_t j = units.begin + u;
+      if constexpr (cell == Cell::Lstm) {
+        lstm_forward_element(lstm, row, j, gh[0], gh[1], gh[2], gh[3]);
+      } else if constexpr (cell == Cell::Gru) {
+        gru_forward_element(gru, row, j, gh[0], gh[1], gh[2]);
+      } else {
+        rnn_forward_element<float, activation_of<cell>()>(rnn, row, j, gh[0]);
+      }
+    }
+    // Step s + 1 reads every block's h_t, and overwrites the partial tiles.
+    if (s + 1 < a.steps) grid_sync();
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Backward
 // ---------------------------------------------------------------------------------------------
 

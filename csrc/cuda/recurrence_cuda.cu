@@ -256,12 +256,9 @@ struct PersistentLayout {
   std::string refusal;          // empty when the kernel can run the call
 };
 
-// One block per multiprocessor (never more blocks than hidden units), each holding its slice of
-// the recurrent weights in shared memory; refused when the slice does not fit in a block's shared
-// memory or the grid cannot be co-resident (a grid barrier needs every block running at once).
-template <typename Args>
-PersistentLayout persistent_layout(void (*kernel)(Args), int64_t G, int64_t H, int64_t P, bool proj,
-                                   size_t element_bytes, bool backward) {
+// One block per multiprocessor (never more blocks than hidden units), each owning a slice of the
+// hidden units (and of the projection's columns).
+PersistentLayout persistent_grid(int64_t H, int64_t P, bool proj) {
   PersistentLayout layout;
   if (H == 0 || P == 0) {
     layout.refusal = "the hidden size is 0";
@@ -272,9 +269,15 @@ PersistentLayout persistent_layout(void (*kernel)(Args), int64_t G, int64_t H, i
   layout.units_per_block = (H + wanted - 1) / wanted;
   layout.blocks = (H + layout.units_per_block - 1) / layout.units_per_block;
   layout.cols_per_block = proj ? (P + layout.blocks - 1) / layout.blocks : layout.units_per_block;
-  const int64_t U = layout.units_per_block, Pc = layout.cols_per_block;
-  const int64_t elements = backward ? Pc * G * H + (proj ? U * P : 0) : U * G * P + (proj ? Pc * H : 0);
-  layout.shared_bytes = static_cast<size_t>(elements) * element_bytes;
+  return layout;
+}
+
+// Refuses the layout when a block's shared memory (its slice of the recurrent weights) does not
+// fit, or when the grid cannot be co-resident (a grid barrier needs every block running at once).
+template <typename Args>
+PersistentLayout& check_residency(PersistentLayout& layout, void (*kernel)(Args), size_t shared_bytes) {
+  if (!layout.refusal.empty()) return layout;
+  layout.shared_bytes = shared_bytes;
   const size_t limit = max_dynamic_shared_bytes();
   if (layout.shared_bytes > limit) {
     layout.refusal = "its slice of the recurrent weights needs " + std::to_string(layout.shared_bytes) +
@@ -289,6 +292,35 @@ PersistentLayout persistent_layout(void (*kernel)(Args), int64_t G, int64_t H, i
                      std::to_string(resident) + " fit)";
   }
   return layout;
+}
+
+// The FMA kernels: W_hh [U][G][P] (forward) or [Pc][G*H] (backward) in the compute dtype, plus the
+// projection's slice.
+template <typename Args>
+PersistentLayout persistent_layout(void (*kernel)(Args), int64_t G, int64_t H, int64_t P, bool proj,
+                                   size_t element_bytes, bool backward) {
+  PersistentLayout layout = persistent_grid(H, P, proj);
+  const int64_t U = layout.units_per_block, Pc = layout.cols_per_block;
+  const int64_t elements = backward ? Pc * G * H + (proj ? U * P : 0) : U * G * P + (proj ? Pc * H : 0);
+  return check_residency(layout, kernel, static_cast<size_t>(elements) * element_bytes);
+}
+
+// The tensor-core forward kernel (persistent_forward_mma_kernel): the A tiles in the 16-bit dtype
+// and the partial product tiles of a step at batch B.
+template <typename Args>
+PersistentLayout persistent_mma_layout(void (*kernel)(Args), int64_t units_per_tile, int64_t H, int64_t B) {
+  PersistentLayout layout = persistent_grid(H, H, false);
+  if (!device_supports_mma()) {
+    layout.refusal = "its tensor-core kernel needs a GPU of compute capability 8.0 or newer";
+    return layout;
+  }
+  const int64_t warps = kPersistentThreads / kWarpSize;
+  const int64_t m_tiles = (layout.units_per_block + units_per_tile - 1) / units_per_tile;
+  const int64_t k_steps = (H + kMmaK - 1) / kMmaK;
+  const int64_t tile_bytes = m_tiles * kMmaM * (k_steps * kMmaK + kMmaRowPad) * 2;
+  // mma_split gives at most max(warps, tile pairs) items at any batch up to B.
+  const int64_t items = std::max<int64_t>(warps, m_tiles * ((B + kMmaN - 1) / kMmaN));
+  return check_residency(layout, kernel, static_cast<size_t>(tile_bytes + items * kMmaM * kMmaN * 4));
 }
 
 bool use_persistent(const char* op, const PersistentLayout& layout, const StepPlan& plan) {
@@ -344,7 +376,7 @@ PersistentForwardArgs<T> persistent_forward_args(const StepPlan& plan, const Per
   a.cols_per_block = layout.cols_per_block;
   a.plan = table.data_ptr<int64_t>();
   a.gates_x = gx.data_ptr<T>();
-  a.w_hh = whh.data_ptr<T>();
+  a.w_hh = whh.defined() ? whh.data_ptr<T>() : nullptr;  // undefined for the tensor-core kernel
   a.bias = bias.data_ptr<T>();
   a.h0 = h0.data_ptr<T>();
   a.h_state = h_state.data_ptr<T>();
@@ -367,6 +399,46 @@ PersistentBackwardArgs<T> persistent_backward_args(const StepPlan& plan, const P
   a.plan = table.data_ptr<int64_t>();
   a.w_hh = whh.data_ptr<T>();
   return a;
+}
+
+// bfloat16 / float16 calls without a projection: the tensor-core forward kernel, when it can run
+// the call and the path choice takes the persistent path. Returns whether it ran; otherwise the
+// caller goes on to the float32 FMA kernels' choice (e.g. on a GPU older than sm_80).
+template <Cell cell, typename In>
+bool try_persistent_mma_as(const char* op, const StepPlan& plan, int64_t H, const at::Tensor& gx,
+                           const at::Tensor& w_hh, const at::Tensor& bias, const at::Tensor& h0_c,
+                           at::Tensor& h_state, at::Tensor& c_state, at::Tensor& output, at::Tensor& workspace,
+                           bool training, Storage storage) {
+  const auto kernel = persistent_forward_mma_kernel<In, cell>;
+  const PersistentLayout layout = persistent_mma_layout(kernel, mma_units_per_tile<cell>(), H, plan.batch);
+  if (!layout.refusal.empty() || !use_persistent(op, layout, plan)) return false;
+  const at::Tensor table = plan_table(plan, gx);
+  const at::Tensor w = w_hh.contiguous();
+  PersistentMmaArgs<In> args;
+  args.base = persistent_forward_args<float>(plan, layout, table, H, H, gx, at::Tensor(), bias, h0_c, h_state, output,
+                                             workspace, training, storage);
+  if (c_state.defined()) args.base.c_state = c_state.data_ptr<float>();
+  args.w_hh = w.data_ptr<In>();
+  launch_persistent(cell == Cell::Lstm ? "persistent_lstm_forward_mma"
+                    : cell == Cell::Gru ? "persistent_gru_forward_mma"
+                                        : "persistent_rnn_forward_mma",
+                    kernel, layout, args);
+  return true;
+}
+
+template <Cell cell>
+bool try_persistent_mma(const char* op, const StepPlan& plan, int64_t H, const at::Tensor& gx, const at::Tensor& w_hh,
+                        const at::Tensor& bias, const at::Tensor& h0_c, at::Tensor& h_state, at::Tensor& c_state,
+                        at::Tensor& output, at::Tensor& workspace, bool training, Storage storage) {
+  if (w_hh.scalar_type() == at::kBFloat16) {
+    return try_persistent_mma_as<cell, c10::BFloat16>(op, plan, H, gx, w_hh, bias, h0_c, h_state, c_state, output,
+                                                      workspace, training, storage);
+  }
+  if (w_hh.scalar_type() == at::kHalf) {
+    return try_persistent_mma_as<cell, c10::Half>(op, plan, H, gx, w_hh, bias, h0_c, h_state, c_state, output,
+                                                  workspace, training, storage);
+  }
+  return false;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -415,6 +487,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_recurrence_cuda(
 
   AT_DISPATCH_FLOATING_TYPES(acc, "rnnfused_lstm_cuda", [&] {
     using T = scalar_t;
+    if constexpr (std::is_same_v<T, float>) {
+      if (!proj && try_persistent_mma<Cell::Lstm>(op, plan, H, gx, w_hh, bias, compute_view(h0, acc), h_state,
+                                                  c_state, output, workspace, training, storage)) {
+        return;
+      }
+    }
     const auto kernel = persistent_forward_kernel<T, Cell::Lstm>;
     const PersistentLayout layout = persistent_layout(kernel, 4, H, P, proj, sizeof(T), /*backward=*/false);
     if (use_persistent(op, layout, plan)) {
@@ -647,6 +725,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_recurrence_cuda(const at::Ten
 
   AT_DISPATCH_FLOATING_TYPES(acc, "rnnfused_gru_cuda", [&] {
     using T = scalar_t;
+    if constexpr (std::is_same_v<T, float>) {
+      at::Tensor no_cell_state;
+      if (try_persistent_mma<Cell::Gru>(op, plan, H, gx, w_hh, bias, compute_view(h0, acc), h_state, no_cell_state,
+                                        output, workspace, training, storage_of(dtype))) {
+        return;
+      }
+    }
     const auto kernel = persistent_forward_kernel<T, Cell::Gru>;
     const PersistentLayout layout = persistent_layout(kernel, 3, H, H, false, sizeof(T), /*backward=*/false);
     if (use_persistent(op, layout, plan)) {
@@ -786,6 +871,13 @@ std::tuple<at::Tensor, at::Tensor> rnn_recurrence_cuda(const at::Tensor& gates_x
   AT_DISPATCH_FLOATING_TYPES(acc, "rnnfused_rnn_cuda", [&] {
     using T = scalar_t;
     constexpr Cell cell = act == Activation::Tanh ? Cell::RnnTanh : Cell::RnnRelu;
+    if constexpr (std::is_same_v<T, float>) {
+      at::Tensor no_cell_state, no_workspace;
+      if (try_persistent_mma<cell>(op, plan, H, gx, w_hh, bias, compute_view(h0, acc), h_state, no_cell_state,
+                                   output, no_workspace, false, storage_of(dtype))) {
+        return;
+      }
+    }
     const auto kernel = persistent_forward_kernel<T, cell>;
     const PersistentLayout layout = persistent_layout(kernel, 1, H, H, false, sizeof(T), /*backward=*/false);
     if (use_persistent(op, layout, plan)) {

@@ -43,6 +43,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sm_count", [] { return sim::config().sm_count; });
   m.def("check_global_races", [] { return sim::config().check_global_races; });
   m.def("launch_count", &sim::launch_count, "Kernel launches run on the simulator so far");
+  m.def("last_kernel", &sim::last_kernel, "The name of the latest kernel launched on the simulator");
   m.def("selftest", &rnnfused::cuda::selftest::run, "Run a self-test kernel (bug = 0: its correct form)",
         pybind11::arg("name"), pybind11::arg("bug"), pybind11::arg("input"));
 }

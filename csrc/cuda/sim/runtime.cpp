@@ -255,6 +255,7 @@ thread_local ucontext_t g_scheduler_context;
 
 std::atomic<uint32_t> g_launch_ids{0};
 std::atomic<uint64_t> g_launch_count{0};
+std::string g_last_kernel;  // the name of the latest launch (tests check which kernel a path ran)
 
 std::string fmt(const dim3& d) {
   std::ostringstream s;
@@ -989,6 +990,7 @@ void mma_m16n8k16(MmaInput input, float* d, const uint32_t* a, const uint32_t* b
 // ---------------------------------------------------------------------------------------------
 
 uint64_t launch_count() { return g_launch_count; }
+std::string last_kernel() { return g_last_kernel; }
 
 int64_t max_cooperative_blocks(int64_t threads, size_t shared_bytes) {
   const DeviceConfig& dev = config();
@@ -1026,6 +1028,7 @@ void launch(const char* kernel, const LaunchConfig& cfg, const std::function<voi
   L.threads_per_block = static_cast<uint32_t>(tpb);
   L.body = &body;
   ++g_launch_count;
+  g_last_kernel = kernel;
   g_launch = &L;
   auto run_blocks = [&](uint32_t first, uint32_t count) {
     L.blocks.clear();

@@ -287,6 +287,8 @@ void install_tracking_allocator();
 
 // How many launches have run (a testing aid: proves that a path went through the simulator).
 uint64_t launch_count();
+// The name of the latest kernel launched.
+std::string last_kernel();
 
 }  // namespace rnnfused::sim
 
