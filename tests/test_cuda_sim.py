@@ -339,3 +339,25 @@ def test_persistent_forward_kernel_of_each_dtype(mode, dtype, suffix, monkeypatc
     with _sim.simulated_cuda(sm_count=PERSISTENT_SMS, check_global_races=False):
         _forward_op_call(mode, 9, hidden=20, dtype=dtype)
     assert _sim.last_kernel() == f"persistent_{mode.split('_')[0]}_forward{suffix}"
+
+
+@pytest.mark.parametrize("mode", list(LAYER_MODES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_persistent_path_at_a_larger_shape_agrees_with_cpu_kernels(mode, dtype, monkeypatch):
+    """H = 70 over 4 blocks (18 + 18 + 18 + 16 units: tensor-core tiles with unused rows, K padded
+    from 70 to 80), a packed batch of 20 (three batch tiles of 8, the last partial, shrinking
+    over the steps so that the K steps are split over warps at the end), bidirectional (reverse:
+    rows start from h0 as the batch grows)."""
+    monkeypatch.setenv("RNNFUSED_CUDA_PATH", "persistent")
+    _, ours = twin_layers(mode, 6, 70, seed=4, bidirectional=True)
+    ours.to(dtype)
+    make = sequence_inputs("packed_unsorted", 4, 20, 6, state_shapes(mode, 1, True, 20, 70, 0), dtype)
+    with _sim.simulated_cuda(sm_count=4, check_global_races=False):
+        sim_out, sim_grads = forward_backward(ours, make)
+    saved, functional._ops_ns = functional._ops_ns, torch.ops.rnnfused  # the CPU kernels
+    try:
+        cpu_out, cpu_grads = forward_backward(ours, make)
+    finally:
+        functional._ops_ns = saved
+    assert_close_in_ulps(sim_out, cpu_out, dtype, "outputs")
+    assert_close_in_ulps(sim_grads, cpu_grads, dtype, "gradients")
