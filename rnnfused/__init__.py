@@ -8,11 +8,12 @@ import torch  # noqa: F401  (loads libtorch, which the extension links against, 
 
 from . import _C, _ops, functional  # noqa: F401
 from .modules import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell
+from .convert import convert
 from . import _autocast  # noqa: F401  (autocast rules of the recurrence ops)
 
 __version__ = "0.1.0"
 
-__all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "functional", "cuda_built", "build_info"]
+__all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "convert", "functional", "cuda_built", "build_info"]
 
 
 def cuda_built():

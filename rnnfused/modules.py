@@ -371,6 +371,13 @@ def _check_cell_hidden(input, hx, hidden_size, label):
         raise RuntimeError(f"hidden{label} has inconsistent hidden_size: got {hx.size(1)}, expected {hidden_size}")
 
 
+def _zero_width_state(cell, input, state):
+    """A cell's next state when hidden_size is 0 (torch.nn accepts it): [B, 0], connected to the
+    input, every weight and the state in autograd as torch.nn's is (every gradient is zero or
+    empty)."""
+    return F.linear(input, cell.weight_ih, cell.bias_ih) + F.linear(state, cell.weight_hh, cell.bias_hh) + state
+
+
 class RNNCell(nn.RNNCell):
     __doc__ = "rnnfused's drop-in for :class:`torch.nn.RNNCell`.\n\n" + (nn.RNNCell.__doc__ or "")
 
@@ -394,7 +401,10 @@ class RNNCell(nn.RNNCell):
             raise RuntimeError(f"Unknown nonlinearity: {self.nonlinearity}")
         _check_cell_input(input, self.weight_ih)
         _check_cell_hidden(input, hx, self.weight_hh.size(1), "0")
-        ret, _ = layer(input, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh, hx)
+        if self.hidden_size == 0:
+            ret = _zero_width_state(self, input, hx)
+        else:
+            ret, _ = layer(input, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh, hx)
         if not is_batched:
             ret = ret.squeeze(0)
         return ret
@@ -417,9 +427,12 @@ class GRUCell(nn.GRUCell):
             hx = hx.unsqueeze(0) if not is_batched else hx
         _check_cell_input(input, self.weight_ih)
         _check_cell_hidden(input, hx, self.weight_hh.size(1), "0")
-        ret, _ = rf.gru_layer(
-            input, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh, hx, training=self.training
-        )
+        if self.hidden_size == 0:
+            ret = _zero_width_state(self, input, hx)
+        else:
+            ret, _ = rf.gru_layer(
+                input, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh, hx, training=self.training
+            )
         if not is_batched:
             ret = ret.squeeze(0)
         return ret
@@ -448,10 +461,14 @@ class LSTMCell(nn.LSTMCell):
         _check_cell_input(input, self.weight_ih)
         _check_cell_hidden(input, hx[0], self.weight_hh.size(1), "0")
         _check_cell_hidden(input, hx[1], self.weight_hh.size(1), "1")
-        h, _, c = rf.lstm_layer(
-            input, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh, None, hx[0], hx[1],
-            training=self.training,
-        )
+        if self.hidden_size == 0:
+            h = _zero_width_state(self, input, hx[0])
+            c = _zero_width_state(self, input, hx[1])
+        else:
+            h, _, c = rf.lstm_layer(
+                input, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh, None, hx[0], hx[1],
+                training=self.training,
+            )
         if input.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
             # torch.nn.LSTMCell under CPU autocast: its gates run in the autocast dtype, but
             # c' = f * c + i * g promotes to the state's dtype, and so does h' = o * tanh(c').

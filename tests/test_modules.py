@@ -389,3 +389,37 @@ def test_eval_mode_keeps_no_workspace_and_backward_still_works(mode):
     assert calls
     if mode in ("lstm", "gru"):
         assert all(n.args[-1] is False for n in calls), [n.args for n in calls]
+
+
+@pytest.mark.parametrize("name", ["LSTMCell", "GRUCell", "RNNCell"])
+@pytest.mark.parametrize("batched", [True, False])
+@pytest.mark.parametrize("with_hx", [True, False])
+@pytest.mark.parametrize("bias", [True, False])
+def test_cells_accept_a_zero_hidden_size(name, batched, with_hx, bias):
+    """As torch.nn's cells do: the state is [B, 0], and every gradient matches torch.nn's (zeros of
+    the input's and weights' shapes)."""
+    torch.manual_seed(0)
+    ref = getattr(torch.nn, name)(5, 0, bias=bias, dtype=torch.float64)
+    ours = getattr(rnnfused, name)(5, 0, bias=bias, dtype=torch.float64)
+    ours.load_state_dict(ref.state_dict())
+    shape = (3, 5) if batched else (5,)
+    results = []
+    for module in (ref, ours):
+        x = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        state_shape = (3, 0) if batched else (0,)
+        hx = None
+        if with_hx:
+            hx = torch.zeros(state_shape, dtype=torch.float64, requires_grad=True)
+            hx = (hx, hx.clone()) if name == "LSTMCell" else hx
+        out = module(x, hx)
+        outs = out if isinstance(out, tuple) else (out,)
+        loss = sum(o.sum() for o in outs) + x.sum() * 0
+        grads = torch.autograd.grad(loss, [x] + list(module.parameters()), allow_unused=True)
+        results.append(([o.shape for o in outs], grads))
+    (ref_shapes, ref_grads), (our_shapes, our_grads) = results
+    assert our_shapes == ref_shapes
+    for ours_grad, ref_grad in zip(our_grads, ref_grads):
+        if ref_grad is None:
+            assert ours_grad is None or not ours_grad.any()
+        else:
+            torch.testing.assert_close(ours_grad, ref_grad)
