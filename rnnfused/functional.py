@@ -46,7 +46,13 @@ def _check_device(tensor):
 def _records_workspace(keep, *tensors):
     """Whether the forward op keeps its workspace for backward: the caller allows it (modules pass
     ``self.training``), grad mode is on and some input requires grad. Without it a backward still
-    works: it recomputes the forward pass first (see rnnfused/_ops.py)."""
+    works: it recomputes the forward pass first (see rnnfused/_ops.py).
+
+    Under torch.jit.trace the module's flag alone decides: a traced graph records it as a
+    constant, and must not depend on the grad mode of the call that traced it (the tracer's own
+    check reruns the module in another one)."""
+    if torch.jit.is_tracing():
+        return keep
     return keep and torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 

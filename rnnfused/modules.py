@@ -235,6 +235,12 @@ class RNN(_FusedStack, nn.RNNBase):
             raise ValueError(f"Unknown nonlinearity '{self.nonlinearity}'. Select from 'tanh' or 'relu'.")
         super().__init__(mode, *args, **kwargs)
 
+    def __prepare_scriptable__(self):
+        # torch.jit.script compiles a TorchScript form sharing this module's state (_script.py).
+        from . import _script
+
+        return _script.prepare_scriptable(self)
+
     def forward(self, input, hx=None):
         return _single_state_forward(self, "RNN", input, hx)
 
@@ -245,6 +251,12 @@ class GRU(_FusedStack, nn.RNNBase):
     def __init__(self, *args, **kwargs):
         _refuse_projection(kwargs)
         super().__init__("GRU", *args, **kwargs)
+
+    def __prepare_scriptable__(self):
+        # torch.jit.script compiles a TorchScript form sharing this module's state (_script.py).
+        from . import _script
+
+        return _script.prepare_scriptable(self)
 
     def forward(self, input, hx=None):
         return _single_state_forward(self, "GRU", input, hx)
@@ -260,6 +272,12 @@ class LSTM(_FusedStack, nn.RNNBase):
     get_expected_cell_size = nn.LSTM.get_expected_cell_size
     check_forward_args = nn.LSTM.check_forward_args
     permute_hidden = nn.LSTM.permute_hidden
+
+    def __prepare_scriptable__(self):
+        # torch.jit.script compiles a TorchScript form sharing this module's state (_script.py).
+        from . import _script
+
+        return _script.prepare_scriptable(self)
 
     def forward(self, input, hx=None):
         orig_input = input
@@ -381,6 +399,12 @@ def _zero_width_state(cell, input, state):
 class RNNCell(nn.RNNCell):
     __doc__ = "rnnfused's drop-in for :class:`torch.nn.RNNCell`.\n\n" + (nn.RNNCell.__doc__ or "")
 
+    def __prepare_scriptable__(self):
+        # torch.jit.script compiles a TorchScript form sharing this module's state (_script.py).
+        from . import _script
+
+        return _script.prepare_scriptable(self)
+
     def forward(self, input, hx=None):
         if input.dim() not in (1, 2):
             raise ValueError(f"RNNCell: Expected input to be 1D or 2D, got {input.dim()}D instead")
@@ -413,6 +437,12 @@ class RNNCell(nn.RNNCell):
 class GRUCell(nn.GRUCell):
     __doc__ = "rnnfused's drop-in for :class:`torch.nn.GRUCell`.\n\n" + (nn.GRUCell.__doc__ or "")
 
+    def __prepare_scriptable__(self):
+        # torch.jit.script compiles a TorchScript form sharing this module's state (_script.py).
+        from . import _script
+
+        return _script.prepare_scriptable(self)
+
     def forward(self, input, hx=None):
         if input.dim() not in (1, 2):
             raise ValueError(f"GRUCell: Expected input to be 1D or 2D, got {input.dim()}D instead")
@@ -440,6 +470,12 @@ class GRUCell(nn.GRUCell):
 
 class LSTMCell(nn.LSTMCell):
     __doc__ = "rnnfused's drop-in for :class:`torch.nn.LSTMCell`.\n\n" + (nn.LSTMCell.__doc__ or "")
+
+    def __prepare_scriptable__(self):
+        # torch.jit.script compiles a TorchScript form sharing this module's state (_script.py).
+        from . import _script
+
+        return _script.prepare_scriptable(self)
 
     def forward(self, input, hx=None):
         if input.dim() not in (1, 2):
