@@ -15,6 +15,8 @@
 #   BENCH_ARGS=...        arguments of the benchmark suite (python -m benchmarks --help)
 #   PYTEST_ARGS=...       extra pytest arguments
 #   MAX_JOBS=2            parallel compile jobs
+#   TEST_DEPS=...         optional test dependencies `make test` installs (default: onnx,
+#                         onnxruntime, onnxscript for the ONNX export tests)
 #   SIM=1                 also build the test build of the CUDA path on the CUDA simulator
 #                         (rnnfused._sim_C, tests/test_cuda_sim.py); SIM=0 skips it
 
@@ -24,6 +26,8 @@ MAX_JOBS ?= 2
 BENCH_ARGS ?=
 PYTEST_ARGS ?=
 SIM ?= 1
+# Optional test dependencies: the ONNX export tests (tests/test_onnx.py) skip without them.
+TEST_DEPS ?= onnx onnxruntime onnxscript
 OUT ?= gpu-check
 STEPS ?=
 
@@ -44,6 +48,9 @@ endif
 	$(PY) -c "import rnnfused; print('rnnfused', rnnfused.build_info())"
 
 test: setup
+ifneq ($(SYSTEM_PYTHON),1)
+	$(PY) -m pip install -q $(TEST_DEPS)
+endif
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 bench: setup

@@ -140,6 +140,15 @@ class _FusedStack:
         return output, torch.stack(h_n, 0), (torch.stack(c_n, 0) if c0 is not None else None)
 
 
+def _exporting_to_onnx():
+    """Whether torch.onnx.export is running. Then the layers and cells run torch.nn's own forward on
+    the same parameters (their attributes are torch.nn's), which the exporter turns into ONNX's
+    LSTM / GRU / RNN operators (gate order, GRU's linear_before_reset and the sequence lengths of
+    packed input as ONNX defines them): an ONNX model has no place for rnnfused's ops, and an ONNX
+    runtime runs its own kernels."""
+    return torch.onnx.is_in_onnx_export()
+
+
 def _check_forward_args(module, input, hx, batch_sizes):
     """torch.nn's argument checks. Under torch.compile a packed batch's size is data
     (``batch_sizes[0]``), which the compiler cannot guard on; there the op itself checks the
@@ -242,6 +251,8 @@ class RNN(_FusedStack, nn.RNNBase):
         return _script.prepare_scriptable(self)
 
     def forward(self, input, hx=None):
+        if _exporting_to_onnx():
+            return nn.RNN.forward(self, input, hx)
         return _single_state_forward(self, "RNN", input, hx)
 
 
@@ -259,6 +270,8 @@ class GRU(_FusedStack, nn.RNNBase):
         return _script.prepare_scriptable(self)
 
     def forward(self, input, hx=None):
+        if _exporting_to_onnx():
+            return nn.GRU.forward(self, input, hx)
         return _single_state_forward(self, "GRU", input, hx)
 
 
@@ -280,6 +293,8 @@ class LSTM(_FusedStack, nn.RNNBase):
         return _script.prepare_scriptable(self)
 
     def forward(self, input, hx=None):
+        if _exporting_to_onnx():
+            return nn.LSTM.forward(self, input, hx)
         orig_input = input
         batch_sizes = None
         num_directions = 2 if self.bidirectional else 1
@@ -406,6 +421,8 @@ class RNNCell(nn.RNNCell):
         return _script.prepare_scriptable(self)
 
     def forward(self, input, hx=None):
+        if _exporting_to_onnx():
+            return nn.RNNCell.forward(self, input, hx)
         if input.dim() not in (1, 2):
             raise ValueError(f"RNNCell: Expected input to be 1D or 2D, got {input.dim()}D instead")
         if hx is not None and hx.dim() not in (1, 2):
@@ -444,6 +461,8 @@ class GRUCell(nn.GRUCell):
         return _script.prepare_scriptable(self)
 
     def forward(self, input, hx=None):
+        if _exporting_to_onnx():
+            return nn.GRUCell.forward(self, input, hx)
         if input.dim() not in (1, 2):
             raise ValueError(f"GRUCell: Expected input to be 1D or 2D, got {input.dim()}D instead")
         if hx is not None and hx.dim() not in (1, 2):
@@ -478,6 +497,8 @@ class LSTMCell(nn.LSTMCell):
         return _script.prepare_scriptable(self)
 
     def forward(self, input, hx=None):
+        if _exporting_to_onnx():
+            return nn.LSTMCell.forward(self, input, hx)
         if input.dim() not in (1, 2):
             raise ValueError(f"LSTMCell: Expected input to be 1D or 2D, got {input.dim()}D instead")
         if hx is not None:
