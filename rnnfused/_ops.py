@@ -1,16 +1,24 @@
 """Fake kernels and autograd formulas of the C++ ops (the schemas live in csrc/op_schemas.h).
 
-Every forward op is differentiable through its `*_backward` op. The backward ops themselves are
-not differentiable: asking for a second derivative raises a clear error instead of returning a
-silently wrong one.
+Every forward op is differentiable through its `*_backward` op (the fused kernels). Second (and
+higher) derivatives are exact too: the backward ops' own autograd formula is the vector-Jacobian
+product of rnnfused/_reference_backward.py, the same backward recurrence written with
+differentiable PyTorch operations. A second-order backward sends gradients to the activations the
+forward op saved (its workspace, a differentiable output for that reason) and to its output; the
+forward op's formula takes the workspace's gradient through the reference as well. None of this
+runs unless a derivative of a derivative is asked for: first derivatives cost what they did.
 
 `register(namespace)` registers them for one library of ops with rnnfused's schemas:
 ``rnnfused`` (the CPU and CUDA kernels), and ``rnnfused_sim`` in the test build of the CUDA path on
 the CUDA simulator (rnnfused/_sim.py).
 """
+from typing import Optional, Tuple
+
 import torch
+from torch import Tensor
 
 from . import _C  # noqa: F401  (loads the library that defines the ops)
+from . import _reference_backward as reference
 
 # Columns per row of the workspace (see csrc/recurrence.h).
 LSTM_WORKSPACE_GATES = 5
@@ -88,6 +96,51 @@ def register(namespace):
         torch.library.register_fake(f"{namespace}::rnn_{_act}_recurrence_backward")(_rnn_backward_fake)
 
     # ----------------------------------------------------------------------------------------------
+    # The first-order backward with a gradient at the workspace (second-order backward only): the
+    # reference recurrence as an op of its own, so that a traced graph (torch.compile, opcheck)
+    # holds one opaque call instead of a Python loop over data-dependent batch sizes.
+    # ----------------------------------------------------------------------------------------------
+
+    def _fresh(tensors):
+        # A custom op's outputs must not alias its inputs (the reference may return one as is).
+        return tuple(t.clone() for t in tensors)
+
+    @torch.library.custom_op(f"{namespace}::lstm_workspace_backward", mutates_args=())
+    def _lstm_workspace_backward(
+        grad_output: Optional[Tensor], grad_h_n: Optional[Tensor], grad_c_n: Optional[Tensor], grad_workspace: Tensor,
+        w_hh: Tensor, w_hr: Optional[Tensor], h0: Tensor, c0: Tensor, output: Tensor, workspace: Tensor,
+        batch_sizes: Optional[Tensor], reverse: bool,
+    ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        return _fresh(reference.lstm_backward(grad_output, grad_h_n, grad_c_n, grad_workspace, w_hh, w_hr, h0, c0,
+                                              output, workspace, batch_sizes, reverse))
+
+    @_lstm_workspace_backward.register_fake
+    def _(grad_output, grad_h_n, grad_c_n, grad_workspace, w_hh, w_hr, h0, c0, output, workspace, batch_sizes, reverse):
+        return _lstm_backward_fake(grad_output, grad_h_n, grad_c_n, w_hh, w_hr, h0, c0, output, workspace, batch_sizes,
+                                   reverse)
+
+    @torch.library.custom_op(f"{namespace}::gru_workspace_backward", mutates_args=())
+    def _gru_workspace_backward(
+        grad_output: Optional[Tensor], grad_h_n: Optional[Tensor], grad_workspace: Tensor, w_hh: Tensor, h0: Tensor,
+        output: Tensor, workspace: Tensor, batch_sizes: Optional[Tensor], reverse: bool,
+    ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+        return _fresh(reference.gru_backward(grad_output, grad_h_n, grad_workspace, w_hh, h0, output, workspace,
+                                             batch_sizes, reverse))
+
+    @_gru_workspace_backward.register_fake
+    def _(grad_output, grad_h_n, grad_workspace, w_hh, h0, output, workspace, batch_sizes, reverse):
+        return _gated_backward_fake(3, grad_output, grad_h_n, w_hh, h0, output)
+
+    def _no_third_derivative(ctx, *grads):
+        raise RuntimeError(_THIRD_ORDER_MESSAGE)
+
+    def _no_context(ctx, inputs, output):
+        pass
+
+    for _op in (_lstm_workspace_backward, _gru_workspace_backward):
+        _op.register_autograd(_no_third_derivative, setup_context=_no_context)
+
+    # ----------------------------------------------------------------------------------------------
     # Autograd. Gradients of unused outputs arrive as None (no zero tensors are made for them) and
     # the C++ backward reads None as zero.
     # ----------------------------------------------------------------------------------------------
@@ -103,16 +156,20 @@ def register(namespace):
         # (with training=True) from the saved inputs instead of failing.
         recompute_from = (gates_x, b_hh) if not training else (None, None)
         ctx.save_for_backward(w_hh, w_hr, h0, c0, out, workspace, batch_sizes, *recompute_from)
-        ctx.mark_non_differentiable(workspace)
         ctx.set_materialize_grads(False)
 
-    def _lstm_backward(ctx, grad_output, grad_h_n, grad_c_n, _grad_workspace):
+    def _lstm_backward(ctx, grad_output, grad_h_n, grad_c_n, grad_workspace):
         w_hh, w_hr, h0, c0, out, workspace, batch_sizes, gates_x, b_hh = ctx.saved_tensors
         if not ctx.recorded:
             out, _, _, workspace = _ops.lstm_recurrence(gates_x, w_hh, b_hh, w_hr, h0, c0, batch_sizes, ctx.reverse, True)
-        grad_gx, grad_w_hh, grad_b_hh, grad_w_hr, grad_h0, grad_c0 = _ops.lstm_recurrence_backward(
-            grad_output, grad_h_n, grad_c_n, w_hh, w_hr, h0, c0, out, workspace, batch_sizes, ctx.reverse
-        )
+        if _has_grad(grad_workspace):  # only in a second-order backward (see the module docstring)
+            grads = _ops.lstm_workspace_backward(grad_output, grad_h_n, grad_c_n, grad_workspace, w_hh, w_hr, h0, c0,
+                                                 out, workspace, batch_sizes, ctx.reverse)
+        else:
+            grads = _ops.lstm_recurrence_backward(
+                grad_output, grad_h_n, grad_c_n, w_hh, w_hr, h0, c0, out, workspace, batch_sizes, ctx.reverse
+            )
+        grad_gx, grad_w_hh, grad_b_hh, grad_w_hr, grad_h0, grad_c0 = grads
         return (
             grad_gx,
             grad_w_hh,
@@ -137,16 +194,19 @@ def register(namespace):
         ctx.recorded = training
         recompute_from = (gates_x, b_hh) if not training else (None, None)  # as for the LSTM
         ctx.save_for_backward(w_hh, h0, out, workspace, batch_sizes, *recompute_from)
-        ctx.mark_non_differentiable(workspace)
         ctx.set_materialize_grads(False)
 
-    def _gru_backward(ctx, grad_output, grad_h_n, _grad_workspace):
+    def _gru_backward(ctx, grad_output, grad_h_n, grad_workspace):
         w_hh, h0, out, workspace, batch_sizes, gates_x, b_hh = ctx.saved_tensors
         if not ctx.recorded:
             out, _, workspace = _ops.gru_recurrence(gates_x, w_hh, b_hh, h0, batch_sizes, ctx.reverse, True)
-        grad_gx, grad_w_hh, grad_b_hh, grad_h0 = _ops.gru_recurrence_backward(
-            grad_output, grad_h_n, w_hh, h0, out, workspace, batch_sizes, ctx.reverse
-        )
+        if _has_grad(grad_workspace):  # only in a second-order backward
+            grads = _ops.gru_workspace_backward(grad_output, grad_h_n, grad_workspace, w_hh, h0, out, workspace,
+                                                batch_sizes, ctx.reverse)
+        else:
+            grads = _ops.gru_recurrence_backward(grad_output, grad_h_n, w_hh, h0, out, workspace, batch_sizes,
+                                                 ctx.reverse)
+        grad_gx, grad_w_hh, grad_b_hh, grad_h0 = grads
         return grad_gx, grad_w_hh, grad_b_hh if ctx.has_bias else None, grad_h0, None, None, None
 
     torch.library.register_autograd(f"{namespace}::gru_recurrence", _gru_backward, setup_context=_gru_setup_context)
@@ -176,24 +236,80 @@ def register(namespace):
             setup_context=_rnn_setup_context,
         )
 
-    # The backward ops get an autograd formula that refuses, so that create_graph=True followed by a
-    # second backward fails loudly (as torch.nn's cuDNN path does) rather than dropping terms.
-    def _no_double_backward(ctx, *grads):
-        raise RuntimeError(
-            "rnnfused: double backward (a gradient of a gradient) through a recurrence is not supported; "
-            "the fused kernels provide first derivatives only"
-        )
+    # The backward ops' own autograd: the vector-Jacobian product of the reference backward
+    # (rnnfused/_reference_backward.py) with respect to every input that needs a gradient, computed
+    # by autograd on the reference run from detached copies of the saved inputs: the partial
+    # derivatives with respect to the backward op's own arguments (output and workspace among them;
+    # the engine then carries those into the forward op). Detached, the result is not
+    # differentiable again, so a third derivative is refused rather than silently incomplete.
+    def _save_inputs(ctx, inputs, output):
+        ctx.present = [isinstance(t, torch.Tensor) for t in inputs]
+        ctx.reverse = inputs[-1]
+        ctx.save_for_backward(*[t for t in inputs if isinstance(t, torch.Tensor)])
 
-    def _no_context(ctx, inputs, output):
-        pass
+    def _saved_inputs(ctx):
+        saved = iter(ctx.saved_tensors)
+        return [next(saved) if present else None for present in ctx.present]
 
-    for _name in (
-        "lstm_recurrence_backward",
-        "gru_recurrence_backward",
-        "rnn_tanh_recurrence_backward",
-        "rnn_relu_recurrence_backward",
-    ):
-        torch.library.register_autograd(f"{namespace}::{_name}", _no_double_backward, setup_context=_no_context)
+    def _vjp(ctx, run_reference, grads):
+        inputs = _saved_inputs(ctx)
+        wanted = [i for i, need in enumerate(ctx.needs_input_grad) if need and inputs[i] is not None]
+        result = [None] * len(inputs)
+        if not wanted:
+            return tuple(result)
+        if torch.is_grad_enabled():
+            raise RuntimeError(_THIRD_ORDER_MESSAGE)
+        leaves = [t.detach().requires_grad_(i in wanted) if isinstance(t, torch.Tensor) else t
+                  for i, t in enumerate(inputs)]
+        with torch.enable_grad():
+            outputs = run_reference(leaves)
+        pairs = [(o, g) for o, g in zip(outputs, grads) if g is not None and o.requires_grad]
+        if not pairs:
+            return tuple(result)
+        values = torch.autograd.grad([o for o, _ in pairs], [leaves[i] for i in wanted], [g for _, g in pairs],
+                                     allow_unused=True)
+        for i, value in zip(wanted, values):
+            result[i] = value
+        return tuple(result)
+
+    def _lstm_backward_backward(ctx, *grads):
+        def run(a):  # grad_output, grad_h_n, grad_c_n, w_hh, w_hr, h0, c0, output, workspace, batch_sizes, reverse
+            return reference.lstm_backward(a[0], a[1], a[2], None, a[3], a[4], a[5], a[6], a[7], a[8], a[9], ctx.reverse)
+
+        return _vjp(ctx, run, grads)
+
+    def _gru_backward_backward(ctx, *grads):
+        def run(a):  # grad_output, grad_h_n, w_hh, h0, output, workspace, batch_sizes, reverse
+            return reference.gru_backward(a[0], a[1], None, a[2], a[3], a[4], a[5], a[6], ctx.reverse)
+
+        return _vjp(ctx, run, grads)
+
+    def _make_rnn_backward_backward(nonlinearity):
+        def _rnn_backward_backward(ctx, *grads):
+            def run(a):  # grad_output, grad_h_n, w_hh, h0, output, batch_sizes, reverse
+                return reference.rnn_backward(nonlinearity, a[0], a[1], a[2], a[3], a[4], a[5], ctx.reverse)
+
+            return _vjp(ctx, run, grads)
+
+        return _rnn_backward_backward
+
+    torch.library.register_autograd(f"{namespace}::lstm_recurrence_backward", _lstm_backward_backward,
+                                    setup_context=_save_inputs)
+    torch.library.register_autograd(f"{namespace}::gru_recurrence_backward", _gru_backward_backward,
+                                    setup_context=_save_inputs)
+    for _act in ("tanh", "relu"):
+        torch.library.register_autograd(f"{namespace}::rnn_{_act}_recurrence_backward",
+                                        _make_rnn_backward_backward(_act), setup_context=_save_inputs)
+
+
+_THIRD_ORDER_MESSAGE = (
+    "rnnfused: derivatives of third or higher order through a recurrence are not supported "
+    "(second derivatives are exact); call the second backward without create_graph=True"
+)
+
+
+def _has_grad(grad):
+    return grad is not None and grad.numel() > 0
 
 
 register("rnnfused")

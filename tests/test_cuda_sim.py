@@ -361,3 +361,24 @@ def test_persistent_path_at_a_larger_shape_agrees_with_cpu_kernels(mode, dtype, 
         functional._ops_ns = saved
     assert_close_in_ulps(sim_out, cpu_out, dtype, "outputs")
     assert_close_in_ulps(sim_grads, cpu_grads, dtype, "gradients")
+
+
+@pytest.mark.parametrize("mode", list(LAYER_MODES))
+def test_second_derivatives_on_the_simulated_path(mode, path):
+    """A gradient penalty through the simulated CUDA ops: the same as torch.nn's (the first-order
+    backward runs the simulated kernels, the second order rnnfused's reference recurrence)."""
+    kwargs = dict(bidirectional=True, proj_size=3) if mode == "lstm" else dict(bidirectional=True)
+    ref, ours = twin_layers(mode, 4, 7, **kwargs)
+    x = torch.randn(5, 3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    results = []
+    for module in (ref, ours):
+        inp = x.clone().requires_grad_()
+        packed = torch.nn.utils.rnn.pack_padded_sequence(inp, [5, 3, 2])
+        out, state = module(packed)
+        states = state if isinstance(state, tuple) else (state,)
+        loss = (out.data * out.data).sum() + sum(s.sum() for s in states)
+        params = list(module.parameters())
+        first = torch.autograd.grad(loss, [inp] + params, create_graph=True)
+        results.append(torch.autograd.grad(sum((f * f).sum() for f in first), [inp] + params))
+    for r, o in zip(*results):
+        torch.testing.assert_close(o, r, rtol=1e-8, atol=1e-10)

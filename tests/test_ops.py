@@ -1,6 +1,6 @@
 """The registered ops themselves: gradcheck (float64), torch.library.opcheck (schema, fake kernel,
-autograd registration, AOT dispatch), torch.compile(fullgraph=True), and the double-backward
-refusal."""
+autograd registration, AOT dispatch), torch.compile(fullgraph=True), and second derivatives
+(gradgradcheck, the reference backward, a gradient penalty against torch.nn)."""
 import itertools
 
 import pytest
@@ -180,14 +180,99 @@ def test_compiled_graph_calls_rnnfused_ops_only():
         assert forbidden not in code
 
 
+# ----------------------------------------------------------------------------------------------
+# Second derivatives (rnnfused/_reference_backward.py)
+# ----------------------------------------------------------------------------------------------
+
+
+def _backward_args(mode, args):
+    """The forward op's results and the arguments of its backward op, with random gradients."""
+    outputs = getattr(ops, f"{mode}_recurrence")(*args, *((True,) if mode in ("lstm", "gru") else ()))
+    g = torch.Generator().manual_seed(5)
+    grads = [torch.randn(o.shape, generator=g, dtype=o.dtype) for o in outputs[:3 if mode == "lstm" else 2]]
+    return outputs, grads
+
+
+@pytest.mark.parametrize("mode,packed,reverse,bias,proj", list(_op_cases()))
+def test_reference_backward_equals_the_fused_backward(mode, packed, reverse, bias, proj):
+    """The differentiable reference computes what the fused backward kernels compute."""
+    from rnnfused import _reference_backward as reference
+
+    args = _recurrence_args(mode, packed, reverse, bias, proj, requires_grad=False)
+    outputs, grads = _backward_args(mode, args)
+    if mode == "lstm":
+        gates_x, w_hh, b_hh, w_hr, h0, c0, batch_sizes, reverse = args
+        out, _, _, ws = outputs
+        fused = ops.lstm_recurrence_backward(*grads, w_hh, w_hr, h0, c0, out, ws, batch_sizes, reverse)
+        ref = reference.lstm_backward(*grads, None, w_hh, w_hr, h0, c0, out, ws, batch_sizes, reverse)
+    elif mode == "gru":
+        gates_x, w_hh, b_hh, h0, batch_sizes, reverse = args
+        out, _, ws = outputs
+        fused = ops.gru_recurrence_backward(*grads, w_hh, h0, out, ws, batch_sizes, reverse)
+        ref = reference.gru_backward(*grads, None, w_hh, h0, out, ws, batch_sizes, reverse)
+    else:
+        gates_x, w_hh, b_hh, h0, batch_sizes, reverse = args
+        out, _ = outputs
+        fused = getattr(ops, f"{mode}_recurrence_backward")(*grads, w_hh, h0, out, batch_sizes, reverse)
+        ref = reference.rnn_backward(mode.split("_")[1], *grads, w_hh, h0, out, batch_sizes, reverse)
+    for f, r in zip(fused, ref):
+        torch.testing.assert_close(r, f, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode,packed,reverse,bias,proj", list(_op_cases()))
+def test_gradgradcheck(mode, packed, reverse, bias, proj):
+    """Second derivatives of every op (fast mode: random directions; one case below in full)."""
+    args = _recurrence_args(mode, packed, reverse, bias, proj, requires_grad=True)
+    tensors = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.requires_grad]
+
+    def fn(*values):
+        full = list(args)
+        for i, v in zip(tensors, values):
+            full[i] = v
+        return _forward(mode, tuple(full))
+
+    assert torch.autograd.gradgradcheck(fn, tuple(args[i] for i in tensors), eps=1e-6, atol=1e-6, fast_mode=True)
+
+
+@pytest.mark.parametrize("mode,proj", [("lstm", PROJ), ("gru", 0), ("rnn_tanh", 0)])
+def test_gradgradcheck_full(mode, proj):
+    args = _recurrence_args(mode, True, True, True, proj, requires_grad=True)
+    tensors = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.requires_grad]
+
+    def fn(*values):
+        full = list(args)
+        for i, v in zip(tensors, values):
+            full[i] = v
+        return _forward(mode, tuple(full))
+
+    assert torch.autograd.gradgradcheck(fn, tuple(args[i] for i in tensors), eps=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("mode", list(LAYER_MODES))
-def test_double_backward_is_refused(mode):
-    _, ours = twin_layers(mode, 4, 5)
-    x = torch.randn(3, 2, 4, dtype=torch.float64, requires_grad=True)
-    out, _ = ours(x)
-    (grad_x,) = torch.autograd.grad(out.sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError, match="double backward"):
-        grad_x.sum().backward()
+@pytest.mark.parametrize("packed", [False, True])
+def test_gradient_penalty_matches_torch_nn(mode, packed):
+    """A gradient penalty (the second derivative a WGAN-GP or a MAML step needs) through a
+    two-layer bidirectional layer: the same parameter gradients as torch.nn's (float64, CPU)."""
+    kwargs = dict(num_layers=2, bidirectional=True)
+    if mode == "lstm":
+        kwargs["proj_size"] = 3
+    ref, ours = twin_layers(mode, 4, 5, **kwargs)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(6, 3, 4, dtype=torch.float64, generator=g)
+    results = []
+    for module in (ref, ours):
+        inp = x.clone().requires_grad_()
+        arg = torch.nn.utils.rnn.pack_padded_sequence(inp, [6, 4, 2]) if packed else inp
+        out, state = module(arg)
+        out = out.data if packed else out
+        states = state if isinstance(state, tuple) else (state,)
+        loss = (out * out).sum() + sum(s.sum() for s in states)
+        params = list(module.parameters())
+        first = torch.autograd.grad(loss, [inp] + params, create_graph=True)
+        penalty = sum((f * f).sum() for f in first)
+        results.append(torch.autograd.grad(penalty, [inp] + params))
+    for r, o in zip(*results):
+        torch.testing.assert_close(o, r, rtol=1e-8, atol=1e-10)
 
 
 @pytest.mark.parametrize("mode", list(GATES))
@@ -212,3 +297,33 @@ def test_op_rejects_bad_arguments(mode):
     wrong_rows[-2] = torch.tensor([3, 3, 2, 2])
     with pytest.raises(RuntimeError, match="batch_sizes"):
         call(wrong_rows)
+
+
+@pytest.mark.parametrize("name", ["LSTMCell", "GRUCell", "RNNCell"])
+def test_cell_gradient_penalty_matches_torch_nn(name):
+    torch.manual_seed(0)
+    ref = getattr(torch.nn, name)(4, 5, dtype=torch.float64)
+    ours = getattr(rnnfused, name)(4, 5, dtype=torch.float64)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    results = []
+    for module in (ref, ours):
+        inp = x.clone().requires_grad_()
+        out = module(inp)
+        outs = out if isinstance(out, tuple) else (out,)
+        loss = sum((o * o).sum() for o in outs)
+        params = list(module.parameters())
+        first = torch.autograd.grad(loss, [inp] + params, create_graph=True)
+        results.append(torch.autograd.grad(sum((f * f).sum() for f in first), [inp] + params))
+    for r, o in zip(*results):
+        torch.testing.assert_close(o, r, rtol=1e-8, atol=1e-10)
+
+
+def test_third_derivative_is_refused_clearly():
+    _, ours = twin_layers("gru", 4, 5)
+    x = torch.randn(3, 2, 4, dtype=torch.float64, requires_grad=True)
+    out, _ = ours(x)
+    (g1,) = torch.autograd.grad(out.pow(2).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match=r"derivatives of third or higher order through a recurrence are not "
+                                           r"supported \(second derivatives are exact\)"):
+        torch.autograd.grad(g1.pow(2).sum(), x, create_graph=True)
