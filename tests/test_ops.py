@@ -327,3 +327,20 @@ def test_third_derivative_is_refused_clearly():
     with pytest.raises(RuntimeError, match=r"derivatives of third or higher order through a recurrence are not "
                                            r"supported \(second derivatives are exact\)"):
         torch.autograd.grad(g1.pow(2).sum(), x, create_graph=True)
+
+
+@pytest.mark.parametrize("mode", ["lstm", "gru"])
+def test_first_derivatives_never_run_the_reference(mode, monkeypatch):
+    """First-order training, eager and compiled, runs the fused backward only: the reference
+    recurrence (second order) is never called."""
+    from rnnfused import _reference_backward as reference
+
+    calls = []
+    original = getattr(reference, f"{mode}_backward")
+    monkeypatch.setattr(reference, f"{mode}_backward", lambda *a: calls.append(1) or original(*a))
+    _, ours = twin_layers(mode, 4, 6, dtype=torch.float32, num_layers=2)
+    x = torch.randn(5, 2, 4, requires_grad=True)
+    for module in (ours, torch.compile(ours, fullgraph=True)):
+        out, _ = module(x)
+        out.sum().backward()
+    assert calls == []
