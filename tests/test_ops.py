@@ -344,3 +344,23 @@ def test_first_derivatives_never_run_the_reference(mode, monkeypatch):
         out, _ = module(x)
         out.sum().backward()
     assert calls == []
+
+
+@pytest.mark.parametrize("mode", list(LAYER_MODES))
+def test_maml_meta_gradient_matches_torch_nn(mode):
+    """MAML: an inner SGD step through torch.func.functional_call with create_graph=True, then the
+    meta-gradient through it (second derivatives), the same as torch.nn's."""
+    from torch.func import functional_call
+
+    ref, ours = twin_layers(mode, 4, 5)
+    x = torch.randn(6, 2, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    results = []
+    for module in (ref, ours):
+        params = {k: v.detach().clone().requires_grad_() for k, v in module.named_parameters()}
+        out, _ = functional_call(module, params, (x,))
+        grads = torch.autograd.grad(out.pow(2).mean(), list(params.values()), create_graph=True)
+        fast = {k: p - 0.1 * g for (k, p), g in zip(params.items(), grads)}
+        out, _ = functional_call(module, fast, (x,))
+        results.append(torch.autograd.grad(out.pow(2).mean(), list(params.values())))
+    for r, o in zip(*results):
+        torch.testing.assert_close(o, r, rtol=1e-8, atol=1e-10)
