@@ -16,7 +16,8 @@
 #   PYTEST_ARGS=...       extra pytest arguments
 #   MAX_JOBS=2            parallel compile jobs
 #   TEST_DEPS=...         optional test dependencies `make test` installs (default: onnx,
-#                         onnxruntime, onnxscript for the ONNX export tests)
+#                         onnxruntime, onnxscript for the ONNX export tests, matplotlib for the
+#                         benchmark plots' test); `make bench` installs matplotlib (the plots)
 #   SIM=1                 also build the test build of the CUDA path on the CUDA simulator
 #                         (rnnfused._sim_C, tests/test_cuda_sim.py); SIM=0 skips it
 
@@ -26,8 +27,9 @@ MAX_JOBS ?= 2
 BENCH_ARGS ?=
 PYTEST_ARGS ?=
 SIM ?= 1
-# Optional test dependencies: the ONNX export tests (tests/test_onnx.py) skip without them.
-TEST_DEPS ?= onnx onnxruntime onnxscript
+# Optional test dependencies: the ONNX export tests (tests/test_onnx.py) and the plot test skip
+# without them.
+TEST_DEPS ?= onnx onnxruntime onnxscript matplotlib
 OUT ?= gpu-check
 STEPS ?=
 
@@ -54,6 +56,9 @@ endif
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 bench: setup
+ifneq ($(SYSTEM_PYTHON),1)
+	$(PY) -m pip install -q matplotlib
+endif
 	$(PY) -m benchmarks $(BENCH_ARGS)
 
 gpu-check:

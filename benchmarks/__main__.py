@@ -9,6 +9,7 @@ Usage, from the repository root:
     python -m benchmarks --shape 100,64,512,512,1 --shape 50,16,256,256,2 --direction uni,bi
     python -m benchmarks --device cuda --dtype float32,bfloat16 --tf32
     python -m benchmarks --threads 1 --min-run-time 0.2 --json out.json --plot plots/
+    python -m benchmarks --contention           # CPU cases again with one core taken by a busy process
     python -m benchmarks --list                 # print the selected cases, measure nothing
     python -m benchmarks compare OLD.json NEW.json
     python -m benchmarks --help                 # every option, and the shapes of both presets
@@ -94,6 +95,9 @@ def build_parser():
                              "(default: the preset's)")
     parser.add_argument("--tf32", action="store_true", help="allow TF32 for float32 on the GPU (both sides)")
     parser.add_argument("--no-baselines", action="store_true", help="skip the optional baselines (FlashRNN, haste)")
+    parser.add_argument("--contention", action="store_true",
+                        help="time every CPU case a second time while another process spins on one core, and "
+                             "report each side's slowdown (benchmarks/contention.py)")
     parser.add_argument("--json", default=None,
                         help="result file (default: benchmarks/results/<UTC date>-<devices>.json)")
     parser.add_argument("--plot", default=None,
@@ -149,7 +153,8 @@ def make_config(args):
     selection = suite.Selection(shapes=shapes, cells=cells, devices=devices, dtypes=dtypes,
                                 directions=directions, modes=modes, names=names)
     return runner.RunConfig(selection=selection, preset=preset_name, min_run_time=min_run_time, rounds=rounds,
-                            threads=args.threads, tf32=args.tf32, optional_baselines=not args.no_baselines)
+                            threads=args.threads, tf32=args.tf32, optional_baselines=not args.no_baselines,
+                            contention=args.contention)
 
 
 def default_json_path(devices):

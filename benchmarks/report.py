@@ -61,6 +61,23 @@ def results_table(rows):
     return markdown_table(headers, body)
 
 
+def contention_table(rows):
+    names = []
+    for row in rows:
+        for name in row["contention"]:
+            if name not in names:
+                names.append(name)
+    headers = ["cell", "shape", "B", "H", "mode"] + [f"{name} ms (slowdown)" for name in names]
+    body = []
+    for row in rows:
+        cells = []
+        for name in names:
+            entry = row["contention"].get(name)
+            cells.append(f"{entry['median_ms']:.3f} ({entry['slowdown']:.2f}x)" if entry else "-")
+        body.append([row["cell"], row["shape"], row["B"], row["H"], row["mode"]] + cells)
+    return markdown_table(headers, body)
+
+
 def results_markdown(result):
     env, settings = result["environment"], result["settings"]
     devices = []
@@ -91,6 +108,10 @@ def results_markdown(result):
         "",
         results_table(result["rows"]),
     ]
+    contended = [row for row in result["rows"] if row.get("contention")]
+    if contended:
+        lines += ["", "Under contention (another process spinning on one core): each side's median and its "
+                      "slowdown over its time alone.", "", contention_table(contended)]
     if result.get("failures"):
         lines += ["", "Failed cases:"] + [f"- {f['key']}: {f['error']}" for f in result["failures"]]
     if result.get("notes"):

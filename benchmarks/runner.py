@@ -14,6 +14,7 @@ import torch
 
 import rnnfused
 
+from . import contention as contention_module
 from . import sides as sides_module
 from . import suite, timing
 
@@ -35,6 +36,7 @@ class RunConfig:
     threads: Optional[int] = None
     tf32: bool = False
     optional_baselines: bool = True
+    contention: bool = False  # time CPU cases again with another process spinning on one core
 
 
 def cuda_usable():
@@ -166,6 +168,15 @@ def measure_case(case, config, baselines, gemm_gflops):
         steps[side.name] = side.step
     timings = timing.measure_interleaved(steps, config.min_run_time, config.rounds)
     row = make_row(case, timings, gemm_gflops)
+    if config.contention and case.device == "cpu":
+        with contention_module.busy_core():
+            contended = timing.measure_interleaved(steps, config.min_run_time, config.rounds)
+        row["contention"] = contention_module.slowdowns(timings, contended)
+        ours = row["contention"].get(sides_module.RNNFUSED)
+        theirs = row["contention"].get(sides_module.TORCH_NN)
+        if ours and theirs and ours["slowdown"] > theirs["slowdown"]:
+            notes.append(f"{case.key}: under contention rnnfused slowed {ours['slowdown']:.2f}x, "
+                         f"torch.nn {theirs['slowdown']:.2f}x")
     reference = outputs[sides_module.RNNFUSED]
     row["max_rel_diff"] = {name: agreement(reference, outputs[name]) for name in steps if name != sides_module.RNNFUSED}
     for name, diff in row["max_rel_diff"].items():
@@ -293,6 +304,7 @@ def _run(config, progress):
             "min_run_time": config.min_run_time,
             "rounds": config.rounds,
             "tf32": config.tf32,
+            "contention": config.contention,
         },
         "gemm_reference": gemm,
         "notes": notes,

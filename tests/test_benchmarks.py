@@ -365,3 +365,49 @@ def test_cuda_path_sides_force_the_path_only_during_their_step(monkeypatch):
     assert os.environ["RNNFUSED_CUDA_PATH"] == "auto"
     assert seen == ["standard", "persistent", "persistent"]
     assert set(sides.CUDA_PATH_SIDES.values()) == {"standard", "persistent"}
+
+
+# --- contention mode -------------------------------------------------------------------------------
+
+
+def test_busy_core_spins_while_open_and_is_gone_after():
+    """The spinner uses a core (its CPU time grows) and is stopped when the block ends, also when
+    the block raises."""
+    import time
+
+    from benchmarks import contention
+
+    def cpu_seconds(pid):
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    with pytest.raises(RuntimeError, match="case failed"):
+        with contention.busy_core() as process:
+            time.sleep(0.5)
+            used = cpu_seconds(process.pid)
+            assert process.poll() is None and used > 0.2, used
+            raise RuntimeError("case failed")
+    assert process.poll() is not None
+
+
+def test_contention_run_reports_each_sides_slowdown(tmp_path):
+    import contextlib
+    import io
+
+    json_path = tmp_path / "contention.json"
+    argv = ["--shape", "3,2,4,5,1", "--cell", "rnn_tanh", "--mode", "fwd", "--device", "cpu", "--contention",
+            "--min-run-time", "0.002", "--rounds", "1", "--json", str(json_path), "--no-plot"]
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(io.StringIO()):
+        assert cli.main(argv) == 0
+    result = json.loads(json_path.read_text())
+    assert result["settings"]["contention"] is True
+    (row,) = result["rows"]
+    for side in ("rnnfused", "torch.nn"):
+        entry = row["contention"][side]
+        assert entry["median_ms"] > 0
+        assert entry["slowdown"] == pytest.approx(entry["median_ms"] / row["timings"][side]["median_ms"])
+    assert "Under contention (another process spinning on one core)" in stdout.getvalue()
+    assert "| rnnfused ms (slowdown) | torch.nn ms (slowdown) |" in stdout.getvalue()
+    assert "--contention" not in config_of("--cell", "gru").__dict__ and not config_of("--cell", "gru").contention
