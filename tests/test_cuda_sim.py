@@ -158,10 +158,16 @@ def test_agrees_with_cpu_kernels(mode, form, dtype, path):
     _, ours = twin_layers(mode, INPUT, HIDDEN, seed=1, **kwargs)
     ours.to(dtype)
     make = sequence_inputs(form, STEPS, BATCH, INPUT, state_shapes(mode, 2, True, BATCH, HIDDEN, proj), dtype)
-    sim_out, sim_grads = forward_backward(ours, make)
+    assert_agrees_with_cpu_kernels(ours, make, dtype)
+
+
+def assert_agrees_with_cpu_kernels(module, make, dtype):
+    """module's outputs and gradients on the simulated path (the current context) and on rnnfused's
+    CPU kernels agree within a few units of the dtype."""
+    sim_out, sim_grads = forward_backward(module, make)
     saved, functional._ops_ns = functional._ops_ns, torch.ops.rnnfused  # the CPU kernels
     try:
-        cpu_out, cpu_grads = forward_backward(ours, make)
+        cpu_out, cpu_grads = forward_backward(module, make)
     finally:
         functional._ops_ns = saved
     assert_close_in_ulps(sim_out, cpu_out, dtype, "outputs")
@@ -353,14 +359,7 @@ def test_persistent_path_at_a_larger_shape_agrees_with_cpu_kernels(mode, dtype, 
     ours.to(dtype)
     make = sequence_inputs("packed_unsorted", 4, 20, 6, state_shapes(mode, 1, True, 20, 70, 0), dtype)
     with _sim.simulated_cuda(sm_count=4, check_global_races=False):
-        sim_out, sim_grads = forward_backward(ours, make)
-    saved, functional._ops_ns = functional._ops_ns, torch.ops.rnnfused  # the CPU kernels
-    try:
-        cpu_out, cpu_grads = forward_backward(ours, make)
-    finally:
-        functional._ops_ns = saved
-    assert_close_in_ulps(sim_out, cpu_out, dtype, "outputs")
-    assert_close_in_ulps(sim_grads, cpu_grads, dtype, "gradients")
+        assert_agrees_with_cpu_kernels(ours, make, dtype)
 
 
 @pytest.mark.parametrize("mode", list(LAYER_MODES))

@@ -75,8 +75,8 @@ def _forward(mode, args, library=ops):
     return getattr(library, f"{mode}_recurrence")(*args)
 
 
-def assert_gradcheck(mode, args, library=ops):
-    """torch.autograd.gradcheck of the op over every argument that requires grad."""
+def _as_function(mode, args, library=ops):
+    """The op as a function of its arguments that require grad, and those arguments."""
     tensors = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.requires_grad]
 
     def fn(*values):
@@ -85,7 +85,19 @@ def assert_gradcheck(mode, args, library=ops):
             full[i] = v
         return _forward(mode, tuple(full), library)
 
-    assert torch.autograd.gradcheck(fn, tuple(args[i] for i in tensors), eps=1e-6, atol=1e-7)
+    return fn, tuple(args[i] for i in tensors)
+
+
+def assert_gradcheck(mode, args, library=ops):
+    """torch.autograd.gradcheck of the op over every argument that requires grad."""
+    fn, inputs = _as_function(mode, args, library)
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7)
+
+
+def assert_gradgradcheck(mode, args, fast_mode):
+    """torch.autograd.gradgradcheck of the op (fast mode: random directions)."""
+    fn, inputs = _as_function(mode, args)
+    assert torch.autograd.gradgradcheck(fn, inputs, eps=1e-6, atol=1e-6, fast_mode=fast_mode)
 
 
 @pytest.mark.parametrize("mode,packed,reverse,bias,proj", list(_op_cases()))
@@ -222,30 +234,12 @@ def test_reference_backward_equals_the_fused_backward(mode, packed, reverse, bia
 @pytest.mark.parametrize("mode,packed,reverse,bias,proj", list(_op_cases()))
 def test_gradgradcheck(mode, packed, reverse, bias, proj):
     """Second derivatives of every op (fast mode: random directions; one case below in full)."""
-    args = _recurrence_args(mode, packed, reverse, bias, proj, requires_grad=True)
-    tensors = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.requires_grad]
-
-    def fn(*values):
-        full = list(args)
-        for i, v in zip(tensors, values):
-            full[i] = v
-        return _forward(mode, tuple(full))
-
-    assert torch.autograd.gradgradcheck(fn, tuple(args[i] for i in tensors), eps=1e-6, atol=1e-6, fast_mode=True)
+    assert_gradgradcheck(mode, _recurrence_args(mode, packed, reverse, bias, proj, requires_grad=True), fast_mode=True)
 
 
 @pytest.mark.parametrize("mode,proj", [("lstm", PROJ), ("gru", 0), ("rnn_tanh", 0)])
 def test_gradgradcheck_full(mode, proj):
-    args = _recurrence_args(mode, True, True, True, proj, requires_grad=True)
-    tensors = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.requires_grad]
-
-    def fn(*values):
-        full = list(args)
-        for i, v in zip(tensors, values):
-            full[i] = v
-        return _forward(mode, tuple(full))
-
-    assert torch.autograd.gradgradcheck(fn, tuple(args[i] for i in tensors), eps=1e-6, atol=1e-6)
+    assert_gradgradcheck(mode, _recurrence_args(mode, True, True, True, proj, requires_grad=True), fast_mode=False)
 
 
 @pytest.mark.parametrize("mode", list(LAYER_MODES))

@@ -173,37 +173,18 @@ struct PersistentForwardArgs {
   Storage storage = Storage::Same;
 };
 
-// Dynamic shared memory: the block's W_hh rows [U][G][P] (unit-major, so one warp item reads the
-// G rows of one unit), then with a projection its W_hr rows [Pc][H].
+// The element functions' arguments for one step of a persistent forward (row pointers at the
+// step's first row), and the call of the cell's element function with the step's recurrent sums
+// gh[g] = (h_{t-1} W_hh^T)[row, g*H + j]; shared by the FMA and the tensor-core kernels.
 template <typename T, Cell cell>
-__global__ void __launch_bounds__(kPersistentThreads) persistent_forward_kernel(const PersistentForwardArgs<T> a) {
-  constexpr int G = gates_of<cell>();
-  RNNFUSED_DYNAMIC_SHARED(T, smem);
-  const int64_t H = a.hidden, P = a.width;
-  const bool proj = static_cast<bool>(a.w_hr);
-  const Slice units = block_slice(H, a.units_per_block);
-  const Slice cols = block_slice(P, a.cols_per_block);
-  const dptr<T> w_slice = smem;
-  const dptr<T> wr_slice = smem + a.units_per_block * G * P;
-  for (int g = 0; g < G; ++g) {
-    // W_hh rows g*H + u0 .. g*H + u0 + U, stored at [u][g][:].
-    for (int64_t i = threadIdx.x; i < units.size * P; i += blockDim.x) {
-      const int64_t u = i / P, k = i - u * P;
-      w_slice[(u * G + g) * P + k] = a.w_hh[(g * H + units.begin + u) * P + k];
-    }
-  }
-  if (proj) load_weight_slice<T>(wr_slice, a.w_hr, H, cols.begin, cols.size, 0, H, false);
-  __syncthreads();
+struct ForwardStep {
+  LstmForwardArgs<T> lstm;
+  GruForwardArgs<T> gru;
+  RnnForwardArgs<T> rnn;
 
-  const int lane = static_cast<int>(threadIdx.x) % kWarpSize;
-  const int64_t warp = threadIdx.x / kWarpSize, warps = blockDim.x / kWarpSize;
-  for (int64_t s = 0; s < a.steps; ++s) {
-    const PlannedStep st = planned_step(a.plan, s);
-    const int64_t tiles = (st.rows + kRowTile - 1) / kRowTile;
-    // The element functions' arguments for this step (row pointers at the step's first row).
-    LstmForwardArgs<T> lstm;
-    GruForwardArgs<T> gru;
-    RnnForwardArgs<T> rnn;
+  __device__ __forceinline__ ForwardStep(const PersistentForwardArgs<T>& a, const PlannedStep& st) {
+    const int64_t H = a.hidden, P = a.width;
+    const bool proj = static_cast<bool>(a.w_hr);
     if constexpr (cell == Cell::Lstm) {
       lstm.rows = st.rows;
       lstm.hidden = H;
@@ -232,6 +213,47 @@ __global__ void __launch_bounds__(kPersistentThreads) persistent_forward_kernel(
       rnn.h_copy = a.output + st.offset * H;
       rnn.storage = a.storage;
     }
+  }
+
+  __device__ __forceinline__ void apply(int64_t row, int64_t j, const T (&gh)[gates_of<cell>()]) const {
+    if constexpr (cell == Cell::Lstm) {
+      lstm_forward_element(lstm, row, j, gh[0], gh[1], gh[2], gh[3]);
+    } else if constexpr (cell == Cell::Gru) {
+      gru_forward_element(gru, row, j, gh[0], gh[1], gh[2]);
+    } else {
+      rnn_forward_element<T, activation_of<cell>()>(rnn, row, j, gh[0]);
+    }
+  }
+};
+
+// Dynamic shared memory: the block's W_hh rows [U][G][P] (unit-major, so one warp item reads the
+// G rows of one unit), then with a projection its W_hr rows [Pc][H].
+template <typename T, Cell cell>
+__global__ void __launch_bounds__(kPersistentThreads) persistent_forward_kernel(const PersistentForwardArgs<T> a) {
+  constexpr int G = gates_of<cell>();
+  RNNFUSED_DYNAMIC_SHARED(T, smem);
+  const int64_t H = a.hidden, P = a.width;
+  const bool proj = static_cast<bool>(a.w_hr);
+  const Slice units = block_slice(H, a.units_per_block);
+  const Slice cols = block_slice(P, a.cols_per_block);
+  const dptr<T> w_slice = smem;
+  const dptr<T> wr_slice = smem + a.units_per_block * G * P;
+  for (int g = 0; g < G; ++g) {
+    // W_hh rows g*H + u0 .. g*H + u0 + U, stored at [u][g][:].
+    for (int64_t i = threadIdx.x; i < units.size * P; i += blockDim.x) {
+      const int64_t u = i / P, k = i - u * P;
+      w_slice[(u * G + g) * P + k] = a.w_hh[(g * H + units.begin + u) * P + k];
+    }
+  }
+  if (proj) load_weight_slice<T>(wr_slice, a.w_hr, H, cols.begin, cols.size, 0, H, false);
+  __syncthreads();
+
+  const int lane = static_cast<int>(threadIdx.x) % kWarpSize;
+  const int64_t warp = threadIdx.x / kWarpSize, warps = blockDim.x / kWarpSize;
+  for (int64_t s = 0; s < a.steps; ++s) {
+    const PlannedStep st = planned_step(a.plan, s);
+    const int64_t tiles = (st.rows + kRowTile - 1) / kRowTile;
+    const ForwardStep<T, cell> step(a, st);
     // Phase 1: the block's units. h_{t-1} of a row is the previous step's output row, or h0 for a
     // row that starts at this step; warps take (unit, row tile) items, unit fastest, so the warps
     // of a block read the same rows of h_{t-1} at once (L1 hits).
@@ -248,15 +270,9 @@ __global__ void __launch_bounds__(kPersistentThreads) persistent_forward_kernel(
       warp_dot<T, G>(w_slice + u * G * P, P, x, lane, sums);
       const int64_t row = r0 + lane;
       if (lane < kRowTile && row < st.rows) {
-        const int64_t j = units.begin + u;
-        if constexpr (cell == Cell::Lstm) {
-          lstm_forward_element(lstm, row, j, lane_sum(sums, 0, lane), lane_sum(sums, 1, lane),
-                               lane_sum(sums, 2, lane), lane_sum(sums, 3, lane));
-        } else if constexpr (cell == Cell::Gru) {
-          gru_forward_element(gru, row, j, lane_sum(sums, 0, lane), lane_sum(sums, 1, lane), lane_sum(sums, 2, lane));
-        } else {
-          rnn_forward_element<T, activation_of<cell>()>(rnn, row, j, lane_sum(sums, 0, lane));
-        }
+        T gh[G];
+        for (int g = 0; g < G; ++g) gh[g] = lane_sum(sums, g, lane);
+        step.apply(row, units.begin + u, gh);
       }
     }
     if (proj) {
@@ -402,37 +418,7 @@ __global__ void __launch_bounds__(kPersistentThreads) persistent_forward_mma_ker
     }
     __syncthreads();
     // Phase 2: the cell update of each (row, unit), adding the K chunks in order.
-    LstmForwardArgs<float> lstm;
-    GruForwardArgs<float> gru;
-    RnnForwardArgs<float> rnn;
-    if constexpr (cell == Cell::Lstm) {
-      lstm.rows = st.rows;
-      lstm.hidden = H;
-      lstm.gates_x = a.gates_x + st.offset * 4 * H;
-      lstm.bias = a.bias;
-      lstm.c_state = a.c_state;
-      lstm.r_out = a.h_state;
-      lstm.h_copy = a.output + st.offset * P;
-      lstm.workspace = a.workspace ? a.workspace + st.offset * 5 * H : dptr<float>(nullptr);
-      lstm.storage = a.storage;
-    } else if constexpr (cell == Cell::Gru) {
-      gru.rows = st.rows;
-      gru.hidden = H;
-      gru.gates_x = a.gates_x + st.offset * 3 * H;
-      gru.bias = a.bias;
-      gru.h_state = a.h_state;
-      gru.h_copy = a.output + st.offset * H;
-      gru.workspace = a.workspace ? a.workspace + st.offset * 4 * H : dptr<float>(nullptr);
-      gru.storage = a.storage;
-    } else {
-      rnn.rows = st.rows;
-      rnn.hidden = H;
-      rnn.gates_x = a.gates_x + st.offset * H;
-      rnn.bias = a.bias;
-      rnn.h_state = a.h_state;
-      rnn.h_copy = a.output + st.offset * H;
-      rnn.storage = a.storage;
-    }
+    const ForwardStep<float, cell> step(a, st);
     for (int64_t e = threadIdx.x; e < st.rows * units.size; e += blockDim.x) {
       const int64_t row = e / units.size, u = e - row * units.size;
       const int64_t mt = u / kUnitsPerTile, r0 = (u - mt * kUnitsPerTile) * G;
@@ -446,14 +432,7 @@ __global__ void __launch_bounds__(kPersistentThreads) persistent_forward_mma_ker
         }
         gh[g] = sum;
       }
-      const int64_t j = units.begin + u;
-      if constexpr (cell == Cell::Lstm) {
-        lstm_forward_element(lstm, row, j, gh[0], gh[1], gh[2], gh[3]);
-      } else if constexpr (cell == Cell::Gru) {
-        gru_forward_element(gru, row, j, gh[0], gh[1], gh[2]);
-      } else {
-        rnn_forward_element<float, activation_of<cell>()>(rnn, row, j, gh[0]);
-      }
+      step.apply(row, units.begin + u, gh);
     }
     // Step s + 1 reads every block's h_t, and overwrites the partial tiles.
     if (s + 1 < a.steps) grid_sync();
