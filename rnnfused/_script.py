@@ -23,6 +23,7 @@ from torch.nn.utils.rnn import PackedSequence
 
 from . import _ops  # noqa: F401  (registers the ops' autograd)
 from . import modules
+from .modules import _check_cell_hidden, _check_cell_input, _zero_width_state
 
 
 
@@ -314,22 +315,10 @@ class ScriptRNN(_StackMixin, modules.RNN):
 
 
 # ----------------------------------------------------------------------------------------------
-# Cells: one step of the same ops, with the checks and messages of rnnfused's eager cells.
+# Cells: one step of the same ops, with the eager cells' own checks (modules.py). The layers'
+# TorchScript forward methods above are written out per class: TorchScript binds a forward's
+# overloads (Tensor / PackedSequence input) to the class that defines them.
 # ----------------------------------------------------------------------------------------------
-
-
-def _check_cell(input: Tensor, weight_ih: Tensor, hx: Tensor, hidden_size: int, label: str):
-    if input.size(1) != weight_ih.size(1):
-        raise RuntimeError(f"input has inconsistent input_size: got {input.size(1)} expected {weight_ih.size(1)}")
-    if input.size(0) != hx.size(0):
-        raise RuntimeError(f"Input batch size {input.size(0)} doesn't match hidden{label} batch size {hx.size(0)}")
-    if hx.size(1) != hidden_size:
-        raise RuntimeError(f"hidden{label} has inconsistent hidden_size: got {hx.size(1)}, expected {hidden_size}")
-
-
-def _zero_width_state(input: Tensor, weight_ih: Tensor, bias_ih: Optional[Tensor], weight_hh: Tensor,
-                      bias_hh: Optional[Tensor], state: Tensor) -> Tensor:
-    return F.linear(input, weight_ih, bias_ih) + F.linear(state, weight_hh, bias_hh) + state
 
 
 class ScriptRNNCell(modules.RNNCell):
@@ -347,7 +336,8 @@ class ScriptRNNCell(modules.RNNCell):
             hx = torch.zeros(input.size(0), self.hidden_size, dtype=input.dtype, device=input.device)
         else:
             hx = hx.unsqueeze(0) if not is_batched else hx
-        _check_cell(input, self.weight_ih, hx, self.weight_hh.size(1), "0")
+        _check_cell_input(input, self.weight_ih)
+        _check_cell_hidden(input, hx, self.weight_hh.size(1), "0")
         if self.hidden_size == 0:
             ret = _zero_width_state(input, self.weight_ih, self.bias_ih, self.weight_hh, self.bias_hh, hx)
         else:
@@ -378,7 +368,8 @@ class ScriptGRUCell(modules.GRUCell):
             hx = torch.zeros(input.size(0), self.hidden_size, dtype=input.dtype, device=input.device)
         else:
             hx = hx.unsqueeze(0) if not is_batched else hx
-        _check_cell(input, self.weight_ih, hx, self.weight_hh.size(1), "0")
+        _check_cell_input(input, self.weight_ih)
+        _check_cell_hidden(input, hx, self.weight_hh.size(1), "0")
         if self.hidden_size == 0:
             ret = _zero_width_state(input, self.weight_ih, self.bias_ih, self.weight_hh, self.bias_hh, hx)
         else:
@@ -408,8 +399,9 @@ class ScriptLSTMCell(modules.LSTMCell):
             hx = (zeros, zeros)
         else:
             hx = (hx[0].unsqueeze(0), hx[1].unsqueeze(0)) if not is_batched else hx
-        _check_cell(input, self.weight_ih, hx[0], self.weight_hh.size(1), "0")
-        _check_cell(input, self.weight_ih, hx[1], self.weight_hh.size(1), "1")
+        _check_cell_input(input, self.weight_ih)
+        _check_cell_hidden(input, hx[0], self.weight_hh.size(1), "0")
+        _check_cell_hidden(input, hx[1], self.weight_hh.size(1), "1")
         if self.hidden_size == 0:
             h = _zero_width_state(input, self.weight_ih, self.bias_ih, self.weight_hh, self.bias_hh, hx[0])
             c = _zero_width_state(input, self.weight_ih, self.bias_ih, self.weight_hh, self.bias_hh, hx[1])

@@ -8,6 +8,8 @@ bad input raises torch.nn's exception with torch.nn's message. The forward passe
 torch.nn's line by line up to the point where torch.nn calls its ATen/cuDNN kernels; there
 rnnfused runs its own fused ops, layer by layer and direction by direction.
 """
+from typing import Optional
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -392,23 +394,28 @@ def _check_two_states(hx):
 # ----------------------------------------------------------------------------------------------
 
 
-def _check_cell_input(input, weight_ih):
+# The cells' checks and their zero-width state are written in TorchScript's subset of Python:
+# rnnfused/_script.py's TorchScript cells call them too.
+
+
+def _check_cell_input(input: torch.Tensor, weight_ih: torch.Tensor):
     if input.size(1) != weight_ih.size(1):
         raise RuntimeError(f"input has inconsistent input_size: got {input.size(1)} expected {weight_ih.size(1)}")
 
 
-def _check_cell_hidden(input, hx, hidden_size, label):
+def _check_cell_hidden(input: torch.Tensor, hx: torch.Tensor, hidden_size: int, label: str):
     if input.size(0) != hx.size(0):
         raise RuntimeError(f"Input batch size {input.size(0)} doesn't match hidden{label} batch size {hx.size(0)}")
     if hx.size(1) != hidden_size:
         raise RuntimeError(f"hidden{label} has inconsistent hidden_size: got {hx.size(1)}, expected {hidden_size}")
 
 
-def _zero_width_state(cell, input, state):
+def _zero_width_state(input: torch.Tensor, weight_ih: torch.Tensor, bias_ih: Optional[torch.Tensor],
+                      weight_hh: torch.Tensor, bias_hh: Optional[torch.Tensor], state: torch.Tensor) -> torch.Tensor:
     """A cell's next state when hidden_size is 0 (torch.nn accepts it): [B, 0], connected to the
     input, every weight and the state in autograd as torch.nn's is (every gradient is zero or
     empty)."""
-    return F.linear(input, cell.weight_ih, cell.bias_ih) + F.linear(state, cell.weight_hh, cell.bias_hh) + state
+    return F.linear(input, weight_ih, bias_ih) + F.linear(state, weight_hh, bias_hh) + state
 
 
 class RNNCell(nn.RNNCell):
@@ -443,7 +450,7 @@ class RNNCell(nn.RNNCell):
         _check_cell_input(input, self.weight_ih)
         _check_cell_hidden(input, hx, self.weight_hh.size(1), "0")
         if self.hidden_size == 0:
-            ret = _zero_width_state(self, input, hx)
+            ret = _zero_width_state(input, self.weight_ih, self.bias_ih, self.weight_hh, self.bias_hh, hx)
         else:
             ret, _ = layer(input, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh, hx)
         if not is_batched:
@@ -477,7 +484,7 @@ class GRUCell(nn.GRUCell):
         _check_cell_input(input, self.weight_ih)
         _check_cell_hidden(input, hx, self.weight_hh.size(1), "0")
         if self.hidden_size == 0:
-            ret = _zero_width_state(self, input, hx)
+            ret = _zero_width_state(input, self.weight_ih, self.bias_ih, self.weight_hh, self.bias_hh, hx)
         else:
             ret, _ = rf.gru_layer(
                 input, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh, hx, training=self.training
@@ -519,8 +526,8 @@ class LSTMCell(nn.LSTMCell):
         _check_cell_hidden(input, hx[0], self.weight_hh.size(1), "0")
         _check_cell_hidden(input, hx[1], self.weight_hh.size(1), "1")
         if self.hidden_size == 0:
-            h = _zero_width_state(self, input, hx[0])
-            c = _zero_width_state(self, input, hx[1])
+            h = _zero_width_state(input, self.weight_ih, self.bias_ih, self.weight_hh, self.bias_hh, hx[0])
+            c = _zero_width_state(input, self.weight_ih, self.bias_ih, self.weight_hh, self.bias_hh, hx[1])
         else:
             h, _, c = rf.lstm_layer(
                 input, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh, None, hx[0], hx[1],
