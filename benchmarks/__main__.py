@@ -10,6 +10,7 @@ Usage, from the repository root:
     python -m benchmarks --device cuda --dtype float32,bfloat16 --tf32
     python -m benchmarks --threads 1 --min-run-time 0.2 --json out.json --plot plots/
     python -m benchmarks --contention           # CPU cases again with one core taken by a busy process
+    python -m benchmarks --isa avx2             # both sides capped to AVX2 (on an AVX-512 machine)
     python -m benchmarks --list                 # print the selected cases, measure nothing
     python -m benchmarks compare OLD.json NEW.json
     python -m benchmarks --help                 # every option, and the shapes of both presets
@@ -57,6 +58,28 @@ from . import report, runner, suite
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
+# --isa: the environment that caps every CPU library either side uses. They read it when they
+# first dispatch, so the suite applies it by restarting itself (apply_isa_caps).
+ISA_CAPS = {
+    "avx2": {"RNNFUSED_CPU_ISA": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2",
+             "MKL_ENABLE_INSTRUCTIONS": "AVX2"},
+}
+_ISA_APPLIED = "RNNFUSED_BENCH_ISA"
+
+
+def isa_environment(isa, environ):
+    """``environ`` with the caps of ``isa`` set (a copy)."""
+    return dict(environ, **ISA_CAPS[isa], **{_ISA_APPLIED: isa})
+
+
+def apply_isa_caps(isa, argv):
+    """Restarts the suite with the caps of ``isa`` in its environment, unless they are set already."""
+    if isa is None or os.environ.get(_ISA_APPLIED) == isa:
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable, "-m", "benchmarks", *argv], isa_environment(isa, os.environ))
+
 
 def build_parser():
     preset_help = "; ".join(f"{name}: {preset.description}" for name, preset in suite.PRESETS.items())
@@ -95,6 +118,9 @@ def build_parser():
                              "(default: the preset's)")
     parser.add_argument("--tf32", action="store_true", help="allow TF32 for float32 on the GPU (both sides)")
     parser.add_argument("--no-baselines", action="store_true", help="skip the optional baselines (FlashRNN, haste)")
+    parser.add_argument("--isa", choices=sorted(ISA_CAPS), default=None,
+                        help="cap both sides' CPU instruction set (rnnfused's kernels, oneDNN, ATen, MKL) to measure "
+                             "what an older machine would run; the suite restarts itself with the caps set")
     parser.add_argument("--contention", action="store_true",
                         help="time every CPU case a second time while another process spins on one core, and "
                              "report each side's slowdown (benchmarks/contention.py)")
@@ -154,7 +180,7 @@ def make_config(args):
                                 directions=directions, modes=modes, names=names)
     return runner.RunConfig(selection=selection, preset=preset_name, min_run_time=min_run_time, rounds=rounds,
                             threads=args.threads, tf32=args.tf32, optional_baselines=not args.no_baselines,
-                            contention=args.contention)
+                            contention=args.contention, isa=args.isa)
 
 
 def default_json_path(devices):
@@ -184,6 +210,7 @@ def main(argv=None):
     if argv and argv[0] == "compare":
         return compare_main(argv[1:])
     args = parse_args(argv)
+    apply_isa_caps(args.isa, argv)
     config = args.config
     if args.list:
         for case in config.selection.cases():

@@ -83,7 +83,9 @@ def results_markdown(result):
     devices = []
     if "cpu" in settings["devices"]:
         threads = env["cpu_threads"]
-        devices.append(f"CPU {env['cpu']} ({threads} thread{'' if threads == 1 else 's'})")
+        isa = (f"; instruction sets: rnnfused {env['rnnfused'].get('cpu_isa')}, oneDNN {env.get('onednn_isa') or 'unknown'}"
+               + (f" (--isa {settings['isa']})" if settings.get("isa") else ""))
+        devices.append(f"CPU {env['cpu']} ({threads} thread{'' if threads == 1 else 's'}{isa})")
     if "cuda" in settings["devices"] and env.get("gpu"):
         devices.append(f"GPU {env['gpu']} (CUDA {env['cuda']}, cuDNN {env['cudnn']})")
     build = env["rnnfused"]

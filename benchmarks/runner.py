@@ -37,6 +37,7 @@ class RunConfig:
     tf32: bool = False
     optional_baselines: bool = True
     contention: bool = False  # time CPU cases again with another process spinning on one core
+    isa: Optional[str] = None  # the CPU instruction-set cap both sides ran under (--isa)
 
 
 def cuda_usable():
@@ -72,6 +73,29 @@ def git_commit():
     return commit if result.returncode == 0 and commit else None
 
 
+_ONEDNN_PROBE = (
+    "import torch\n"
+    "with torch.no_grad():\n"
+    "    torch.nn.LSTM(8, 8)(torch.randn(2, 1, 8))\n"
+)
+
+
+def onednn_isa():
+    """The instruction set oneDNN (torch.nn's CPU LSTM) runs with in this environment, as its
+    verbose mode reports it (a small LSTM in a subprocess, so that this process's oneDNN is
+    untouched; ONEDNN_MAX_CPU_ISA passes through), or None when it cannot be read."""
+    env = dict(os.environ, ONEDNN_VERBOSE="1")
+    try:
+        result = subprocess.run([sys.executable, "-c", _ONEDNN_PROBE], env=env, capture_output=True, text=True,
+                                timeout=120)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    for line in (result.stdout + result.stderr).splitlines():
+        if ",info,cpu,isa:" in line:
+            return line.split(",info,cpu,isa:", 1)[1].strip()
+    return None
+
+
 def set_tf32(enabled):
     """One TF32 policy for both sides: torch.nn's cuDNN RNNs follow cudnn.allow_tf32 (on by
     default), matrix products follow cuda.matmul.allow_tf32 (off by default); the suite sets both
@@ -94,6 +118,7 @@ def environment():
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "cpu": cpu_model(),
+        "onednn_isa": onednn_isa(),
         "gpu": gpu,
         "cpu_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
@@ -305,6 +330,7 @@ def _run(config, progress):
             "rounds": config.rounds,
             "tf32": config.tf32,
             "contention": config.contention,
+            "isa": config.isa,
         },
         "gemm_reference": gemm,
         "notes": notes,

@@ -208,8 +208,10 @@ def test_tiny_run_writes_the_documented_json(tiny_run):
         assert key in result, key
     assert result["format"] == runner.RESULT_FORMAT and result["version"] == runner.RESULT_VERSION
     env = result["environment"]
-    for key in ("date", "cpu", "gpu", "torch", "cuda", "cudnn", "cpu_threads", "rnnfused", "git_commit", "precision"):
+    for key in ("date", "cpu", "onednn_isa", "gpu", "torch", "cuda", "cudnn", "cpu_threads", "rnnfused", "git_commit",
+                "precision"):
         assert key in env, key
+    assert env["onednn_isa"], "oneDNN's verbose mode names its instruction set"
     assert env["rnnfused"]["cpu_isa"] and "cuda" in env["rnnfused"]
     assert env["date"].endswith("+00:00")
     assert set(env["precision"]) == {"float32_matmul_precision", "cuda_matmul_allow_tf32", "cudnn_allow_tf32"}
@@ -411,3 +413,31 @@ def test_contention_run_reports_each_sides_slowdown(tmp_path):
     assert "Under contention (another process spinning on one core)" in stdout.getvalue()
     assert "| rnnfused ms (slowdown) | torch.nn ms (slowdown) |" in stdout.getvalue()
     assert "--contention" not in config_of("--cell", "gru").__dict__ and not config_of("--cell", "gru").contention
+
+
+# --- instruction-set caps --------------------------------------------------------------------------
+
+
+def test_isa_caps_cover_every_cpu_library():
+    env = cli.isa_environment("avx2", {"PATH": "/bin"})
+    assert env == {"PATH": "/bin", "RNNFUSED_CPU_ISA": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
+                   "ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "RNNFUSED_BENCH_ISA": "avx2"}
+
+
+def test_isa_run_restarts_with_the_caps_and_records_them(tmp_path):
+    """`--isa avx2`: the suite restarts itself with the caps, so both sides and the recorded
+    environment run under them (oneDNN reports AVX2 whatever the machine has)."""
+    import subprocess
+
+    json_path = tmp_path / "isa.json"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RNNFUSED_", "ONEDNN_", "ATEN_CPU", "MKL_"))}
+    command = [sys.executable, "-m", "benchmarks", "--isa", "avx2", "--shape", "3,2,4,5,1", "--cell", "rnn_tanh",
+               "--mode", "fwd", "--device", "cpu", "--min-run-time", "0.002", "--rounds", "1", "--json",
+               str(json_path), "--no-plot"]
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    run = json.loads(json_path.read_text())
+    assert run["settings"]["isa"] == "avx2"
+    assert run["environment"]["rnnfused"]["cpu_isa"] == "avx2"
+    assert "AVX2" in run["environment"]["onednn_isa"] and "512" not in run["environment"]["onednn_isa"]
+    assert "instruction sets: rnnfused avx2, oneDNN" in result.stdout and "(--isa avx2)" in result.stdout
