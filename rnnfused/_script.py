@@ -416,7 +416,7 @@ class ScriptLSTMCell(modules.LSTMCell):
         return h, c
 
 
-_SCRIPT_CLASSES = {
+SCRIPT_CLASSES = {
     modules.LSTM: ScriptLSTM,
     modules.GRU: ScriptGRU,
     modules.RNN: ScriptRNN,
@@ -432,13 +432,13 @@ def prepare_scriptable(module: nn.Module) -> nn.Module:
     to compile. A subclass of an rnnfused class, or a parametrized module, is refused: its
     forward or properties would not be what TorchScript compiles."""
     cls = type(module)
-    if cls in _SCRIPT_CLASSES.values():
+    if cls in SCRIPT_CLASSES.values():
         return module
-    if cls not in _SCRIPT_CLASSES:
+    if cls not in SCRIPT_CLASSES:
         raise RuntimeError(
             f"rnnfused: torch.jit.script supports rnnfused's own classes, not {cls.__qualname__} (a subclass or a "
             "parametrized module, whose forward TorchScript would not see); script the plain module, or use "
             "torch.jit.trace"
         )
-    module.__class__ = _SCRIPT_CLASSES[cls]
+    module.__class__ = SCRIPT_CLASSES[cls]
     return module

@@ -37,13 +37,18 @@ _TARGETS = {"rnnfused": dict(_PAIRS), "torch.nn": {ours: theirs for theirs, ours
 def _built_class(module):
     """(the class the module was built as, its parametrized subclass or None):
     torch.nn.utils.parametrize swaps a parametrized module's class for a generated subclass
-    ``Parametrized<Name>`` whose properties compute the parametrized tensors."""
+    ``Parametrized<Name>`` whose properties compute the parametrized tensors, and torch.jit.script
+    switches an rnnfused module to its TorchScript form (rnnfused/_script.py), which counts as the
+    rnnfused class it derives from."""
+    from ._script import SCRIPT_CLASSES
+
     cls = type(module)
     if parametrize.is_parametrized(module) and len(cls.__bases__) == 1:
         base = cls.__bases__[0]
         if cls.__name__ == "Parametrized" + base.__name__:
             return base, cls
-    return cls, None
+    scripted = {script: eager for eager, script in SCRIPT_CLASSES.items()}
+    return scripted.get(cls, cls), None
 
 
 def _retarget(module, target):

@@ -242,3 +242,13 @@ def test_bad_arguments():
         rnnfused.convert(nn.LSTM(2, 2), to="cudnn")
     with pytest.raises(TypeError, match=r"expected a torch.nn.Module, got dict"):
         rnnfused.convert({})
+
+
+def test_a_scripted_model_converts_back():
+    """torch.jit.script switches rnnfused modules to their TorchScript form (a subclass); convert
+    still recognises them."""
+    model = nn.Sequential(rnnfused.GRUCell(3, 4))
+    torch.jit.script(model)
+    assert type(model[0]).__name__ == "ScriptGRUCell"
+    rnnfused.convert(model, to="torch.nn")
+    assert type(model[0]) is nn.GRUCell
