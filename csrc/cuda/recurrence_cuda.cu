@@ -260,6 +260,10 @@ struct PersistentLayout {
 // hidden units (and of the projection's columns).
 PersistentLayout persistent_grid(int64_t H, int64_t P, bool proj) {
   PersistentLayout layout;
+  if (requested_path() == PathRequest::Standard) {  // no occupancy queries for a path not taken
+    layout.refusal = "RNNFUSED_CUDA_PATH=standard";
+    return layout;
+  }
   if (H == 0 || P == 0) {
     layout.refusal = "the hidden size is 0";
     return layout;
