@@ -37,27 +37,36 @@ def want_cuda():
     return torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None and torch.cuda.is_available()
 
 
-# Files compiled for AVX2 + FMA (selected at run time by csrc/cpu/pointwise_dispatch.cpp).
-AVX2_SUFFIX = "_avx2.cpp"
-AVX2_FLAGS = ["-mavx2", "-mfma", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
+# Files compiled for one instruction set each (selected at run time by csrc/cpu/pointwise_dispatch.cpp):
+# *_avx2.cpp for AVX2 + FMA, *_avx512.cpp for AVX-512 F, BW, VL, DQ (what ATen's AVX512 capability
+# needs); both with F16C, which every such processor has (c10::Half's conversions use it). The
+# CPU_CAPABILITY macros select at::vec's vector types for that instruction set.
+ISA_FLAGS = {
+    "_avx2.cpp": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"],
+    "_avx512.cpp": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX512",
+                    "-DCPU_CAPABILITY_AVX512"],
+}
 
 
-def builds_avx2():
+def builds_x86_isas():
     return platform.machine().lower() in ("x86_64", "amd64")
 
 
 class BuildExtension(cpp_extension.BuildExtension):
-    """torch's BuildExtension, plus per-file flags: *_avx2.cpp get AVX2_FLAGS on top of the rest."""
+    """torch's BuildExtension, plus per-file flags: *_avx2.cpp / *_avx512.cpp get their ISA_FLAGS on top."""
 
     def build_extension(self, ext):
-        isa_sources = [s for s in ext.sources if s.endswith(AVX2_SUFFIX)]
-        ext.sources = [s for s in ext.sources if not s.endswith(AVX2_SUFFIX)]
-        if isa_sources and builds_avx2():
+        by_suffix = {suffix: [s for s in ext.sources if s.endswith(suffix)] for suffix in ISA_FLAGS}
+        ext.sources = [s for s in ext.sources if not any(s.endswith(suffix) for suffix in ISA_FLAGS)]
+        for suffix, isa_sources in by_suffix.items():
+            if not isa_sources or not builds_x86_isas():
+                continue
             flags = {key: list(value) for key, value in ext.extra_compile_args.items()}
-            flags["cxx"] = flags.get("cxx", []) + AVX2_FLAGS
+            flags["cxx"] = flags.get("cxx", []) + ISA_FLAGS[suffix]
             objects = self.compiler.compile(
                 isa_sources,
-                output_dir=self.build_temp,
+                # One folder per instruction set: the object names of two ISA files must not collide.
+                output_dir=os.path.join(self.build_temp, suffix.strip("_.").replace(".", "_")),
                 macros=ext.define_macros,
                 include_dirs=ext.include_dirs,
                 debug=self.debug,
@@ -77,7 +86,8 @@ def extension():
     cxx = opt + ["-fopenmp", "-Wall", "-Wno-unused-parameter", "-Wno-unknown-pragmas"]
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     include_dirs = [os.path.join(root, "csrc")]
-    macros = [("RNNFUSED_HAVE_AVX2_KERNELS", "1" if builds_avx2() else "0")]
+    x86 = "1" if builds_x86_isas() else "0"
+    macros = [("RNNFUSED_HAVE_AVX2_KERNELS", x86), ("RNNFUSED_HAVE_AVX512_KERNELS", x86)]
     depends = sorted(glob.glob(os.path.join("csrc", "**", "*.h"), recursive=True))
     if not want_cuda():
         return cpp_extension.CppExtension(

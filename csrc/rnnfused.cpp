@@ -17,6 +17,7 @@
 #include <torch/library.h>
 
 #include "cpu/blas.h"
+#include "cpu/engine.h"
 #include "cpu/pointwise.h"
 #include "op_schemas.h"
 
@@ -43,7 +44,13 @@ bool cuda_built() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "rnnfused: fused LSTM, GRU and Elman RNN recurrences (C++ CPU and CUDA kernels)";
   m.def("cuda_built", &rnnfused::cuda_built, "Whether this build carries the CUDA kernels");
-  m.def("cpu_isa", &rnnfused::cpu::pointwise_isa, "Instruction set of the CPU gate kernels: 'avx2' or 'default'");
+  m.def("cpu_isa", &rnnfused::cpu::pointwise_isa,
+        "Instruction set of the CPU kernels: 'avx512', 'avx2' or 'default'");
+  m.def(
+      "cpu_path", [] { return std::string(rnnfused::cpu::cpu_path_name(rnnfused::cpu::cpu_path())); },
+      "Time loops of the CPU ops: 'auto' (the fused engine for batches of at most 8 rows, per-step GEMMs "
+      "above), 'fused' (the engine: GEMM and gates in one pass, one thread team per call) or 'steps' (one GEMM "
+      "and one gate pass per step)");
   m.def("cpu_blas", &rnnfused::cpu::blas_backend, "GEMM path of the CPU time loops: 'blas' or 'aten'");
 #ifdef RNNFUSED_WITH_CUDA
   m.def("_cuda_selftest", &rnnfused::cuda::run_selftest,
@@ -54,4 +61,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def(
       "_set_cpu_blas", [](const std::string& name) { rnnfused::cpu::set_blas_backend(name.c_str()); },
       "Testing hook: run the CPU time loops on 'blas' (direct sgemm_/dgemm_) or 'aten' (at::addmm)");
+  m.def(
+      "_set_cpu_path",
+      [](const std::string& name) {
+        rnnfused::cpu::set_cpu_path(rnnfused::cpu::parse_cpu_path(name, "_set_cpu_path: the path"));
+      },
+      "Testing hook: run the CPU time loops on 'auto', 'fused' (the engine) or 'steps' (per-step GEMMs)");
+  m.def("_cpu_engine_runs", &rnnfused::cpu::engine_runs,
+        "Testing hook: whether a call of this many rows (no projection) runs on the engine under the current path");
+  m.def("_cpu_engine_min_flops", &rnnfused::cpu::engine_min_flops_per_thread,
+        "Testing hook: the per-step work each thread of the engine's team must have");
+  m.def("_set_cpu_engine_min_flops", &rnnfused::cpu::set_engine_min_flops_per_thread,
+        "Testing hook: set it (0: one thread per unit block, up to torch's thread count)");
 }

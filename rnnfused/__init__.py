@@ -22,5 +22,8 @@ def cuda_built():
 
 
 def build_info():
-    """What this build runs on: CUDA kernels present, CPU instruction set, CPU GEMM path."""
-    return {"version": __version__, "cuda": _C.cuda_built(), "cpu_isa": _C.cpu_isa(), "cpu_blas": _C.cpu_blas()}
+    """What this build runs on: CUDA kernels present, CPU instruction set ('avx512', 'avx2' or
+    'default'), the CPU time loop ('auto', 'fused' or 'steps'; see RNNFUSED_CPU_PATH) and the GEMM
+    behind the per-step path."""
+    return {"version": __version__, "cuda": _C.cuda_built(), "cpu_isa": _C.cpu_isa(), "cpu_path": _C.cpu_path(),
+            "cpu_blas": _C.cpu_blas()}

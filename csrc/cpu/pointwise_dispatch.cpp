@@ -1,14 +1,20 @@
-// Picks the per-step passes for this processor once, at the first call.
+// Picks the instruction set of the CPU kernels (the per-step passes and the fused engine) once,
+// at the first call, and holds the engine's switches.
 #include <cstdlib>
 #include <cstring>
+#include <string>
 
 #include <c10/util/Exception.h>
 
+#include "engine.h"
 #include "pointwise.h"
 
-// RNNFUSED_HAVE_AVX2_KERNELS: set by setup.py when it compiled pointwise_avx2.cpp for AVX2.
+// Set by setup.py when it compiled pointwise_avx2.cpp / pointwise_avx512.cpp for their ISA.
 #ifndef RNNFUSED_HAVE_AVX2_KERNELS
 #define RNNFUSED_HAVE_AVX2_KERNELS 0
+#endif
+#ifndef RNNFUSED_HAVE_AVX512_KERNELS
+#define RNNFUSED_HAVE_AVX512_KERNELS 0
 #endif
 
 namespace rnnfused::cpu {
@@ -16,48 +22,120 @@ namespace rnnfused::cpu {
 namespace default_isa {
 template <typename T>
 PointwiseKernels<T> make_kernels();
-}
+template <typename T>
+EngineKernels<T> make_engine();
+}  // namespace default_isa
 #if RNNFUSED_HAVE_AVX2_KERNELS
 namespace avx2 {
 template <typename T>
 PointwiseKernels<T> make_kernels();
-}
+template <typename T>
+EngineKernels<T> make_engine();
+}  // namespace avx2
+#endif
+#if RNNFUSED_HAVE_AVX512_KERNELS
+namespace avx512 {
+template <typename T>
+PointwiseKernels<T> make_kernels();
+template <typename T>
+EngineKernels<T> make_engine();
+}  // namespace avx512
 #endif
 
 namespace {
 
-// RNNFUSED_CPU_ISA=default|avx2 overrides the choice (tests use it to cover both copies);
-// otherwise ATEN_CPU_CAPABILITY=default, torch's own switch, also selects the baseline.
-bool use_avx2() {
+enum class Isa { Default, Avx2, Avx512 };
+
+bool cpu_has_avx2() {
 #if RNNFUSED_HAVE_AVX2_KERNELS
-  const bool supported = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  if (const char* forced = std::getenv("RNNFUSED_CPU_ISA")) {
-    if (std::strcmp(forced, "default") == 0) return false;
-    TORCH_CHECK(std::strcmp(forced, "avx2") == 0, "RNNFUSED_CPU_ISA must be 'default' or 'avx2', got '", forced,
-                "'");
-    TORCH_CHECK(supported, "RNNFUSED_CPU_ISA=avx2 but this processor lacks AVX2/FMA");
-    return true;
-  }
-  if (const char* aten = std::getenv("ATEN_CPU_CAPABILITY")) {
-    if (std::strcmp(aten, "default") == 0) return false;
-  }
-  return supported;
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 #else
-  if (const char* forced = std::getenv("RNNFUSED_CPU_ISA")) {
-    TORCH_CHECK(std::strcmp(forced, "default") == 0, "RNNFUSED_CPU_ISA=", forced,
-                " is not available: this build has only the default kernels");
-  }
   return false;
 #endif
 }
 
+// What ATen's AVX512 capability requires too.
+bool cpu_has_avx512() {
+#if RNNFUSED_HAVE_AVX512_KERNELS
+  return cpu_has_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+#else
+  return false;
+#endif
+}
+
+// RNNFUSED_CPU_ISA=default|avx2|avx512 forces a choice (tests use it to cover every copy; an ISA
+// this processor or build lacks is an error). Otherwise ATEN_CPU_CAPABILITY, torch's own switch,
+// caps it (default / avx2), and the best the processor has is taken.
+Isa choose_isa() {
+  if (const char* forced = std::getenv("RNNFUSED_CPU_ISA")) {
+    const std::string name(forced);
+    if (name == "default") return Isa::Default;
+    if (name == "avx2") {
+      TORCH_CHECK(cpu_has_avx2(), "RNNFUSED_CPU_ISA=avx2, but ",
+                  RNNFUSED_HAVE_AVX2_KERNELS ? "this processor lacks AVX2/FMA" : "this build has no AVX2 kernels");
+      return Isa::Avx2;
+    }
+    TORCH_CHECK(name == "avx512", "RNNFUSED_CPU_ISA must be 'default', 'avx2' or 'avx512', got '", name, "'");
+    TORCH_CHECK(cpu_has_avx512(), "RNNFUSED_CPU_ISA=avx512, but ",
+                RNNFUSED_HAVE_AVX512_KERNELS ? "this processor lacks AVX-512 (F, BW, VL, DQ)"
+                                             : "this build has no AVX-512 kernels");
+    return Isa::Avx512;
+  }
+  if (const char* aten = std::getenv("ATEN_CPU_CAPABILITY")) {
+    if (std::strcmp(aten, "default") == 0) return Isa::Default;
+    if (std::strcmp(aten, "avx2") == 0) return cpu_has_avx2() ? Isa::Avx2 : Isa::Default;
+  }
+  if (cpu_has_avx512()) return Isa::Avx512;
+  if (cpu_has_avx2()) return Isa::Avx2;
+  return Isa::Default;
+}
+
+Isa chosen_isa() {
+  static const Isa isa = choose_isa();
+  return isa;
+}
+
 template <typename T>
 PointwiseKernels<T> select_kernels() {
-#if RNNFUSED_HAVE_AVX2_KERNELS
-  if (use_avx2()) return avx2::make_kernels<T>();
+  switch (chosen_isa()) {
+#if RNNFUSED_HAVE_AVX512_KERNELS
+    case Isa::Avx512:
+      return avx512::make_kernels<T>();
 #endif
-  return default_isa::make_kernels<T>();
+#if RNNFUSED_HAVE_AVX2_KERNELS
+    case Isa::Avx2:
+      return avx2::make_kernels<T>();
+#endif
+    default:
+      return default_isa::make_kernels<T>();
+  }
 }
+
+template <typename T>
+EngineKernels<T> select_engine() {
+  switch (chosen_isa()) {
+#if RNNFUSED_HAVE_AVX512_KERNELS
+    case Isa::Avx512:
+      return avx512::make_engine<T>();
+#endif
+#if RNNFUSED_HAVE_AVX2_KERNELS
+    case Isa::Avx2:
+      return avx2::make_engine<T>();
+#endif
+    default:
+      return default_isa::make_engine<T>();
+  }
+}
+
+CpuPath cpu_path_from_environment() {
+  const char* path = std::getenv("RNNFUSED_CPU_PATH");
+  return path == nullptr ? CpuPath::Auto : parse_cpu_path(path, "RNNFUSED_CPU_PATH");
+}
+
+CpuPath g_cpu_path = cpu_path_from_environment();
+// About 1 us of one core's work: a step barrier costs a fraction of that.
+int64_t g_min_flops_per_thread = 32 * 1024;
 
 }  // namespace
 
@@ -67,9 +145,31 @@ const PointwiseKernels<T>& pointwise_kernels() {
   return kernels;
 }
 
+template <typename T>
+const EngineKernels<T>& engine_kernels() {
+  static const EngineKernels<T> kernels = select_engine<T>();
+  return kernels;
+}
+
 template const PointwiseKernels<float>& pointwise_kernels<float>();
 template const PointwiseKernels<double>& pointwise_kernels<double>();
+template const EngineKernels<float>& engine_kernels<float>();
+template const EngineKernels<double>& engine_kernels<double>();
 
 const char* pointwise_isa() { return pointwise_kernels<float>().isa; }
+
+CpuPath cpu_path() { return g_cpu_path; }
+void set_cpu_path(CpuPath path) { g_cpu_path = path; }
+const char* cpu_path_name(CpuPath path) {
+  return path == CpuPath::Auto ? "auto" : path == CpuPath::Fused ? "fused" : "steps";
+}
+CpuPath parse_cpu_path(const std::string& name, const char* what) {
+  if (name == "auto") return CpuPath::Auto;
+  if (name == "fused") return CpuPath::Fused;
+  TORCH_CHECK(name == "steps", what, " must be 'auto', 'fused' or 'steps', got '", name, "'");
+  return CpuPath::Steps;
+}
+int64_t engine_min_flops_per_thread() { return g_min_flops_per_thread; }
+void set_engine_min_flops_per_thread(int64_t flops) { g_min_flops_per_thread = flops; }
 
 }  // namespace rnnfused::cpu

@@ -16,18 +16,46 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
+#include <type_traits>
 
 #include "../cell_math.h"
 #include "pointwise.h"
 
 namespace rnnfused {
 
+// tanh for float vectors at a third of the cost of SLEEF's tanhf (which dominated the gate math):
+//   |x| < 0.625: x + x^3 P(x^2), P a degree-4 fit of (tanh(x)/x - 1)/x^2 (relative error);
+//   otherwise:   sign(x) (1 - 2 / (exp(2|x|) + 1)), no cancellation since the result is >= 0.55.
+// Measured against double-precision tanh over every float in [-12, 12] on AVX-512: at most
+// 1.33 ulp; exact at +-0 (sign kept) and +-inf; NaN stays NaN (tests/test_modules.py checks a
+// dense grid through the ops on every instruction set).
+inline at::vec::Vectorized<float> fast_tanh(const at::vec::Vectorized<float>& x) {
+  using V = at::vec::Vectorized<float>;
+  const V ax = x.abs();
+  const V u = x * x;
+  V p(-0.005706497933715582f);
+  p = at::vec::fmadd(p, u, V(0.020640265196561813f));
+  p = at::vec::fmadd(p, u, V(-0.05373997613787651f));
+  p = at::vec::fmadd(p, u, V(0.13331443071365356f));
+  p = at::vec::fmadd(p, u, V(-0.3333328068256378f));
+  const V small = at::vec::fmadd(x * u, p, x);
+  const V e = (ax + ax).exp();
+  const V large = V(1.f) - V(2.f) / (e + V(1.f));
+  return V::blendv(large, small, ax < V(0.625f)) | (x & V(-0.f));  // | the sign bit of x (-0 stays -0)
+}
+
 // Vectorized transcendentals for the shared cell math.
 template <typename S>
 struct CellOps<at::vec::Vectorized<S>> {
   using V = at::vec::Vectorized<S>;
   static inline V exp(V x) { return x.exp(); }
-  static inline V tanh(V x) { return x.tanh(); }
+  static inline V tanh(V x) {
+    if constexpr (std::is_same_v<S, float>) {
+      return fast_tanh(x);
+    } else {
+      return x.tanh();
+    }
+  }
   static inline V relu(V x) { return at::vec::clamp_min(x, V(0)); }  // max_ps keeps NaN
   static inline V where_positive(V out, V grad) { return grad & (out > V(0)); }
 };

@@ -17,6 +17,7 @@
 #include "../cell_math.h"
 #include "../recurrence.h"
 #include "blas.h"
+#include "engine.h"
 #include "pointwise.h"
 
 namespace rnnfused::cpu {
@@ -83,6 +84,46 @@ at::Tensor previous_h(const StepPlan& plan, const at::Tensor& output, const at::
   return hprev;
 }
 
+// Whether a call runs on the fused engine (engine.h): never with the LSTM projection.
+bool use_engine(bool proj, int64_t batch) { return !proj && engine_runs(batch); }
+
+template <typename T>
+ForwardProblem<T> forward_problem(CellKind cell, const StepPlan& plan, int64_t H, const at::Tensor& gx,
+                                  const at::Tensor& whh, const at::Tensor& bias, const at::Tensor& h0,
+                                  at::Tensor& h_state, at::Tensor& output, at::Tensor& workspace, bool training,
+                                  at::ScalarType storage) {
+  ForwardProblem<T> p;
+  p.cell = cell;
+  p.plan = &plan;
+  p.hidden = H;
+  p.gates_x = gx.data_ptr<T>();
+  p.w_hh = whh.data_ptr<T>();
+  p.bias = bias.data_ptr<T>();
+  p.h0 = h0.data_ptr<T>();
+  p.h_state = h_state.data_ptr<T>();
+  p.output = output.data_ptr<T>();
+  p.workspace = training ? workspace.data_ptr<T>() : nullptr;
+  p.storage = storage;
+  return p;
+}
+
+template <typename T>
+BackwardProblem<T> backward_problem(CellKind cell, const StepPlan& plan, int64_t H, const at::Tensor& whh,
+                                    const at::Tensor& h0, const at::Tensor& output, const at::Tensor& go,
+                                    at::Tensor& dh_state, at::Tensor& grad_gates) {
+  BackwardProblem<T> p;
+  p.cell = cell;
+  p.plan = &plan;
+  p.hidden = H;
+  p.w_hh = whh.data_ptr<T>();
+  p.h0 = h0.data_ptr<T>();
+  p.output = output.data_ptr<T>();
+  p.grad_output = ptr_or_null<T>(go);
+  p.dh_state = dh_state.data_ptr<T>();
+  p.grad_gates = grad_gates.data_ptr<T>();
+  return p;
+}
+
 // Gradients leave in the dtype of the tensors they belong to.
 at::Tensor to_dtype(const at::Tensor& t, at::ScalarType dtype) { return t.to(dtype); }
 
@@ -121,6 +162,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_recurrence_cpu(
   at::Tensor gates_h = at::empty({B, 4 * H}, gx.options());
   at::Tensor r_buffer = proj ? at::empty({B, H}, gx.options()) : at::Tensor();
 
+  if (use_engine(proj, B)) {
+    const at::Tensor h0_c = compute_view(h0, acc);
+    AT_DISPATCH_FLOATING_TYPES(acc, "rnnfused_lstm_cpu", [&] {
+      auto p = forward_problem<scalar_t>(CellKind::Lstm, plan, H, gx, whh, bias, h0_c, h_state, output, workspace,
+                                         training, dtype);
+      p.c_state = c_state.data_ptr<scalar_t>();
+      engine_kernels<scalar_t>().forward(p);
+    });
+    return {to_dtype(output, dtype), to_dtype(h_state, dtype), to_dtype(c_state, dtype), workspace};
+  }
   AT_DISPATCH_FLOATING_TYPES(acc, "rnnfused_lstm_cpu", [&] {
     using T = scalar_t;
     const auto& kernels = pointwise_kernels<T>();
@@ -197,6 +248,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor r_rows = proj ? at::empty({plan.rows, H}, options) : at::Tensor();
   at::Tensor grad_r = proj ? at::empty({B, H}, options) : at::Tensor();
 
+  if (use_engine(proj, B)) {
+    AT_DISPATCH_FLOATING_TYPES(acc, "rnnfused_lstm_backward_cpu", [&] {
+      auto p = backward_problem<scalar_t>(CellKind::Lstm, plan, H, whh, h0_c, out, go, dh_state, grad_gates);
+      p.c0 = c0_c.data_ptr<scalar_t>();
+      p.workspace = workspace.data_ptr<scalar_t>();
+      p.dc_state = dc_state.data_ptr<scalar_t>();
+      engine_kernels<scalar_t>().backward(p);
+    });
+  } else {
   AT_DISPATCH_FLOATING_TYPES(acc, "rnnfused_lstm_backward_cpu", [&] {
     using T = scalar_t;
     const auto& kernels = pointwise_kernels<T>();
@@ -237,6 +297,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       recurrent.multiply(rows, dg + off * 4 * H, 4 * H, T(0), dh, P);
     }
   });
+  }
   const at::Tensor hprev = previous_h(plan, out, h0_c);
   at::Tensor grad_w_hh = grad_gates.t().mm(hprev);
   at::Tensor grad_b_hh = grad_gates.sum(0);
@@ -271,6 +332,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_recurrence_cpu(const at::Tens
   at::Tensor workspace = empty_workspace(gates_x, training, kGruWorkspaceGates, H);
   at::Tensor gates_h = at::empty({B, 3 * H}, gx.options());
 
+  if (use_engine(false, B)) {
+    const at::Tensor h0_c = compute_view(h0, acc);
+    AT_DISPATCH_FLOATING_TYPES(acc, "rnnfused_gru_cpu", [&] {
+      engine_kernels<scalar_t>().forward(forward_problem<scalar_t>(CellKind::Gru, plan, H, gx, whh, bias, h0_c,
+                                                                   h_state, output, workspace, training, dtype));
+    });
+    return {to_dtype(output, dtype), to_dtype(h_state, dtype), workspace};
+  }
   AT_DISPATCH_FLOATING_TYPES(acc, "rnnfused_gru_cpu", [&] {
     using T = scalar_t;
     const auto& kernels = pointwise_kernels<T>();
@@ -320,9 +389,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_recurrence_backwa
   const at::Tensor whh = compute_view(w_hh, acc);
   const at::Tensor go = optional_compute_view(grad_output, acc);
   at::Tensor dh_state = present(grad_h_n) ? state_copy(*grad_h_n, acc) : at::zeros({B, H}, options);
-  const at::Tensor hprev = previous_h(plan, compute_view(output, acc), compute_view(h0, acc));
+  const at::Tensor out = compute_view(output, acc);
+  const at::Tensor h0_c = compute_view(h0, acc);
+  const at::Tensor hprev = previous_h(plan, out, h0_c);
   at::Tensor grad_gates_x = at::empty({plan.rows, 3 * H}, options);
   at::Tensor grad_gates_h = at::empty({plan.rows, 3 * H}, options);
+  if (use_engine(false, B)) {
+    AT_DISPATCH_FLOATING_TYPES(acc, "rnnfused_gru_backward_cpu", [&] {
+      auto p = backward_problem<scalar_t>(CellKind::Gru, plan, H, whh, h0_c, out, go, dh_state, grad_gates_x);
+      p.workspace = workspace.data_ptr<scalar_t>();
+      p.grad_gates_h = grad_gates_h.data_ptr<scalar_t>();
+      engine_kernels<scalar_t>().backward(p);
+    });
+  } else {
 
   AT_DISPATCH_FLOATING_TYPES(acc, "rnnfused_gru_backward_cpu", [&] {
     using T = scalar_t;
@@ -346,6 +425,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_recurrence_backwa
       recurrent.multiply(rows, step.grad_gates_h, 3 * H, T(1), dh, H);
     }
   });
+  }
   at::Tensor grad_w_hh = grad_gates_h.t().mm(hprev);
   at::Tensor grad_b_hh = grad_gates_h.sum(0);
   return {to_dtype(grad_gates_x, dtype), to_dtype(grad_w_hh, dtype), to_dtype(grad_b_hh, dtype),
@@ -375,6 +455,16 @@ std::tuple<at::Tensor, at::Tensor> rnn_recurrence_cpu(const at::Tensor& gates_x,
   at::Tensor output = at::empty({plan.rows, H}, gates_x.options().dtype(acc));
   at::Tensor gates_h = at::empty({B, H}, gx.options());
 
+  if (use_engine(false, B)) {
+    const at::Tensor h0_c = compute_view(h0, acc);
+    at::Tensor no_workspace;
+    AT_DISPATCH_FLOATING_TYPES(acc, "rnnfused_rnn_cpu", [&] {
+      engine_kernels<scalar_t>().forward(forward_problem<scalar_t>(
+          act == Activation::Tanh ? CellKind::RnnTanh : CellKind::RnnRelu, plan, H, gx, whh, bias, h0_c, h_state,
+          output, no_workspace, false, dtype));
+    });
+    return {to_dtype(output, dtype), to_dtype(h_state, dtype)};
+  }
   AT_DISPATCH_FLOATING_TYPES(acc, "rnnfused_rnn_cpu", [&] {
     using T = scalar_t;
     const auto& kernels = pointwise_kernels<T>();
@@ -425,6 +515,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_recurrence_backwa
   at::Tensor dh_state = present(grad_h_n) ? state_copy(*grad_h_n, acc) : at::zeros({B, H}, options);
   at::Tensor grad_gates = at::empty({plan.rows, H}, options);
 
+  const at::Tensor h0_c = compute_view(h0, acc);
+  if (use_engine(false, B)) {
+    AT_DISPATCH_FLOATING_TYPES(acc, "rnnfused_rnn_backward_cpu", [&] {
+      engine_kernels<scalar_t>().backward(backward_problem<scalar_t>(
+          act == Activation::Tanh ? CellKind::RnnTanh : CellKind::RnnRelu, plan, H, whh, h0_c, out, go, dh_state,
+          grad_gates));
+    });
+  } else {
   AT_DISPATCH_FLOATING_TYPES(acc, "rnnfused_rnn_backward_cpu", [&] {
     using T = scalar_t;
     const auto& kernels = pointwise_kernels<T>();
@@ -446,7 +544,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_recurrence_backwa
       recurrent.multiply(rows, step.grad_gates, H, T(0), dh, H);
     }
   });
-  const at::Tensor hprev = previous_h(plan, out, compute_view(h0, acc));
+  }
+  const at::Tensor hprev = previous_h(plan, out, h0_c);
   at::Tensor grad_w_hh = grad_gates.t().mm(hprev);
   at::Tensor grad_b_hh = grad_gates.sum(0);
   return {to_dtype(grad_gates, dtype), to_dtype(grad_w_hh, dtype), to_dtype(grad_b_hh, dtype),

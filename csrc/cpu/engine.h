@@ -1,0 +1,119 @@
+// The fused CPU recurrence engine: the whole time loop of one layer and direction in one parallel
+// region, the per-step product with W_hh and the gate math in one pass.
+//
+// How it works (csrc/cpu/engine_impl.h holds the code, compiled once per instruction set):
+// - A team of threads runs the whole sequence. The hidden units are cut into blocks of one
+//   vector (V units: 8 floats on AVX2, 16 on AVX-512); each thread owns a contiguous range of
+//   blocks, all G gates of them, and packs its own rows of W_hh once per call into panels
+//   [block][k][gate][lane], which then stay in its core's cache for the whole sequence.
+// - Forward step: for each of its blocks the thread accumulates h_{t-1} W_hh^T for a tile of
+//   rows x G gates x V units in registers, and finishes the gates in the same pass (gates_x,
+//   b_hh, the cell's element function of csrc/cell_math.h), writing h_t straight into the
+//   step's output rows. h_{t-1} is read from the previous step's output rows (or h0 for rows
+//   that start at the step), so packed, reverse and growing batches need no copies.
+// - Backward step: the thread turns dL/dh_t of its units into the gate gradients of its units,
+//   then (after the step barrier) computes dL/dh_{t-1} of its units from all the step's gate
+//   gradients with W_hh's columns of its units, packed once per call the same way.
+// - Steps are separated by a barrier that spins briefly, then yields, then sleeps, so that a
+//   waiting thread never holds a core another process needs for long.
+// Every thread's share is fixed by the plan, and the order of every sum is fixed: results do not
+// depend on timing, and they do not depend on the number of threads either (each output element is
+// computed by exactly one thread, in the same order whatever the team).
+#pragma once
+
+#include <ATen/core/ATen_fwd.h>
+#include <c10/core/ScalarType.h>
+
+#include <cstdint>
+#include <string>
+
+#include "../checks.h"
+
+namespace rnnfused::cpu {
+
+enum class CellKind { Lstm, Gru, RnnTanh, RnnRelu };
+
+inline int64_t gates_of(CellKind cell) {
+  switch (cell) {
+    case CellKind::Lstm:
+      return 4;
+    case CellKind::Gru:
+      return 3;
+    default:
+      return 1;
+  }
+}
+
+// One forward call (LSTM without projection, GRU, RNN). Shapes in the legend of csrc/cell_math.h.
+template <typename T>
+struct ForwardProblem {
+  CellKind cell = CellKind::Lstm;
+  const StepPlan* plan = nullptr;
+  int64_t hidden = 0;          // H (= P: no projection)
+  const T* gates_x = nullptr;  // [N, G*H]   x W_ih^T + b_ih
+  const T* w_hh = nullptr;     // [G*H, H]
+  const T* bias = nullptr;     // [G*H]      b_hh (zeros for a layer without bias)
+  const T* h0 = nullptr;       // [B, H]
+  T* h_state = nullptr;        // [B, H]     in: a copy of h0; out: h_n
+  T* c_state = nullptr;        // [B, H]     LSTM: in: a copy of c0; out: c_n
+  T* output = nullptr;         // [N, H]     h_t of every row
+  T* workspace = nullptr;      // [N, W*H]   what backward reads (W = 5 LSTM, 4 GRU); null in inference
+  // bfloat16/float16 calls compute in float and round h_t to this type at every step (it is what
+  // the caller sees and what the next step reads); the dtype itself otherwise.
+  c10::ScalarType storage = c10::ScalarType::Float;
+};
+
+// One backward call (LSTM without projection, GRU, RNN).
+template <typename T>
+struct BackwardProblem {
+  CellKind cell = CellKind::Lstm;
+  const StepPlan* plan = nullptr;
+  int64_t hidden = 0;              // H
+  const T* w_hh = nullptr;         // [G*H, H]
+  const T* h0 = nullptr;           // [B, H]   GRU: h_{t-1} of the rows that start at a step
+  const T* c0 = nullptr;           // [B, H]   LSTM: c_{t-1} of the rows that start at a step
+  const T* output = nullptr;       // [N, H]   forward output (GRU: h_{t-1}; RNN: h_t)
+  const T* workspace = nullptr;    // [N, W*H] the forward's workspace (LSTM, GRU)
+  const T* grad_output = nullptr;  // [N, H]   may be null
+  T* dh_state = nullptr;           // [B, H]   in: dL/dh_n (zeros if absent); out: dL/dh0
+  T* dc_state = nullptr;           // [B, H]   LSTM: in: dL/dc_n; out: dL/dc0
+  T* grad_gates = nullptr;         // [N, G*H] dL/d pre-activations (GRU: of gates_x)
+  T* grad_gates_h = nullptr;       // [N, 3H]  GRU only: dL/d(h_{t-1} W_hh^T + b_hh)
+};
+
+template <typename T>
+struct EngineKernels {
+  const char* isa;
+  void (*forward)(const ForwardProblem<T>&);
+  void (*backward)(const BackwardProblem<T>&);
+};
+
+// The engine for the processor's instruction set (the same choice as pointwise_kernels()).
+template <typename T>
+const EngineKernels<T>& engine_kernels();
+
+// Which time loop a call runs: the engine ("fused") or the per-step GEMM and gate passes
+// ("steps"; always for the LSTM with proj_size). "auto" (the default) takes the engine for batches
+// of at most kEngineMaxBatch rows, where it is faster: measured side by side on 2 threads
+// (AVX-512 Xeon, 2026-11-29; benchmarks/README table), 1.2-2.8x at B <= 4, 1.0-1.3x at B = 8,
+// 0.9-1.1x at B = 16 and 0.6-0.9x at B >= 64, where MKL's packed GEMM runs the product faster than
+// the engine's register tiles. RNNFUSED_CPU_PATH=auto|fused|steps sets it at load time.
+enum class CpuPath { Auto, Fused, Steps };
+constexpr int64_t kEngineMaxBatch = 8;
+CpuPath cpu_path();
+void set_cpu_path(CpuPath path);
+const char* cpu_path_name(CpuPath path);
+CpuPath parse_cpu_path(const std::string& name, const char* what);
+// Whether a call of `batch` rows (without projection) runs on the engine.
+inline bool engine_runs(int64_t batch) {
+  const CpuPath path = cpu_path();
+  return path == CpuPath::Fused || (path == CpuPath::Auto && batch <= kEngineMaxBatch);
+}
+
+// The work of one step (in flops) that one more thread of the team must have at least; below
+// it the team is smaller (a barrier per step costs about a microsecond). 0: as many threads as
+// there are unit blocks (tests use it to run small sizes on several threads).
+int64_t engine_min_flops_per_thread();
+void set_engine_min_flops_per_thread(int64_t flops);
+
+}  // namespace rnnfused::cpu

@@ -1,0 +1,543 @@
+// Implementation of the fused CPU recurrence engine declared in engine.h, written once on
+// at::vec::Vectorized and compiled once per instruction set (included by pointwise_default.cpp,
+// pointwise_avx2.cpp and pointwise_avx512.cpp after pointwise_impl.h, whose Lanes and CellOps it
+// uses).
+//
+// Register tiles. A tile is R rows x U unit blocks x G gates of accumulators (one vector each),
+// filled by a k loop that loads the U*G weight vectors of step k once and multiplies them by the
+// broadcast h_{t-1}[row][k] of every row. R and U are chosen so the accumulators and the reused
+// weight vectors fit the ISA's vector registers (16 on AVX2, 32 on AVX-512): several rows when
+// the batch has them (and several blocks too where G = 1, the backward's dh = dG W_hh and the
+// Elman forward); for one row, several blocks so that enough independent FMA chains are in flight. When a block's panel is larger than the first-level
+// cache budget and several row tiles reuse it, the k loop runs in chunks and the partial sums
+// wait in a small per-slice buffer (same order of additions: the result is the same).
+#pragma once
+
+#ifndef RNNFUSED_ISA
+#error "define RNNFUSED_ISA before including engine_impl.h"
+#endif
+
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cstring>
+#include <memory>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include "../cell_math.h"
+#include "engine.h"
+#include "team.h"
+
+namespace rnnfused::cpu::RNNFUSED_ISA {
+namespace engine {
+
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr int kVectorRegisters = 32;
+#else
+constexpr int kVectorRegisters = 16;
+#endif
+
+// Register tiles of several rows: R rows x U blocks x G gates of accumulators, plus U*G weight
+// vectors reused by every row and one broadcast: R*U*G + U*G + 1 registers at most.
+//   AVX-512 (32): G=4: 6x1 (29)   G=3: 8x1 (28)   G=1: 6x4 (29)
+//   AVX2    (16): G=4: 2x1 (13)   G=3: 4x1 (16)   G=1: 4x3 (16)
+template <int G>
+constexpr int kTileRows = kVectorRegisters == 32 ? (G == 4 ? 6 : G == 3 ? 8 : 6) : (G == 4 ? 2 : G == 3 ? 4 : 4);
+template <int G>
+constexpr int kTileBlocks = kVectorRegisters == 32 ? (G == 1 ? 4 : 1) : (G == 1 ? 3 : 1);
+// Tiles of one row: the weights go straight from memory into the FMA; U*G accumulators, as many
+// independent FMA chains as the registers allow (the k loop is bound by the cache's bandwidth).
+constexpr int clamp_tile(int v) { return v < 1 ? 1 : (v > 8 ? 8 : v); }
+template <int G>
+constexpr int kMaxTileBlocks = clamp_tile((kVectorRegisters - 2) / G);
+
+// Bytes that a chunk of the k loop may touch: the block's panel rows and the chunk of every
+// input row (they are all reused while the row tiles of the block go by); about 2/3 of a 48 KiB L1.
+constexpr int64_t kChunkBytes = 32 * 1024;
+
+template <typename T>
+using Vec = at::vec::Vectorized<T>;
+
+template <typename T>
+constexpr int64_t kLanes = Vec<T>::size();
+
+// Calls f(std::integral_constant<int, n>) for the runtime n in [1, Max].
+template <int Max, typename F>
+inline void with_constant(int n, const F& f) {
+  if constexpr (Max >= 1) {
+    if (n == Max) {
+      f(std::integral_constant<int, Max>{});
+    } else {
+      with_constant<Max - 1>(n, f);
+    }
+  }
+}
+
+// Panels of the unit blocks [b0, b1): panel_b[k][g][lane] = rows[g * gate_stride + b*V + lane][k]
+// for k < K (zero for units at or past `units`). `rows` is row-major with row stride K.
+//   forward:  rows = W_hh [G*H, H], gate_stride = H, K = H      (h_{t-1} W_hh^T, G gates)
+//   backward: rows = W_hh^T would be needed; see pack_column_panels.
+template <typename T, int G>
+void pack_row_panels(const T* rows, int64_t gate_stride, int64_t units, int64_t K, int64_t b0, int64_t b1,
+                     T* panels) {
+  constexpr int64_t V = kLanes<T>;
+  for (int64_t b = b0; b < b1; ++b) {
+    T* panel = panels + b * K * G * V;
+    const int valid = static_cast<int>(std::min<int64_t>(V, units - b * V));
+    for (int g = 0; g < G; ++g) {
+      // [valid units][K] -> [K][lanes] at row stride G*V (at::vec's transposes: 16x16 shuffles on
+      // AVX-512 floats, element copies elsewhere).
+      at::vec::transpose_mxn<T>(rows + (g * gate_stride + b * V) * K, K, panel + g * V, G * V, valid,
+                                static_cast<int>(K));
+      for (int64_t k = 0; k < K; ++k) {
+        for (int64_t lane = valid; lane < V; ++lane) panel[(k * G + g) * V + lane] = T(0);
+      }
+    }
+  }
+}
+
+// Panels of the column blocks [b0, b1) of a row-major matrix M [K, units] (row stride ld):
+// panel_b[k][lane] = M[k][b*V + lane] (zero past `units`). The backward's W_hh [G*H, H]:
+// dL/dh_{t-1} = dG W_hh, K = G*H.
+template <typename T>
+void pack_column_panels(const T* m, int64_t ld, int64_t units, int64_t K, int64_t b0, int64_t b1, T* panels) {
+  constexpr int64_t V = kLanes<T>;
+  for (int64_t b = b0; b < b1; ++b) {
+    T* panel = panels + b * K * V;
+    const int64_t valid = std::min<int64_t>(V, units - b * V);
+    for (int64_t k = 0; k < K; ++k) {
+      const T* src = m + k * ld + b * V;
+      T* dst = panel + k * V;
+      for (int64_t lane = 0; lane < valid; ++lane) dst[lane] = src[lane];
+      for (int64_t lane = valid; lane < V; ++lane) dst[lane] = T(0);
+    }
+  }
+}
+
+// One register tile: rows a[0..R) (each a pointer to K values) times the panels of U consecutive
+// blocks (panel stride `block_stride`), k in [k0, k1). `partial` [R][U][G][V] holds the sums
+// between chunks; `first`/`last` say whether this chunk starts / ends the k range. On the last
+// chunk finish(r, u, acc) receives the G accumulators of row r, block u of the tile.
+template <typename T, int G, int R, int U, typename Finish>
+inline void run_tile(const T* const* a, int64_t k0, int64_t k1, bool first, bool last, const T* panel,
+                     int64_t block_stride, T* partial, const Finish& finish) {
+  constexpr int64_t V = kLanes<T>;
+  Vec<T> acc[R][U][G];
+#pragma GCC unroll 64
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 64
+    for (int u = 0; u < U; ++u)
+#pragma GCC unroll 64
+      for (int g = 0; g < G; ++g)
+        acc[r][u][g] = first ? Vec<T>(T(0)) : Vec<T>::loadu(partial + ((r * U + u) * G + g) * V);
+  const T* ap[R];
+#pragma GCC unroll 64
+  for (int r = 0; r < R; ++r) ap[r] = a[r];
+  for (int64_t k = k0; k < k1; ++k) {
+    const T* w = panel + k * G * V;
+    if constexpr (R == 1) {
+      const Vec<T> x(ap[0][k]);
+#pragma GCC unroll 64
+      for (int u = 0; u < U; ++u)
+#pragma GCC unroll 64
+        for (int g = 0; g < G; ++g)
+          acc[0][u][g] = at::vec::fmadd(Vec<T>::loadu(w + u * block_stride + g * V), x, acc[0][u][g]);
+    } else {
+      Vec<T> wv[U][G];
+#pragma GCC unroll 64
+      for (int u = 0; u < U; ++u)
+#pragma GCC unroll 64
+        for (int g = 0; g < G; ++g) wv[u][g] = Vec<T>::loadu(w + u * block_stride + g * V);
+#pragma GCC unroll 64
+      for (int r = 0; r < R; ++r) {
+        const Vec<T> x(ap[r][k]);
+#pragma GCC unroll 64
+        for (int u = 0; u < U; ++u)
+#pragma GCC unroll 64
+          for (int g = 0; g < G; ++g) acc[r][u][g] = at::vec::fmadd(wv[u][g], x, acc[r][u][g]);
+      }
+    }
+  }
+  if (last) {
+#pragma GCC unroll 64
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 64
+      for (int u = 0; u < U; ++u) finish(r, u, acc[r][u]);
+  } else {
+#pragma GCC unroll 64
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 64
+      for (int u = 0; u < U; ++u)
+#pragma GCC unroll 64
+        for (int g = 0; g < G; ++g) acc[r][u][g].store(partial + ((r * U + u) * G + g) * V);
+  }
+}
+
+// The product of `rows` rows (a[r]: K values each) with the panels of blocks [b0, b1), tile by
+// tile; finish(row, block, acc[G]) receives each finished (row, block).
+template <typename T, int G, typename Finish>
+void multiply_blocks(const T* const* a, int64_t rows, int64_t K, const T* panels, int64_t b0, int64_t b1,
+                     T* partial, const Finish& finish) {
+  constexpr int64_t V = kLanes<T>;
+  constexpr int kBlocks = kMaxTileBlocks<G>;
+  const int64_t block_stride = K * G * V;
+  if (rows == 1) {
+    // One row: each panel is read once per step; several blocks per tile, no chunks.
+    for (int64_t b = b0; b < b1;) {
+      const int u_count = static_cast<int>(std::min<int64_t>(kBlocks, b1 - b));
+      with_constant<kBlocks>(u_count, [&](auto u_c) {
+        constexpr int U = decltype(u_c)::value;
+        run_tile<T, G, 1, U>(a, 0, K, true, true, panels + b * block_stride, block_stride, partial,
+                             [&](int, int u, const Vec<T>* acc) { finish(0, b + u, acc); });
+      });
+      b += u_count;
+    }
+    return;
+  }
+  constexpr int kRows = kTileRows<G>;
+  constexpr int kGroup = kTileBlocks<G>;
+  const int64_t chunk =
+      std::max<int64_t>(16, kChunkBytes / ((kGroup * G * V + rows) * static_cast<int64_t>(sizeof(T))));
+  for (int64_t b = b0; b < b1;) {
+    const int u_count = static_cast<int>(std::min<int64_t>(kGroup, b1 - b));
+    const T* panel = panels + b * block_stride;
+    for (int64_t k0 = 0; k0 < K; k0 += chunk) {
+      const int64_t k1 = std::min(K, k0 + chunk);
+      for (int64_t r0 = 0; r0 < rows; r0 += kRows) {
+        const int r_count = static_cast<int>(std::min<int64_t>(kRows, rows - r0));
+        with_constant<kRows>(r_count, [&](auto r_c) {
+          with_constant<kGroup>(u_count, [&](auto u_c) {
+            constexpr int R = decltype(r_c)::value;
+            constexpr int U = decltype(u_c)::value;
+            run_tile<T, G, R, U>(a + r0, k0, k1, k0 == 0, k1 == K, panel, block_stride, partial + r0 * U * G * V,
+                                 [&](int r, int u, const Vec<T>* acc) { finish(r0 + r, b + u, acc); });
+          });
+        });
+      }
+    }
+    b += u_count;
+  }
+}
+
+// Stores h_t into the output row and the state row, rounded to the storage dtype first.
+template <typename T>
+inline void store_h(const ForwardProblem<T>& p, T* out, T* state, const Vec<T>& h, const Lanes<T>& l) {
+  l.store(out, h);
+  if constexpr (std::is_same_v<T, float>) {
+    if (p.storage == c10::ScalarType::BFloat16) {
+      for (int64_t i = 0; i < l.n; ++i) out[i] = static_cast<float>(static_cast<c10::BFloat16>(out[i]));
+    } else if (p.storage == c10::ScalarType::Half) {
+      for (int64_t i = 0; i < l.n; ++i) out[i] = static_cast<float>(static_cast<c10::Half>(out[i]));
+    }
+  }
+  std::memcpy(state, out, l.n * sizeof(T));
+}
+
+// The unit blocks of slice s of `slices` (contiguous ranges, sizes differing by at most one).
+inline std::pair<int64_t, int64_t> slice_blocks(int64_t blocks, int64_t slices, int64_t s) {
+  return {blocks * s / slices, blocks * (s + 1) / slices};
+}
+
+inline int64_t team_size(int64_t blocks, int64_t flops_per_step) {
+  if (at::in_parallel_region()) return 1;
+  const int64_t min_flops = engine_min_flops_per_thread();
+  int64_t team = std::min<int64_t>(at::get_num_threads(), blocks);
+  if (min_flops > 0) team = std::min(team, std::max<int64_t>(1, flops_per_step / min_flops));
+  return std::max<int64_t>(team, 1);
+}
+
+// The packed weights of a call, in a buffer that the calling thread keeps for its next calls
+// (a fresh multi-megabyte allocation would cost page faults on every call). Uninitialized: the
+// packing writes every element.
+template <typename T>
+T* panel_buffer(int64_t count) {
+  static thread_local std::unique_ptr<T[]> buffer;
+  static thread_local int64_t capacity = 0;
+  if (count > capacity) {
+    buffer.reset(new T[count]);
+    capacity = count;
+  }
+  return buffer.get();
+}
+
+// Per-slice buffers: the row pointers of a step and the partial sums of the chunked k loop.
+template <typename T>
+struct SliceScratch {
+  std::vector<const T*> rows;
+  std::vector<T> partial;
+};
+
+// ---------------------------------------------------------------------------------------------
+// Forward
+// ---------------------------------------------------------------------------------------------
+
+// Per step and slice: the product h_{t-1} W_hh^T for the slice's blocks, tile by tile, each
+// finished (row, block) going straight into the cell's element function.
+template <typename T, int G, typename Finish>
+void forward_loop(const ForwardProblem<T>& p, const Finish& finish_element) {
+  constexpr int64_t V = kLanes<T>;
+  const StepPlan& plan = *p.plan;
+  const int64_t H = p.hidden;
+  const int64_t blocks = (H + V - 1) / V;
+  const int64_t team = team_size(blocks, 2 * plan.batch * G * H * H);
+  T* const panels = panel_buffer<T>(blocks * H * G * V);
+  std::vector<SliceScratch<T>> scratch(team);
+  for (auto& s : scratch) {
+    s.rows.resize(plan.batch);
+    s.partial.resize(static_cast<size_t>(plan.batch * kTileBlocks<G> * G * V));
+  }
+  run_team(
+      team, plan.steps(),
+      [&](int64_t slice) {
+        const auto [b0, b1] = slice_blocks(blocks, team, slice);
+        pack_row_panels<T, G>(p.w_hh, H, H, H, b0, b1, panels);
+      },
+      [&](int64_t slice, int64_t s) {
+        const auto [b0, b1] = slice_blocks(blocks, team, slice);
+        const int64_t t = plan.step_at(s);
+        const int64_t rows = plan.batch_sizes[t], off = plan.offsets[t];
+        const int64_t from_prev = plan.rows_from_previous(t);
+        const int64_t prev = plan.previous_step(t);
+        SliceScratch<T>& sc = scratch[slice];
+        for (int64_t r = 0; r < rows; ++r) {
+          sc.rows[r] = r < from_prev ? p.output + (plan.offsets[prev] + r) * H : p.h0 + r * H;
+        }
+        multiply_blocks<T, G>(sc.rows.data(), rows, H, panels, b0, b1, sc.partial.data(),
+                              [&](int64_t r, int64_t b, const Vec<T>* acc) {
+                                const int64_t j = b * V;
+                                finish_element(off, r, j, Lanes<T>{std::min<int64_t>(V, H - j)}, sc.rows[r], acc);
+                              });
+      },
+      [](int64_t) { return true; });
+}
+
+template <typename T>
+void lstm_forward(const ForwardProblem<T>& p) {
+  const int64_t H = p.hidden;
+  forward_loop<T, 4>(p, [&](int64_t off, int64_t r, int64_t j, const Lanes<T>& l, const T*, const Vec<T>* acc) {
+    const int64_t row = off + r;
+    const T* gx = p.gates_x + row * 4 * H + j;
+    const T* bias = p.bias + j;
+    auto pre = [&](int g) { return (l.load(gx + g * H) + acc[g]) + l.load(bias + g * H); };
+    T* c = p.c_state + r * H + j;
+    const auto a = rnnfused::lstm_forward(pre(0), pre(1), pre(2), pre(3), l.load(c));
+    l.store(c, a.c);
+    store_h(p, p.output + row * H + j, p.h_state + r * H + j, a.r, l);
+    if (p.workspace) {
+      T* ws = p.workspace + row * 5 * H + j;
+      l.store(ws, a.i);
+      l.store(ws + H, a.f);
+      l.store(ws + 2 * H, a.g);
+      l.store(ws + 3 * H, a.o);
+      l.store(ws + 4 * H, a.c);
+    }
+  });
+}
+
+template <typename T>
+void gru_forward(const ForwardProblem<T>& p) {
+  const int64_t H = p.hidden;
+  forward_loop<T, 3>(p, [&](int64_t off, int64_t r, int64_t j, const Lanes<T>& l, const T* h_prev,
+                            const Vec<T>* acc) {
+    const int64_t row = off + r;
+    const T* gx = p.gates_x + row * 3 * H + j;
+    const T* bias = p.bias + j;
+    auto hh = [&](int g) { return acc[g] + l.load(bias + g * H); };
+    const auto hh_n = hh(2);
+    const auto a = rnnfused::gru_forward(l.load(gx), l.load(gx + H), l.load(gx + 2 * H), hh(0), hh(1), hh_n,
+                                         l.load(h_prev + j));
+    store_h(p, p.output + row * H + j, p.h_state + r * H + j, a.h, l);
+    if (p.workspace) {
+      T* ws = p.workspace + row * 4 * H + j;
+      l.store(ws, a.r);
+      l.store(ws + H, a.z);
+      l.store(ws + 2 * H, a.n);
+      l.store(ws + 3 * H, hh_n);
+    }
+  });
+}
+
+template <typename T, Activation act>
+void rnn_forward(const ForwardProblem<T>& p) {
+  const int64_t H = p.hidden;
+  forward_loop<T, 1>(p, [&](int64_t off, int64_t r, int64_t j, const Lanes<T>& l, const T*, const Vec<T>* acc) {
+    const int64_t row = off + r;
+    const auto h = rnnfused::rnn_forward<act>((l.load(p.gates_x + row * H + j) + acc[0]) + l.load(p.bias + j));
+    store_h(p, p.output + row * H + j, p.h_state + r * H + j, h, l);
+  });
+}
+
+template <typename T>
+void forward(const ForwardProblem<T>& p) {
+  switch (p.cell) {
+    case CellKind::Lstm:
+      return lstm_forward(p);
+    case CellKind::Gru:
+      return gru_forward(p);
+    case CellKind::RnnTanh:
+      return rnn_forward<T, Activation::Tanh>(p);
+    case CellKind::RnnRelu:
+      return rnn_forward<T, Activation::Relu>(p);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward: phase 2s turns dL/dh_t of the slice's units into gate gradients (its units, all G
+// gates); phase 2s+1, after the barrier, computes dL/dh_{t-1} of its units from the step's gate
+// gradients of all units: dh[r][units] = sum_n dG[r][n] W_hh[n][units] (+ the GRU's direct dh z).
+// ---------------------------------------------------------------------------------------------
+
+template <typename T, typename Pointwise>
+void backward_loop(const BackwardProblem<T>& p, int64_t G, const T* grad_for_dh, const Pointwise& pointwise,
+                   bool accumulate_dh) {
+  constexpr int64_t V = kLanes<T>;
+  const StepPlan& plan = *p.plan;
+  const int64_t H = p.hidden;
+  const int64_t K = G * H;
+  const int64_t blocks = (H + V - 1) / V;
+  const int64_t team = team_size(blocks, 2 * plan.batch * G * H * H);
+  T* const panels = panel_buffer<T>(blocks * K * V);
+  std::vector<SliceScratch<T>> scratch(team);
+  for (auto& s : scratch) {
+    s.rows.resize(plan.batch);
+    s.partial.resize(static_cast<size_t>(plan.batch * kTileBlocks<1> * V));
+  }
+  const int64_t steps = plan.steps();
+  run_team(
+      team, 2 * steps,
+      [&](int64_t slice) {
+        const auto [b0, b1] = slice_blocks(blocks, team, slice);
+        pack_column_panels(p.w_hh, H, H, K, b0, b1, panels);
+      },
+      [&](int64_t slice, int64_t q) {
+        const auto [b0, b1] = slice_blocks(blocks, team, slice);
+        const int64_t t = plan.step_at(steps - 1 - q / 2);
+        const int64_t rows = plan.batch_sizes[t], off = plan.offsets[t];
+        if (q % 2 == 0) {
+          // Row by row: each row's units of the slice are contiguous in every gate (streams that
+          // the hardware prefetchers follow).
+          for (int64_t r = 0; r < rows; ++r) {
+            for (int64_t b = b0; b < b1; ++b) {
+              const int64_t j = b * V;
+              pointwise(t, r, off, j, Lanes<T>{std::min<int64_t>(V, H - j)});
+            }
+          }
+          return;
+        }
+        SliceScratch<T>& sc = scratch[slice];
+        for (int64_t r = 0; r < rows; ++r) sc.rows[r] = grad_for_dh + (off + r) * K;
+        multiply_blocks<T, 1>(sc.rows.data(), rows, K, panels, b0, b1, sc.partial.data(),
+                              [&](int64_t r, int64_t b, const Vec<T>* acc) {
+                                const int64_t j = b * V;
+                                const Lanes<T> l{std::min<int64_t>(V, H - j)};
+                                T* dh = p.dh_state + r * H + j;
+                                l.store(dh, accumulate_dh ? l.load(dh) + acc[0] : acc[0]);
+                              });
+      },
+      [](int64_t q) { return q % 2 == 1; });
+}
+
+template <typename T>
+void lstm_backward(const BackwardProblem<T>& p) {
+  const int64_t H = p.hidden;
+  const StepPlan& plan = *p.plan;
+  backward_loop(
+      p, 4, p.grad_gates,
+      [&](int64_t t, int64_t r, int64_t off, int64_t j, const Lanes<T>& l) {
+        const int64_t from_prev = plan.rows_from_previous(t);
+        const int64_t prev = plan.previous_step(t);
+        {
+          const int64_t row = off + r;
+          const T* ws = p.workspace + row * 5 * H + j;
+          const T* c_prev = r < from_prev ? p.workspace + (plan.offsets[prev] + r) * 5 * H + 4 * H + j : p.c0 + r * H + j;
+          auto grad_r = l.load(p.dh_state + r * H + j);
+          if (p.grad_output) grad_r = grad_r + l.load(p.grad_output + row * H + j);
+          T* dc = p.dc_state + r * H + j;
+          const auto d = rnnfused::lstm_backward(l.load(ws), l.load(ws + H), l.load(ws + 2 * H), l.load(ws + 3 * H),
+                                                 l.load(ws + 4 * H), l.load(c_prev), grad_r, l.load(dc));
+          T* dg = p.grad_gates + row * 4 * H + j;
+          l.store(dg, d.pre_i);
+          l.store(dg + H, d.pre_f);
+          l.store(dg + 2 * H, d.pre_g);
+          l.store(dg + 3 * H, d.pre_o);
+          l.store(dc, d.c_prev);
+        }
+      },
+      false);
+}
+
+template <typename T>
+void gru_backward(const BackwardProblem<T>& p) {
+  const int64_t H = p.hidden;
+  const StepPlan& plan = *p.plan;
+  backward_loop(
+      p, 3, p.grad_gates_h,
+      [&](int64_t t, int64_t r, int64_t off, int64_t j, const Lanes<T>& l) {
+        const int64_t from_prev = plan.rows_from_previous(t);
+        const int64_t prev = plan.previous_step(t);
+        {
+          const int64_t row = off + r;
+          const T* ws = p.workspace + row * 4 * H + j;
+          const T* h_prev = r < from_prev ? p.output + (plan.offsets[prev] + r) * H + j : p.h0 + r * H + j;
+          T* dh_state = p.dh_state + r * H + j;
+          auto dh = l.load(dh_state);
+          if (p.grad_output) dh = dh + l.load(p.grad_output + row * H + j);
+          const auto d = rnnfused::gru_backward(l.load(ws), l.load(ws + H), l.load(ws + 2 * H), l.load(ws + 3 * H),
+                                                l.load(h_prev), dh);
+          T* dgx = p.grad_gates + row * 3 * H + j;
+          T* dgh = p.grad_gates_h + row * 3 * H + j;
+          l.store(dgx, d.x_r);
+          l.store(dgx + H, d.x_z);
+          l.store(dgx + 2 * H, d.x_n);
+          l.store(dgh, d.x_r);
+          l.store(dgh + H, d.x_z);
+          l.store(dgh + 2 * H, d.hh_n);
+          l.store(dh_state, d.h_prev);
+        }
+      },
+      true);
+}
+
+template <typename T, Activation act>
+void rnn_backward(const BackwardProblem<T>& p) {
+  const int64_t H = p.hidden;
+  backward_loop(
+      p, 1, p.grad_gates,
+      [&](int64_t, int64_t r, int64_t off, int64_t j, const Lanes<T>& l) {
+        {
+          const int64_t row = off + r;
+          auto dh = l.load(p.dh_state + r * H + j);
+          if (p.grad_output) dh = dh + l.load(p.grad_output + row * H + j);
+          l.store(p.grad_gates + row * H + j, rnnfused::rnn_backward<act>(l.load(p.output + row * H + j), dh));
+        }
+      },
+      false);
+}
+
+template <typename T>
+void backward(const BackwardProblem<T>& p) {
+  switch (p.cell) {
+    case CellKind::Lstm:
+      return lstm_backward(p);
+    case CellKind::Gru:
+      return gru_backward(p);
+    case CellKind::RnnTanh:
+      return rnn_backward<T, Activation::Tanh>(p);
+    case CellKind::RnnRelu:
+      return rnn_backward<T, Activation::Relu>(p);
+  }
+}
+
+}  // namespace engine
+
+template <typename T>
+EngineKernels<T> make_engine() {
+  return EngineKernels<T>{RNNFUSED_ISA_NAME, &engine::forward<T>, &engine::backward<T>};
+}
+
+}  // namespace rnnfused::cpu::RNNFUSED_ISA

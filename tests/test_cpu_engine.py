@@ -1,0 +1,226 @@
+"""The fused CPU engine (csrc/cpu/engine_impl.h): parity with torch.nn at odd sizes on every
+instruction set this processor has, with teams of 1, 2 and 3 threads; agreement with the per-step
+path; the vectorized tanh; the path and ISA switches."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import rnnfused
+from rnnfused import _C
+from helpers import LAYER_MODES, assert_twins_agree, sequence_inputs, twin_layers
+
+
+def available_isas():
+    """Instruction sets this processor and build can run: each is tried in a subprocess."""
+    isas = []
+    for isa in ("default", "avx2", "avx512"):
+        result = subprocess.run([sys.executable, "-c", "import rnnfused; print(rnnfused.build_info()['cpu_isa'])"],
+                                env=dict(os.environ, RNNFUSED_CPU_ISA=isa), capture_output=True, text=True)
+        if result.returncode == 0 and result.stdout.split()[-1] == isa:
+            isas.append(isa)
+    return isas
+
+
+ISAS = available_isas()
+
+
+def _run(code, **env):
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=dict(os.environ, **env),
+                            capture_output=True, text=True, cwd=os.path.dirname(__file__))
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+# Sizes chosen against the engine's tiling: H not a multiple of 8 or 16 (a partial last block of
+# units), H below one vector, B from 1 to 67 (one-row tiles of several blocks, full and partial
+# row tiles, chunked k loops), packed batches that shrink (forward) and grow (reverse).
+ENGINE_SNIPPET = """
+    import torch, rnnfused
+    from rnnfused import _C
+    from helpers import LAYER_MODES, assert_twins_agree, sequence_inputs, twin_layers
+    print(rnnfused.build_info()["cpu_isa"])
+    _C._set_cpu_path("fused")          # every batch on the engine
+    _C._set_cpu_engine_min_flops(0)   # every size runs on the whole team
+    cases = [(3, 1, 2, "padded", False), (37, 5, 9, "packed_unsorted", True), (70, 67, 4, "padded", True),
+             (37, 17, 6, "packed_sorted", False), (21, 1, 5, "unbatched", True)]
+    for threads in (1, 2, 3):
+        torch.set_num_threads(threads)
+        for mode in LAYER_MODES:
+            for hidden, batch, steps, form, bidirectional in cases:
+                ref, ours = twin_layers(mode, 11, hidden, dtype=torch.float64, num_layers=2,
+                                        bidirectional=bidirectional)
+                states = [2 * (1 + bidirectional), batch, hidden]
+                shapes = [states, states] if mode == "lstm" else [states]
+                assert_twins_agree(ref, ours, sequence_inputs(form, steps, batch, 11, shapes, torch.float64))
+            ref, ours = twin_layers(mode, 11, 37, dtype=torch.float32, bidirectional=True)
+            assert_twins_agree(ref, ours, sequence_inputs("packed_unsorted", 8, 19, 11, None, torch.float32),
+                               dtype=torch.float32)
+    print("ok")
+"""
+
+
+@pytest.mark.parametrize("isa", ["default", "avx2", "avx512"])
+def test_engine_parity_every_isa_and_team(isa):
+    """float64 parity with torch.nn (outputs, states, every gradient) on the engine, for each
+    instruction set, with teams of 1, 2 and 3 threads (3 on a 2-core machine oversubscribes it:
+    the barrier must still make progress)."""
+    if isa not in ISAS:
+        pytest.skip(f"this processor or build cannot run the {isa} kernels")
+    out = _run(ENGINE_SNIPPET, RNNFUSED_CPU_ISA=isa).split()
+    assert out[0] == isa and out[-1] == "ok"
+
+
+@pytest.fixture
+def whole_team():
+    previous = _C._cpu_engine_min_flops()
+    _C._set_cpu_engine_min_flops(0)
+    yield
+    _C._set_cpu_engine_min_flops(previous)
+
+
+@pytest.fixture
+def cpu_path():
+    previous = _C.cpu_path()
+
+    def set_path(name):
+        _C._set_cpu_path(name)
+
+    yield set_path
+    _C._set_cpu_path(previous)
+
+
+def _op_outputs(mode, dtype, path, set_path, reverse, batch_sizes):
+    """One recurrence op forward and backward on fixed inputs, on the given path."""
+    set_path(path)
+    gates = {"lstm": 4, "gru": 3}.get(mode, 1)
+    hidden, batch = 29, 6
+    rows = int(batch_sizes.sum())
+    g = torch.Generator().manual_seed(3)
+    gx = torch.randn(rows, gates * hidden, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
+    w = (0.3 * torch.randn(gates * hidden, hidden, generator=g, dtype=torch.float64)).to(dtype).requires_grad_()
+    b = torch.randn(gates * hidden, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
+    h0 = torch.randn(batch, hidden, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
+    leaves = [gx, w, b, h0]
+    if mode == "lstm":
+        c0 = torch.randn(batch, hidden, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
+        leaves.append(c0)
+        outs = torch.ops.rnnfused.lstm_recurrence(gx, w, b, None, h0, c0, batch_sizes, reverse, True)[:3]
+    elif mode == "gru":
+        outs = torch.ops.rnnfused.gru_recurrence(gx, w, b, h0, batch_sizes, reverse, True)[:2]
+    else:
+        outs = getattr(torch.ops.rnnfused, f"{mode}_recurrence")(gx, w, b, h0, batch_sizes, reverse)
+    weights = torch.Generator().manual_seed(5)
+    loss = sum((o.double() * torch.randn(o.shape, generator=weights, dtype=torch.float64)).sum() for o in outs)
+    grads = torch.autograd.grad(loss, leaves)
+    return [o.detach() for o in outs], list(grads)
+
+
+@pytest.mark.parametrize("mode", list(LAYER_MODES))
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+def test_engine_agrees_with_per_step_path(mode, reverse, dtype, cpu_path, whole_team):
+    """The engine and the per-step GEMM path compute the same formulas; they differ only in the
+    order of the GEMM's sums (and, in float32, in the vectorized tanh, which both share). bfloat16 /
+    float16 round h to the dtype at every step on both paths."""
+    batch_sizes = torch.tensor([6, 6, 5, 3, 3, 1])
+    fused = _op_outputs(mode, dtype, "fused", cpu_path, reverse, batch_sizes)
+    steps = _op_outputs(mode, dtype, "steps", cpu_path, reverse, batch_sizes)
+    if dtype == torch.float64:
+        tolerance = dict(rtol=1e-12, atol=1e-12)
+    elif dtype == torch.float32:
+        tolerance = dict(rtol=1e-5, atol=1e-5)
+    else:  # one unit of the 16-bit dtype can move an h, and the steps after it
+        tolerance = dict(rtol=0.05, atol=0.05)
+    for a, e in zip(fused[0] + fused[1], steps[0] + steps[1]):
+        torch.testing.assert_close(a.double(), e.double(), **tolerance)
+
+
+def test_fast_tanh_accuracy_through_the_op():
+    """float32 tanh (RNN tanh cell with W_hh = 0, b_hh = 0: h = tanh(gates_x)) on a dense grid of
+    [-12, 12] and the special values, against float64 tanh, on every instruction set."""
+    snippet = """
+        import torch, rnnfused
+        print(rnnfused.build_info()["cpu_isa"])
+        x = torch.cat([torch.linspace(-12, 12, 2_000_001), torch.tensor([0.0, 1e-30, -1e-30, 1e-8, -3e-5, 0.6249,
+                       0.625, -0.625, 0.6251, 9.0, 10.0, 30.0, -30.0, 1e30, float("inf"), float("-inf")])])
+        x = torch.cat([x, torch.zeros((-x.numel()) % 64)]).reshape(-1, 64)
+        rows, hidden = x.shape
+        h = torch.ops.rnnfused.rnn_tanh_recurrence(x, torch.zeros(hidden, hidden), None, torch.zeros(rows, hidden),
+                                                   torch.full((1,), rows, dtype=torch.long), False)[0]
+        exact = torch.tanh(x.double())
+        magnitude = exact.float().abs()
+        ulp = (magnitude.nextafter(torch.tensor(float("inf"))) - magnitude).double().clamp_min(1e-45)
+        err = ((h.double() - exact).abs() / ulp).max().item()
+        assert err <= 1.5, err
+        assert torch.isnan(torch.ops.rnnfused.rnn_tanh_recurrence(torch.full((1, 64), float("nan")),
+            torch.zeros(64, 64), None, torch.zeros(1, 64), None, False)[0]).all()
+        print("ok", err)
+    """
+    for isa in ISAS:
+        out = _run(snippet, RNNFUSED_CPU_ISA=isa).split()
+        assert out[0] == isa and out[1] == "ok", out
+
+
+def test_path_switch_and_errors(cpu_path):
+    assert _C.cpu_path() == "auto"  # the default
+    with pytest.raises(RuntimeError, match="must be 'auto', 'fused' or 'steps', got 'fast'"):
+        _C._set_cpu_path("fast")
+    out = _run("import rnnfused; from rnnfused import _C; print(_C.cpu_path())", RNNFUSED_CPU_PATH="steps")
+    assert out.split()[-1] == "steps"
+    result = subprocess.run([sys.executable, "-c", "import torch, rnnfused; torch.ops.rnnfused.rnn_tanh_recurrence("
+                             "torch.zeros(2, 3), torch.zeros(3, 3), None, torch.zeros(1, 3), None, False)"],
+                            env=dict(os.environ, RNNFUSED_CPU_PATH="fastest"), capture_output=True, text=True)
+    assert result.returncode != 0
+    assert "RNNFUSED_CPU_PATH must be 'auto', 'fused' or 'steps', got 'fastest'" in result.stderr
+
+
+@pytest.mark.parametrize("mode", list(LAYER_MODES))
+def test_auto_path_gives_the_same_numbers_at_the_threshold(mode, cpu_path):
+    """'auto' runs batches of up to 8 rows on the engine and larger ones per step: at B = 8 and
+    B = 9 the numbers are torch.nn's either way (float64)."""
+    cpu_path("auto")
+    assert _C._cpu_engine_runs(1) and _C._cpu_engine_runs(8) and not _C._cpu_engine_runs(9)
+    cpu_path("fused")
+    assert _C._cpu_engine_runs(9) and _C._cpu_engine_runs(1000)
+    cpu_path("steps")
+    assert not _C._cpu_engine_runs(1)
+    cpu_path("auto")
+    for batch in (8, 9):
+        ref, ours = twin_layers(mode, 5, 19, dtype=torch.float64)
+        assert_twins_agree(ref, ours, sequence_inputs("padded", 4, batch, 5, None, torch.float64))
+
+
+def test_bad_isa_is_a_clear_error():
+    result = subprocess.run([sys.executable, "-c", "import rnnfused; rnnfused.build_info()"],
+                            env=dict(os.environ, RNNFUSED_CPU_ISA="sse9"), capture_output=True, text=True)
+    assert result.returncode != 0
+    assert "RNNFUSED_CPU_ISA must be 'default', 'avx2' or 'avx512', got 'sse9'" in result.stderr
+
+
+def test_engine_from_several_python_threads(whole_team):
+    """Several Python threads calling at once (each call opens its own team; the packed weights live
+    in a buffer per calling thread) still get torch.nn's numbers."""
+    import threading
+
+    ref, ours = twin_layers("lstm", 7, 37, dtype=torch.float64)
+    x = torch.randn(6, 9, 7, dtype=torch.float64)
+    expected = ref(x)[0]
+    errors = []
+
+    def work():
+        try:
+            for _ in range(5):
+                torch.testing.assert_close(ours(x)[0], expected, rtol=1e-9, atol=1e-11)
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
