@@ -48,7 +48,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Instruction set of the CPU kernels: 'avx512', 'avx2' or 'default'");
   m.def(
       "cpu_path", [] { return std::string(rnnfused::cpu::cpu_path_name(rnnfused::cpu::cpu_path())); },
-      "Time loops of the CPU ops: 'auto' (the fused engine for batches of at most 8 rows, per-step GEMMs "
+      "Time loops of the CPU ops: 'auto' (the fused engine for batches of at most 16 rows, per-step GEMMs "
       "above), 'fused' (the engine: GEMM and gates in one pass, one thread team per call) or 'steps' (one GEMM "
       "and one gate pass per step)");
   m.def("cpu_blas", &rnnfused::cpu::blas_backend, "GEMM path of the CPU time loops: 'blas' or 'aten'");
@@ -69,6 +69,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "Testing hook: run the CPU time loops on 'auto', 'fused' (the engine) or 'steps' (per-step GEMMs)");
   m.def("_cpu_engine_runs", &rnnfused::cpu::engine_runs,
         "Testing hook: whether a call of this many rows (no projection) runs on the engine under the current path");
+  m.def("_set_cpu_engine_straggler_delay_us", &rnnfused::cpu::set_engine_straggler_delay_us,
+        "Testing hook: the threads owning slices other than the first sleep this long before each phase");
+  m.def("_cpu_engine_takeovers", &rnnfused::cpu::engine_takeovers,
+        "Testing hook: how many phases a thread has run for a late slice's owner (since load)");
   m.def("_cpu_engine_min_flops", &rnnfused::cpu::engine_min_flops_per_thread,
         "Testing hook: the per-step work each thread of the engine's team must have");
   m.def("_set_cpu_engine_min_flops", &rnnfused::cpu::set_engine_min_flops_per_thread,

@@ -14,11 +14,12 @@
 // - Backward step: the thread turns dL/dh_t of its units into the gate gradients of its units,
 //   then (after the step barrier) computes dL/dh_{t-1} of its units from all the step's gate
 //   gradients with W_hh's columns of its units, packed once per call the same way.
-// - Steps are separated by a barrier that spins briefly, then yields, then sleeps, so that a
-//   waiting thread never holds a core another process needs for long.
-// Every thread's share is fixed by the plan, and the order of every sum is fixed: results do not
-// depend on timing, and they do not depend on the number of threads either (each output element is
-// computed by exactly one thread, in the same order whatever the team).
+// - Steps are separated by a barrier that spins briefly, then yields the core, so that a waiting
+//   thread never holds a core another process needs for long; a thread that has waited
+//   past the spin runs the late slice's step itself (team.h), so a thread that lost its core to
+//   another process does not hold the others back.
+// The order of every sum is fixed: results do not depend on timing, on which thread runs a slice,
+// or on the number of threads (each output element is computed once, in the same order).
 #pragma once
 
 #include <ATen/core/ATen_fwd.h>
@@ -94,12 +95,14 @@ const EngineKernels<T>& engine_kernels();
 
 // Which time loop a call runs: the engine ("fused") or the per-step GEMM and gate passes
 // ("steps"; always for the LSTM with proj_size). "auto" (the default) takes the engine for batches
-// of at most kEngineMaxBatch rows, where it is faster: measured side by side on 2 threads
-// (AVX-512 Xeon, 2026-11-29; benchmarks/README table), 1.2-2.8x at B <= 4, 1.0-1.3x at B = 8,
-// 0.9-1.1x at B = 16 and 0.6-0.9x at B >= 64, where MKL's packed GEMM runs the product faster than
-// the engine's register tiles. RNNFUSED_CPU_PATH=auto|fused|steps sets it at load time.
+// of at most kEngineMaxBatch rows. Measured side by side on 2 threads (AVX-512 Xeon, 2026-11-29):
+// against the per-step path the engine is 1.2-2.8x faster at B <= 4, 1.0-1.3x at B = 8, 0.9-1.1x
+// at B = 16 and 0.6-0.9x at B >= 64 (where MKL's packed GEMM runs the product faster than the
+// engine's register tiles); with another process busy on one of the two cores, the engine slows
+// 2-4x at B = 16 where per-step parallel regions slow 20-70x. Hence 16.
+// RNNFUSED_CPU_PATH=auto|fused|steps sets it at load time.
 enum class CpuPath { Auto, Fused, Steps };
-constexpr int64_t kEngineMaxBatch = 8;
+constexpr int64_t kEngineMaxBatch = 16;
 CpuPath cpu_path();
 void set_cpu_path(CpuPath path);
 const char* cpu_path_name(CpuPath path);
@@ -115,5 +118,11 @@ inline bool engine_runs(int64_t batch) {
 // there are unit blocks (tests use it to run small sizes on several threads).
 int64_t engine_min_flops_per_thread();
 void set_engine_min_flops_per_thread(int64_t flops);
+
+// Testing hooks of the team (team.h): make the threads that own slices other than the first late
+// by this many microseconds before each phase (0: off), and count the phases that a thread ran
+// for a late slice's owner.
+void set_engine_straggler_delay_us(int64_t us);
+int64_t engine_takeovers();
 
 }  // namespace rnnfused::cpu

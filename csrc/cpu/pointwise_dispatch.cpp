@@ -1,12 +1,14 @@
 // Picks the instruction set of the CPU kernels (the per-step passes and the fused engine) once,
 // at the first call, and holds the engine's switches.
 #include <cstdlib>
+#include <atomic>
 #include <cstring>
 #include <string>
 
 #include <c10/util/Exception.h>
 
 #include "engine.h"
+#include "team.h"
 #include "pointwise.h"
 
 // Set by setup.py when it compiled pointwise_avx2.cpp / pointwise_avx512.cpp for their ISA.
@@ -134,6 +136,9 @@ CpuPath cpu_path_from_environment() {
 }
 
 CpuPath g_cpu_path = cpu_path_from_environment();
+int64_t g_straggler_delay_us = 0;
+std::atomic<int64_t> g_takeovers{0};
+
 // About 1 us of one core's work: a step barrier costs a fraction of that.
 int64_t g_min_flops_per_thread = 32 * 1024;
 
@@ -172,4 +177,11 @@ CpuPath parse_cpu_path(const std::string& name, const char* what) {
 int64_t engine_min_flops_per_thread() { return g_min_flops_per_thread; }
 void set_engine_min_flops_per_thread(int64_t flops) { g_min_flops_per_thread = flops; }
 
+}  // namespace rnnfused::cpu
+
+namespace rnnfused::cpu {
+int64_t engine_straggler_delay_us() { return g_straggler_delay_us; }
+void set_engine_straggler_delay_us(int64_t us) { g_straggler_delay_us = us; }
+void count_engine_takeover() { g_takeovers.fetch_add(1, std::memory_order_relaxed); }
+int64_t engine_takeovers() { return g_takeovers.load(std::memory_order_relaxed); }
 }  // namespace rnnfused::cpu

@@ -1,13 +1,19 @@
 // A team of threads that runs a whole time loop in one parallel region, with a barrier between
 // the phases that need one (csrc/cpu/engine.h says what the phases are).
 //
-// The barrier is a per-slice progress counter on its own cache line: a slice publishes "phases
-// done" after each phase; a barrier waits until every slice has published. Waiting spins briefly
-// (a step is a few microseconds), then yields the core, then sleeps: when another process takes
-// the core of a slice that is late, the waiting threads give their cores back instead of burning
-// them. Slices are the unit of work; a thread may run several of them (an OpenMP team smaller
-// than asked for, or a call from inside another parallel region, which runs all slices on one
-// thread): a thread publishes its slices together, so nothing waits on work not yet started.
+// Work comes in slices (a fixed range of hidden units each), one or more per thread, and in
+// phases (a time step, or half of one in backward). Per slice, two counters on their own cache
+// line: phases claimed and phases done. Whoever runs phase p of a slice first claims it (a
+// compare-and-swap from p to p + 1, allowed only once the slice has finished phase p - 1), runs it
+// and publishes "p + 1 done"; a barrier waits until every slice has published.
+//
+// Normally every thread runs its own slices, whose weights sit in its core's cache. A thread that
+// has waited at a barrier for more than a short spin (a step is microseconds; a slice that late
+// belongs to a thread whose core another process took) claims the late slice's next phase and runs
+// it itself: under contention the threads that still have a core carry the sequence, instead of
+// every step waiting for the one that lost its core. The results do not change: a slice's phase
+// computes the same values in the same order whichever thread runs it. While waiting, a thread
+// spins briefly, then yields its core to whatever else is runnable there.
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -17,25 +23,52 @@
 #include <thread>
 #include <vector>
 
-#include <time.h>
+#include <time.h>  // nanosleep (the straggler testing hook)
 
 namespace rnnfused::cpu {
+
+// Testing hooks (pointwise_dispatch.cpp): a delay that the threads owning slices other than the
+// first take before each of their phases (a thread that lost its core, on demand), and a count
+// of the phases run by a thread other than their slice's owner.
+int64_t engine_straggler_delay_us();
+void count_engine_takeover();
 
 class PhaseFlags {
  public:
   explicit PhaseFlags(int64_t slices) : flags_(static_cast<size_t>(slices)) {}
 
-  void publish(int64_t slice, int64_t phases_done) {
-    flags_[slice].value.store(phases_done, std::memory_order_release);
+  // Claims phase `phase` of `slice` if nobody has and the slice has finished the phase before it.
+  bool try_claim(int64_t slice, int64_t phase) {
+    Flag& flag = flags_[slice];
+    if (flag.done.load(std::memory_order_acquire) != phase) return false;
+    int64_t expected = phase;
+    return flag.claimed.compare_exchange_strong(expected, phase + 1, std::memory_order_acq_rel);
   }
 
-  // Returns once every slice has published at least `phases_done`.
-  void wait_all(int64_t phases_done) const {
-    for (const Flag& flag : flags_) {
-      int64_t tries = 0;
-      while (flag.value.load(std::memory_order_acquire) < phases_done) back_off(tries++);
+  void publish(int64_t slice, int64_t phases_done) {
+    flags_[slice].done.store(phases_done, std::memory_order_release);
+  }
+
+  // Returns once `slice` has finished `phases` phases. After a short spin, runs the slice's next
+  // phase itself (run(slice, phase)) when nobody has claimed it yet.
+  template <typename Run>
+  void wait_for(int64_t slice, int64_t phases, const Run& run) {
+    int64_t tries = 0;
+    for (;;) {
+      const int64_t done = flags_[slice].done.load(std::memory_order_acquire);
+      if (done >= phases) return;
+      if (tries >= kSpins && try_claim(slice, done)) {
+        count_engine_takeover();
+        run(slice, done);
+        publish(slice, done + 1);
+        tries = 0;
+        continue;
+      }
+      back_off(tries++);
     }
   }
+
+  int64_t slices() const { return static_cast<int64_t>(flags_.size()); }
 
  private:
   static void back_off(int64_t tries) {
@@ -43,43 +76,59 @@ class PhaseFlags {
 #if defined(__x86_64__) || defined(__i386__)
       __builtin_ia32_pause();
 #endif
-    } else if (tries < kSpins + kYields) {
-      std::this_thread::yield();
     } else {
-      const timespec nap{0, kSleepNanoseconds};
-      nanosleep(&nap, nullptr);
+      // The core goes to any other runnable thread. No sleeping: a thread that slept would wake
+      // late (tens of microseconds of timer slack) for steps that take a few microseconds, which
+      // is what made a sequence under contention many times slower.
+      std::this_thread::yield();
     }
   }
 
-  // About 10-40 us of pause instructions, then about a millisecond of yields, then 50 us naps.
+  // About 10-40 us of pause instructions before a waiting thread yields its core and may take over.
   static constexpr int64_t kSpins = 256;
-  static constexpr int64_t kYields = 1000;
-  static constexpr long kSleepNanoseconds = 50 * 1000;
 
   struct alignas(64) Flag {
-    std::atomic<int64_t> value{0};
+    std::atomic<int64_t> done{0};
+    std::atomic<int64_t> claimed{0};
   };
   std::vector<Flag> flags_;
 };
 
-// Runs `phases` phases on `slices` slices: prepare(slice) once, then for each phase q,
-// run(slice, q) for every slice, with a barrier before phase q where barrier_before(q) says so.
-// The callables must not throw or allocate through ATen (they run inside an OpenMP region).
+// Runs `phases` phases on `slices` slices: prepare(slice) before the slice's first phase, then
+// run(slice, q) for each phase q, with a barrier before phase q where barrier_before(q) says so.
+// Whichever thread runs a slice's phase, it is run exactly once, in order. The callables must not
+// throw or allocate through ATen (they run inside an OpenMP region).
 template <typename Prepare, typename Run, typename BarrierBefore>
 void run_team(int64_t slices, int64_t phases, const Prepare& prepare, const Run& run,
               const BarrierBefore& barrier_before) {
   PhaseFlags flags(slices);
+  auto run_phase = [&](int64_t slice, int64_t q) {
+    if (q == 0) prepare(slice);
+    run(slice, q);
+  };
+  const int64_t delay_us = engine_straggler_delay_us();
   auto body = [&](int64_t begin, int64_t end) {
-    for (int64_t slice = begin; slice < end; ++slice) prepare(slice);
     for (int64_t q = 0; q < phases; ++q) {
-      if (q > 0 && barrier_before(q)) flags.wait_all(q);
-      for (int64_t slice = begin; slice < end; ++slice) run(slice, q);
-      for (int64_t slice = begin; slice < end; ++slice) flags.publish(slice, q + 1);
+      if (delay_us > 0 && begin > 0) {
+        const timespec delay{static_cast<time_t>(delay_us / 1000000), static_cast<long>(delay_us % 1000000) * 1000};
+        nanosleep(&delay, nullptr);
+      }
+      if (q > 0 && barrier_before(q)) {
+        for (int64_t slice = 0; slice < slices; ++slice) flags.wait_for(slice, q, run_phase);
+      }
+      for (int64_t slice = begin; slice < end; ++slice) {
+        flags.wait_for(slice, q, run_phase);  // a phase another thread took must be finished first
+        if (flags.try_claim(slice, q)) {
+          run_phase(slice, q);
+          flags.publish(slice, q + 1);
+        }
+      }
     }
   };
 #if AT_PARALLEL_OPENMP
-  // at::parallel_for with grain 1 gives each OpenMP thread at most one contiguous chunk, all chunks
-  // running at once (one parallel region); inside another parallel region it runs one chunk here.
+  // at::parallel_for with grain 1 gives each OpenMP thread at most one contiguous chunk of slices,
+  // all chunks running at once (one parallel region); inside another parallel region it runs one
+  // chunk, all slices, on this thread.
   if (slices > 1) {
     at::parallel_for(0, slices, 1, body);
     return;
