@@ -421,10 +421,14 @@ void backward_loop(const BackwardProblem<T>& p, int64_t G, const T* grad_for_dh,
         if (q % 2 == 0) {
           // Row by row: each row's units of the slice are contiguous in every gate (streams that
           // the hardware prefetchers follow).
+          const int64_t from_prev = plan.rows_from_previous(t);
+          const int64_t prev_off = from_prev > 0 ? plan.offsets[plan.previous_step(t)] : 0;
           for (int64_t r = 0; r < rows; ++r) {
+            // The packed row of r's previous step, or -1 where r starts here (from h0 / c0).
+            const int64_t prev_row = r < from_prev ? prev_off + r : -1;
             for (int64_t b = b0; b < b1; ++b) {
               const int64_t j = b * V;
-              pointwise(t, r, off, j, Lanes<T>{std::min<int64_t>(V, H - j)});
+              pointwise(off + r, r, prev_row, j, Lanes<T>{std::min<int64_t>(V, H - j)});
             }
           }
           return;
@@ -442,31 +446,28 @@ void backward_loop(const BackwardProblem<T>& p, int64_t G, const T* grad_for_dh,
       [](int64_t q) { return q % 2 == 1; });
 }
 
+// The cells' backward element functions: pointwise(row, r, prev_row, j, lanes) for packed row
+// `row` (batch row r of its step; prev_row: the packed row of r's previous step, or -1 where r
+// starts at this step) and units [j, j + lanes).
 template <typename T>
 void lstm_backward(const BackwardProblem<T>& p) {
   const int64_t H = p.hidden;
-  const StepPlan& plan = *p.plan;
   backward_loop(
       p, 4, p.grad_gates,
-      [&](int64_t t, int64_t r, int64_t off, int64_t j, const Lanes<T>& l) {
-        const int64_t from_prev = plan.rows_from_previous(t);
-        const int64_t prev = plan.previous_step(t);
-        {
-          const int64_t row = off + r;
-          const T* ws = p.workspace + row * 5 * H + j;
-          const T* c_prev = r < from_prev ? p.workspace + (plan.offsets[prev] + r) * 5 * H + 4 * H + j : p.c0 + r * H + j;
-          auto grad_r = l.load(p.dh_state + r * H + j);
-          if (p.grad_output) grad_r = grad_r + l.load(p.grad_output + row * H + j);
-          T* dc = p.dc_state + r * H + j;
-          const auto d = rnnfused::lstm_backward(l.load(ws), l.load(ws + H), l.load(ws + 2 * H), l.load(ws + 3 * H),
-                                                 l.load(ws + 4 * H), l.load(c_prev), grad_r, l.load(dc));
-          T* dg = p.grad_gates + row * 4 * H + j;
-          l.store(dg, d.pre_i);
-          l.store(dg + H, d.pre_f);
-          l.store(dg + 2 * H, d.pre_g);
-          l.store(dg + 3 * H, d.pre_o);
-          l.store(dc, d.c_prev);
-        }
+      [&](int64_t row, int64_t r, int64_t prev_row, int64_t j, const Lanes<T>& l) {
+        const T* ws = p.workspace + row * 5 * H + j;
+        const T* c_prev = prev_row >= 0 ? p.workspace + prev_row * 5 * H + 4 * H + j : p.c0 + r * H + j;
+        auto grad_r = l.load(p.dh_state + r * H + j);
+        if (p.grad_output) grad_r = grad_r + l.load(p.grad_output + row * H + j);
+        T* dc = p.dc_state + r * H + j;
+        const auto d = rnnfused::lstm_backward(l.load(ws), l.load(ws + H), l.load(ws + 2 * H), l.load(ws + 3 * H),
+                                               l.load(ws + 4 * H), l.load(c_prev), grad_r, l.load(dc));
+        T* dg = p.grad_gates + row * 4 * H + j;
+        l.store(dg, d.pre_i);
+        l.store(dg + H, d.pre_f);
+        l.store(dg + 2 * H, d.pre_g);
+        l.store(dg + 3 * H, d.pre_o);
+        l.store(dc, d.c_prev);
       },
       false);
 }
@@ -474,31 +475,25 @@ void lstm_backward(const BackwardProblem<T>& p) {
 template <typename T>
 void gru_backward(const BackwardProblem<T>& p) {
   const int64_t H = p.hidden;
-  const StepPlan& plan = *p.plan;
   backward_loop(
       p, 3, p.grad_gates_h,
-      [&](int64_t t, int64_t r, int64_t off, int64_t j, const Lanes<T>& l) {
-        const int64_t from_prev = plan.rows_from_previous(t);
-        const int64_t prev = plan.previous_step(t);
-        {
-          const int64_t row = off + r;
-          const T* ws = p.workspace + row * 4 * H + j;
-          const T* h_prev = r < from_prev ? p.output + (plan.offsets[prev] + r) * H + j : p.h0 + r * H + j;
-          T* dh_state = p.dh_state + r * H + j;
-          auto dh = l.load(dh_state);
-          if (p.grad_output) dh = dh + l.load(p.grad_output + row * H + j);
-          const auto d = rnnfused::gru_backward(l.load(ws), l.load(ws + H), l.load(ws + 2 * H), l.load(ws + 3 * H),
-                                                l.load(h_prev), dh);
-          T* dgx = p.grad_gates + row * 3 * H + j;
-          T* dgh = p.grad_gates_h + row * 3 * H + j;
-          l.store(dgx, d.x_r);
-          l.store(dgx + H, d.x_z);
-          l.store(dgx + 2 * H, d.x_n);
-          l.store(dgh, d.x_r);
-          l.store(dgh + H, d.x_z);
-          l.store(dgh + 2 * H, d.hh_n);
-          l.store(dh_state, d.h_prev);
-        }
+      [&](int64_t row, int64_t r, int64_t prev_row, int64_t j, const Lanes<T>& l) {
+        const T* ws = p.workspace + row * 4 * H + j;
+        const T* h_prev = prev_row >= 0 ? p.output + prev_row * H + j : p.h0 + r * H + j;
+        T* dh_state = p.dh_state + r * H + j;
+        auto dh = l.load(dh_state);
+        if (p.grad_output) dh = dh + l.load(p.grad_output + row * H + j);
+        const auto d = rnnfused::gru_backward(l.load(ws), l.load(ws + H), l.load(ws + 2 * H), l.load(ws + 3 * H),
+                                              l.load(h_prev), dh);
+        T* dgx = p.grad_gates + row * 3 * H + j;
+        T* dgh = p.grad_gates_h + row * 3 * H + j;
+        l.store(dgx, d.x_r);
+        l.store(dgx + H, d.x_z);
+        l.store(dgx + 2 * H, d.x_n);
+        l.store(dgh, d.x_r);
+        l.store(dgh + H, d.x_z);
+        l.store(dgh + 2 * H, d.hh_n);
+        l.store(dh_state, d.h_prev);
       },
       true);
 }
@@ -508,13 +503,10 @@ void rnn_backward(const BackwardProblem<T>& p) {
   const int64_t H = p.hidden;
   backward_loop(
       p, 1, p.grad_gates,
-      [&](int64_t, int64_t r, int64_t off, int64_t j, const Lanes<T>& l) {
-        {
-          const int64_t row = off + r;
-          auto dh = l.load(p.dh_state + r * H + j);
-          if (p.grad_output) dh = dh + l.load(p.grad_output + row * H + j);
-          l.store(p.grad_gates + row * H + j, rnnfused::rnn_backward<act>(l.load(p.output + row * H + j), dh));
-        }
+      [&](int64_t row, int64_t r, int64_t, int64_t j, const Lanes<T>& l) {
+        auto dh = l.load(p.dh_state + r * H + j);
+        if (p.grad_output) dh = dh + l.load(p.grad_output + row * H + j);
+        l.store(p.grad_gates + row * H + j, rnnfused::rnn_backward<act>(l.load(p.output + row * H + j), dh));
       },
       false);
 }
