@@ -8,9 +8,10 @@
 // broadcast h_{t-1}[row][k] of every row. R and U are chosen so the accumulators and the reused
 // weight vectors fit the ISA's vector registers (16 on AVX2, 32 on AVX-512): several rows when
 // the batch has them (and several blocks too where G = 1, the backward's dh = dG W_hh and the
-// Elman forward); for one row, several blocks so that enough independent FMA chains are in flight. When a block's panel is larger than the first-level
-// cache budget and several row tiles reuse it, the k loop runs in chunks and the partial sums
-// wait in a small per-slice buffer (same order of additions: the result is the same).
+// Elman forward); for one row, several blocks so that enough independent FMA chains are in
+// flight. When a block's panel is larger than the first-level cache budget and several row tiles
+// reuse it, the k loop runs in chunks and the partial sums wait in a small per-slice buffer (same
+// order of additions: the result is the same).
 #pragma once
 
 #ifndef RNNFUSED_ISA
@@ -80,8 +81,8 @@ inline void with_constant(int n, const F& f) {
 
 // Panels of the unit blocks [b0, b1): panel_b[k][g][lane] = rows[g * gate_stride + b*V + lane][k]
 // for k < K (zero for units at or past `units`). `rows` is row-major with row stride K.
-//   forward:  rows = W_hh [G*H, H], gate_stride = H, K = H      (h_{t-1} W_hh^T, G gates)
-//   backward: rows = W_hh^T would be needed; see pack_column_panels.
+//   forward: rows = W_hh [G*H, H], gate_stride = H, K = H (h_{t-1} W_hh^T, G gates). The backward
+//   multiplies by W_hh itself and packs columns instead (pack_column_panels).
 template <typename T, int G>
 void pack_row_panels(const T* rows, int64_t gate_stride, int64_t units, int64_t K, int64_t b0, int64_t b1,
                      T* panels) {
