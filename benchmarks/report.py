@@ -200,7 +200,10 @@ def step_time_plot(plt, rows, directory):
     for ax, ((device, dtype, mode), panel) in zip(axes[0], panels.items()):
         cells = list(dict.fromkeys(row["cell"] for row in panel))
         for index, cell in enumerate(cells):
-            points = sorted((row["B"], row["us_per_step"]) for row in panel if row["cell"] == cell)
+            # Two shapes may share a batch size (the full preset's small_batch and flashrnn): order
+            # by B, then by time; the dicts of times themselves do not compare.
+            points = sorted(((row["B"], row["us_per_step"]) for row in panel if row["cell"] == cell),
+                            key=lambda point: (point[0], point[1][RNNFUSED]))
             batches = [b for b, _ in points]
             color = colors[index % len(colors)]
             ax.plot(batches, [us[RNNFUSED] for _, us in points], "o-", color=color, label=f"{cell} rnnfused")

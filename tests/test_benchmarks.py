@@ -303,6 +303,7 @@ def test_markdown_has_a_column_per_optional_baseline_and_the_notes():
 def test_plots_are_written(tmp_path):
     pytest.importorskip("matplotlib")
     rows = [synthetic_row(batch=b, shape=f"s{b}") for b in (1, 16, 64)]
+    rows.append(synthetic_row(batch=16, shape="another_b16", ours_ms=30.0))  # two shapes with one batch size
     written, note = report.write_plots(synthetic_result(rows), str(tmp_path / "plots"))
     assert note is None
     assert sorted(os.path.basename(p) for p in written) == ["speedup_by_shape.png", "us_per_step_vs_batch.png"]
