@@ -34,17 +34,6 @@ namespace rnnfused::cpu {
 
 enum class CellKind { Lstm, Gru, RnnTanh, RnnRelu };
 
-inline int64_t gates_of(CellKind cell) {
-  switch (cell) {
-    case CellKind::Lstm:
-      return 4;
-    case CellKind::Gru:
-      return 3;
-    default:
-      return 1;
-  }
-}
-
 // One forward call (LSTM without projection, GRU, RNN). Shapes in the legend of csrc/cell_math.h.
 template <typename T>
 struct ForwardProblem {

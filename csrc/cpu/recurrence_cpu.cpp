@@ -159,9 +159,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_recurrence_cpu(
   at::Tensor c_state = state_copy(c0, acc);
   at::Tensor output = at::empty({plan.rows, P}, gates_x.options().dtype(acc));
   at::Tensor workspace = empty_workspace(gates_x, training, kLstmWorkspaceGates, H);
-  at::Tensor gates_h = at::empty({B, 4 * H}, gx.options());
-  at::Tensor r_buffer = proj ? at::empty({B, H}, gx.options()) : at::Tensor();
-
   if (use_engine(proj, B)) {
     const at::Tensor h0_c = compute_view(h0, acc);
     AT_DISPATCH_FLOATING_TYPES(acc, "rnnfused_lstm_cpu", [&] {
@@ -172,6 +169,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_recurrence_cpu(
     });
     return {to_dtype(output, dtype), to_dtype(h_state, dtype), to_dtype(c_state, dtype), workspace};
   }
+  // The per-step path's buffers: h_{t-1} W_hh^T of a step, and o tanh(c) before the projection.
+  at::Tensor gates_h = at::empty({B, 4 * H}, gx.options());
+  at::Tensor r_buffer = proj ? at::empty({B, H}, gx.options()) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(acc, "rnnfused_lstm_cpu", [&] {
     using T = scalar_t;
     const auto& kernels = pointwise_kernels<T>();
@@ -330,8 +330,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_recurrence_cpu(const at::Tens
   at::Tensor h_state = state_copy(h0, acc);
   at::Tensor output = at::empty({plan.rows, H}, gates_x.options().dtype(acc));
   at::Tensor workspace = empty_workspace(gates_x, training, kGruWorkspaceGates, H);
-  at::Tensor gates_h = at::empty({B, 3 * H}, gx.options());
-
   if (use_engine(false, B)) {
     const at::Tensor h0_c = compute_view(h0, acc);
     AT_DISPATCH_FLOATING_TYPES(acc, "rnnfused_gru_cpu", [&] {
@@ -340,6 +338,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_recurrence_cpu(const at::Tens
     });
     return {to_dtype(output, dtype), to_dtype(h_state, dtype), workspace};
   }
+  at::Tensor gates_h = at::empty({B, 3 * H}, gx.options());  // h_{t-1} W_hh^T of a step
   AT_DISPATCH_FLOATING_TYPES(acc, "rnnfused_gru_cpu", [&] {
     using T = scalar_t;
     const auto& kernels = pointwise_kernels<T>();
@@ -453,8 +452,6 @@ std::tuple<at::Tensor, at::Tensor> rnn_recurrence_cpu(const at::Tensor& gates_x,
   const at::Tensor bias = bias_or_zeros(b_hh, H, gates_x, acc);
   at::Tensor h_state = state_copy(h0, acc);
   at::Tensor output = at::empty({plan.rows, H}, gates_x.options().dtype(acc));
-  at::Tensor gates_h = at::empty({B, H}, gx.options());
-
   if (use_engine(false, B)) {
     const at::Tensor h0_c = compute_view(h0, acc);
     at::Tensor no_workspace;
@@ -465,6 +462,7 @@ std::tuple<at::Tensor, at::Tensor> rnn_recurrence_cpu(const at::Tensor& gates_x,
     });
     return {to_dtype(output, dtype), to_dtype(h_state, dtype)};
   }
+  at::Tensor gates_h = at::empty({B, H}, gx.options());  // h_{t-1} W_hh^T of a step
   AT_DISPATCH_FLOATING_TYPES(acc, "rnnfused_rnn_cpu", [&] {
     using T = scalar_t;
     const auto& kernels = pointwise_kernels<T>();

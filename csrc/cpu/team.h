@@ -68,8 +68,6 @@ class PhaseFlags {
     }
   }
 
-  int64_t slices() const { return static_cast<int64_t>(flags_.size()); }
-
  private:
   static void back_off(int64_t tries) {
     if (tries < kSpins) {
