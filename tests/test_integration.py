@@ -93,6 +93,9 @@ def _ddp_worker(rank, world_size, port, backend, dtype, result_path):
             optimizer.step()
         params = [p.detach().cpu().clone() for p in model.parameters()]
         torch.save({"grads": grads, "params": params}, f"{result_path}.{rank}")
+        # Both ranks done before either tears gloo down: a rank that destroys the group while the
+        # other's gloo threads still talk to it aborts ("terminate called without an active exception").
+        torch.distributed.barrier()
     finally:
         torch.distributed.destroy_process_group()
 
