@@ -209,6 +209,10 @@ def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "compare":
         return compare_main(argv[1:])
+    if argv and argv[0] == "regularization":
+        from . import regularization
+
+        return regularization.main(argv[1:])
     args = parse_args(argv)
     apply_isa_caps(args.isa, argv)
     config = args.config

@@ -168,4 +168,14 @@ C10_HOST_DEVICE inline V rnn_backward(V h, V dh) {
   }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Zoneout.  A state keeps its previous value with weight k: s_t = k s_{t-1} + (1 - k) s~_t, where
+// s~_t is what the cell computes (k is a Bernoulli(p) draw in training, p in eval mode). Its
+// gradient g splits into k g for s_{t-1} and (1 - k) g for s~_t.
+// ---------------------------------------------------------------------------------------------
+template <typename V>
+C10_HOST_DEVICE inline V zoneout(V keep, V previous, V candidate) {
+  return keep * previous + (V(1) - keep) * candidate;
+}
+
 }  // namespace rnnfused

@@ -7,35 +7,48 @@
 
 namespace rnnfused {
 
+// recurrent_mask [B, P] (optional, every op): recurrent dropout. Row b of every step multiplies
+// h_{t-1} by recurrent_mask[b] before the product with W_hh (the carried state and the outputs
+// stay unmasked).
+// zoneout [N, P] or a scalar, cell_zoneout [N, H] or a scalar (optional; LSTM and GRU): keep
+// weights k of h (of the LSTM's c): s_t = k s_{t-1} + (1 - k) s~_t per row and unit, s~_t the
+// cell's new value (Bernoulli(p) draws in training, p in eval mode). The LSTM workspace's c
+// column then holds c~_t, the candidate.
+// A backward op takes the regularization tensors its forward took.
 inline void define_recurrence_ops(torch::Library& m) {
   m.def(
       "lstm_recurrence(Tensor gates_x, Tensor w_hh, Tensor? b_hh, Tensor? w_hr, Tensor h0, Tensor c0, "
-      "Tensor? batch_sizes, bool reverse, bool training) -> (Tensor output, Tensor h_n, Tensor c_n, Tensor workspace)");
+      "Tensor? batch_sizes, bool reverse, bool training, Tensor? recurrent_mask=None, Tensor? zoneout=None, "
+      "Tensor? cell_zoneout=None) -> (Tensor output, Tensor h_n, Tensor c_n, Tensor workspace)");
   m.def(
       "lstm_recurrence_backward(Tensor? grad_output, Tensor? grad_h_n, Tensor? grad_c_n, Tensor w_hh, Tensor? w_hr, "
-      "Tensor h0, Tensor c0, Tensor output, Tensor workspace, Tensor? batch_sizes, bool reverse) -> "
+      "Tensor h0, Tensor c0, Tensor output, Tensor workspace, Tensor? batch_sizes, bool reverse, "
+      "Tensor? recurrent_mask=None, Tensor? zoneout=None, Tensor? cell_zoneout=None) -> "
       "(Tensor grad_gates_x, Tensor grad_w_hh, Tensor grad_b_hh, Tensor grad_w_hr, Tensor grad_h0, Tensor grad_c0)");
   m.def(
       "gru_recurrence(Tensor gates_x, Tensor w_hh, Tensor? b_hh, Tensor h0, Tensor? batch_sizes, bool reverse, "
-      "bool training) -> (Tensor output, Tensor h_n, Tensor workspace)");
+      "bool training, Tensor? recurrent_mask=None, Tensor? zoneout=None) -> (Tensor output, Tensor h_n, "
+      "Tensor workspace)");
   m.def(
       "gru_recurrence_backward(Tensor? grad_output, Tensor? grad_h_n, Tensor w_hh, Tensor h0, Tensor output, "
-      "Tensor workspace, Tensor? batch_sizes, bool reverse) -> "
+      "Tensor workspace, Tensor? batch_sizes, bool reverse, Tensor? recurrent_mask=None, Tensor? zoneout=None) -> "
       "(Tensor grad_gates_x, Tensor grad_w_hh, Tensor grad_b_hh, Tensor grad_h0)");
   // The Elman RNN needs no workspace: its backward reads the output itself (tanh' = 1 - h^2,
   // relu' = [h > 0]).
   m.def(
-      "rnn_tanh_recurrence(Tensor gates_x, Tensor w_hh, Tensor? b_hh, Tensor h0, Tensor? batch_sizes, bool reverse) "
-      "-> (Tensor output, Tensor h_n)");
+      "rnn_tanh_recurrence(Tensor gates_x, Tensor w_hh, Tensor? b_hh, Tensor h0, Tensor? batch_sizes, bool reverse, "
+      "Tensor? recurrent_mask=None) -> (Tensor output, Tensor h_n)");
   m.def(
       "rnn_tanh_recurrence_backward(Tensor? grad_output, Tensor? grad_h_n, Tensor w_hh, Tensor h0, Tensor output, "
-      "Tensor? batch_sizes, bool reverse) -> (Tensor grad_gates_x, Tensor grad_w_hh, Tensor grad_b_hh, Tensor grad_h0)");
+      "Tensor? batch_sizes, bool reverse, Tensor? recurrent_mask=None) -> (Tensor grad_gates_x, Tensor grad_w_hh, "
+      "Tensor grad_b_hh, Tensor grad_h0)");
   m.def(
-      "rnn_relu_recurrence(Tensor gates_x, Tensor w_hh, Tensor? b_hh, Tensor h0, Tensor? batch_sizes, bool reverse) "
-      "-> (Tensor output, Tensor h_n)");
+      "rnn_relu_recurrence(Tensor gates_x, Tensor w_hh, Tensor? b_hh, Tensor h0, Tensor? batch_sizes, bool reverse, "
+      "Tensor? recurrent_mask=None) -> (Tensor output, Tensor h_n)");
   m.def(
       "rnn_relu_recurrence_backward(Tensor? grad_output, Tensor? grad_h_n, Tensor w_hh, Tensor h0, Tensor output, "
-      "Tensor? batch_sizes, bool reverse) -> (Tensor grad_gates_x, Tensor grad_w_hh, Tensor grad_b_hh, Tensor grad_h0)");
+      "Tensor? batch_sizes, bool reverse, Tensor? recurrent_mask=None) -> (Tensor grad_gates_x, Tensor grad_w_hh, "
+      "Tensor grad_b_hh, Tensor grad_h0)");
 }
 
 }  // namespace rnnfused

@@ -44,7 +44,8 @@ def register(namespace):
     # ----------------------------------------------------------------------------------------------
 
     @torch.library.register_fake(f"{namespace}::lstm_recurrence")
-    def _lstm_fake(gates_x, w_hh, b_hh, w_hr, h0, c0, batch_sizes, reverse, training):
+    def _lstm_fake(gates_x, w_hh, b_hh, w_hr, h0, c0, batch_sizes, reverse, training, recurrent_mask=None, zoneout=None,
+                   cell_zoneout=None):
         hidden = gates_x.shape[1] // 4
         output = gates_x.new_empty((gates_x.shape[0], w_hh.shape[1]))
         workspace = _fake_workspace(gates_x, training, LSTM_WORKSPACE_GATES, hidden)
@@ -53,7 +54,8 @@ def register(namespace):
         ), workspace
 
     @torch.library.register_fake(f"{namespace}::lstm_recurrence_backward")
-    def _lstm_backward_fake(grad_output, grad_h_n, grad_c_n, w_hh, w_hr, h0, c0, output, workspace, batch_sizes, reverse):
+    def _lstm_backward_fake(grad_output, grad_h_n, grad_c_n, w_hh, w_hr, h0, c0, output, workspace, batch_sizes, reverse,
+                            recurrent_mask=None, zoneout=None, cell_zoneout=None):
         hidden = w_hh.shape[0] // 4
         return (
             output.new_empty((output.shape[0], 4 * hidden)),
@@ -65,7 +67,7 @@ def register(namespace):
         )
 
     @torch.library.register_fake(f"{namespace}::gru_recurrence")
-    def _gru_fake(gates_x, w_hh, b_hh, h0, batch_sizes, reverse, training):
+    def _gru_fake(gates_x, w_hh, b_hh, h0, batch_sizes, reverse, training, recurrent_mask=None, zoneout=None):
         hidden = gates_x.shape[1] // 3
         output = gates_x.new_empty((gates_x.shape[0], hidden))
         workspace = _fake_workspace(gates_x, training, GRU_WORKSPACE_GATES, hidden)
@@ -81,14 +83,15 @@ def register(namespace):
         )
 
     @torch.library.register_fake(f"{namespace}::gru_recurrence_backward")
-    def _gru_backward_fake(grad_output, grad_h_n, w_hh, h0, output, workspace, batch_sizes, reverse):
+    def _gru_backward_fake(grad_output, grad_h_n, w_hh, h0, output, workspace, batch_sizes, reverse,
+                           recurrent_mask=None, zoneout=None):
         return _gated_backward_fake(3, grad_output, grad_h_n, w_hh, h0, output)
 
-    def _rnn_fake(gates_x, w_hh, b_hh, h0, batch_sizes, reverse):
+    def _rnn_fake(gates_x, w_hh, b_hh, h0, batch_sizes, reverse, recurrent_mask=None):
         output = gates_x.new_empty((gates_x.shape[0], gates_x.shape[1]))
         return output, torch.empty_like(h0, memory_format=torch.contiguous_format)
 
-    def _rnn_backward_fake(grad_output, grad_h_n, w_hh, h0, output, batch_sizes, reverse):
+    def _rnn_backward_fake(grad_output, grad_h_n, w_hh, h0, output, batch_sizes, reverse, recurrent_mask=None):
         return _gated_backward_fake(1, grad_output, grad_h_n, w_hh, h0, output)
 
     for _act in ("tanh", "relu"):
@@ -109,13 +112,16 @@ def register(namespace):
     def _lstm_workspace_backward(
         grad_output: Optional[Tensor], grad_h_n: Optional[Tensor], grad_c_n: Optional[Tensor], grad_workspace: Tensor,
         w_hh: Tensor, w_hr: Optional[Tensor], h0: Tensor, c0: Tensor, output: Tensor, workspace: Tensor,
-        batch_sizes: Optional[Tensor], reverse: bool,
+        batch_sizes: Optional[Tensor], reverse: bool, recurrent_mask: Optional[Tensor] = None,
+        zoneout: Optional[Tensor] = None, cell_zoneout: Optional[Tensor] = None,
     ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
         return _fresh(reference.lstm_backward(grad_output, grad_h_n, grad_c_n, grad_workspace, w_hh, w_hr, h0, c0,
-                                              output, workspace, batch_sizes, reverse))
+                                              output, workspace, batch_sizes, reverse, recurrent_mask, zoneout,
+                                              cell_zoneout))
 
     @_lstm_workspace_backward.register_fake
-    def _(grad_output, grad_h_n, grad_c_n, grad_workspace, w_hh, w_hr, h0, c0, output, workspace, batch_sizes, reverse):
+    def _(grad_output, grad_h_n, grad_c_n, grad_workspace, w_hh, w_hr, h0, c0, output, workspace, batch_sizes, reverse,
+          recurrent_mask=None, zoneout=None, cell_zoneout=None):
         return _lstm_backward_fake(grad_output, grad_h_n, grad_c_n, w_hh, w_hr, h0, c0, output, workspace, batch_sizes,
                                    reverse)
 
@@ -123,12 +129,14 @@ def register(namespace):
     def _gru_workspace_backward(
         grad_output: Optional[Tensor], grad_h_n: Optional[Tensor], grad_workspace: Tensor, w_hh: Tensor, h0: Tensor,
         output: Tensor, workspace: Tensor, batch_sizes: Optional[Tensor], reverse: bool,
+        recurrent_mask: Optional[Tensor] = None, zoneout: Optional[Tensor] = None,
     ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
         return _fresh(reference.gru_backward(grad_output, grad_h_n, grad_workspace, w_hh, h0, output, workspace,
-                                             batch_sizes, reverse))
+                                             batch_sizes, reverse, recurrent_mask, zoneout))
 
     @_gru_workspace_backward.register_fake
-    def _(grad_output, grad_h_n, grad_workspace, w_hh, h0, output, workspace, batch_sizes, reverse):
+    def _(grad_output, grad_h_n, grad_workspace, w_hh, h0, output, workspace, batch_sizes, reverse,
+          recurrent_mask=None, zoneout=None):
         return _gated_backward_fake(3, grad_output, grad_h_n, w_hh, h0, output)
 
     def _no_third_derivative(ctx, *grads):
@@ -146,7 +154,8 @@ def register(namespace):
     # ----------------------------------------------------------------------------------------------
 
     def _lstm_setup_context(ctx, inputs, output):
-        gates_x, w_hh, b_hh, w_hr, h0, c0, batch_sizes, reverse, training = inputs
+        gates_x, w_hh, b_hh, w_hr, h0, c0, batch_sizes, reverse, training = inputs[:9]
+        extras = (_at(inputs, 9), _at(inputs, 10), _at(inputs, 11))  # recurrent_mask, zoneout, cell_zoneout
         out, _, _, workspace = output
         ctx.reverse = reverse
         ctx.has_bias = b_hh is not None
@@ -155,19 +164,21 @@ def register(namespace):
         # A call with training=False kept no workspace; its backward recomputes the forward pass
         # (with training=True) from the saved inputs instead of failing.
         recompute_from = (gates_x, b_hh) if not training else (None, None)
-        ctx.save_for_backward(w_hh, w_hr, h0, c0, out, workspace, batch_sizes, *recompute_from)
+        ctx.save_for_backward(w_hh, w_hr, h0, c0, out, workspace, batch_sizes, *extras, *recompute_from)
         ctx.set_materialize_grads(False)
 
     def _lstm_backward(ctx, grad_output, grad_h_n, grad_c_n, grad_workspace):
-        w_hh, w_hr, h0, c0, out, workspace, batch_sizes, gates_x, b_hh = ctx.saved_tensors
+        w_hh, w_hr, h0, c0, out, workspace, batch_sizes, mask, k_h, k_c, gates_x, b_hh = ctx.saved_tensors
         if not ctx.recorded:
-            out, _, _, workspace = _ops.lstm_recurrence(gates_x, w_hh, b_hh, w_hr, h0, c0, batch_sizes, ctx.reverse, True)
+            out, _, _, workspace = _ops.lstm_recurrence(gates_x, w_hh, b_hh, w_hr, h0, c0, batch_sizes, ctx.reverse, True,
+                                                        mask, k_h, k_c)
         if _has_grad(grad_workspace):  # only in a second-order backward (see the module docstring)
             grads = _ops.lstm_workspace_backward(grad_output, grad_h_n, grad_c_n, grad_workspace, w_hh, w_hr, h0, c0,
-                                                 out, workspace, batch_sizes, ctx.reverse)
+                                                 out, workspace, batch_sizes, ctx.reverse, mask, k_h, k_c)
         else:
             grads = _ops.lstm_recurrence_backward(
-                grad_output, grad_h_n, grad_c_n, w_hh, w_hr, h0, c0, out, workspace, batch_sizes, ctx.reverse
+                grad_output, grad_h_n, grad_c_n, w_hh, w_hr, h0, c0, out, workspace, batch_sizes, ctx.reverse, mask,
+                k_h, k_c,
             )
         grad_gx, grad_w_hh, grad_b_hh, grad_w_hr, grad_h0, grad_c0 = grads
         return (
@@ -180,6 +191,9 @@ def register(namespace):
             None,
             None,
             None,
+            None,
+            None,
+            None,
         )
 
     torch.library.register_autograd(
@@ -187,45 +201,46 @@ def register(namespace):
     )
 
     def _gru_setup_context(ctx, inputs, output):
-        gates_x, w_hh, b_hh, h0, batch_sizes, reverse, training = inputs
+        gates_x, w_hh, b_hh, h0, batch_sizes, reverse, training = inputs[:7]
+        extras = (_at(inputs, 7), _at(inputs, 8))  # recurrent_mask, zoneout
         out, _, workspace = output
         ctx.reverse = reverse
         ctx.has_bias = b_hh is not None
         ctx.recorded = training
         recompute_from = (gates_x, b_hh) if not training else (None, None)  # as for the LSTM
-        ctx.save_for_backward(w_hh, h0, out, workspace, batch_sizes, *recompute_from)
+        ctx.save_for_backward(w_hh, h0, out, workspace, batch_sizes, *extras, *recompute_from)
         ctx.set_materialize_grads(False)
 
     def _gru_backward(ctx, grad_output, grad_h_n, grad_workspace):
-        w_hh, h0, out, workspace, batch_sizes, gates_x, b_hh = ctx.saved_tensors
+        w_hh, h0, out, workspace, batch_sizes, mask, k_h, gates_x, b_hh = ctx.saved_tensors
         if not ctx.recorded:
-            out, _, workspace = _ops.gru_recurrence(gates_x, w_hh, b_hh, h0, batch_sizes, ctx.reverse, True)
+            out, _, workspace = _ops.gru_recurrence(gates_x, w_hh, b_hh, h0, batch_sizes, ctx.reverse, True, mask, k_h)
         if _has_grad(grad_workspace):  # only in a second-order backward
             grads = _ops.gru_workspace_backward(grad_output, grad_h_n, grad_workspace, w_hh, h0, out, workspace,
-                                                batch_sizes, ctx.reverse)
+                                                batch_sizes, ctx.reverse, mask, k_h)
         else:
             grads = _ops.gru_recurrence_backward(grad_output, grad_h_n, w_hh, h0, out, workspace, batch_sizes,
-                                                 ctx.reverse)
+                                                 ctx.reverse, mask, k_h)
         grad_gx, grad_w_hh, grad_b_hh, grad_h0 = grads
-        return grad_gx, grad_w_hh, grad_b_hh if ctx.has_bias else None, grad_h0, None, None, None
+        return grad_gx, grad_w_hh, grad_b_hh if ctx.has_bias else None, grad_h0, None, None, None, None, None
 
     torch.library.register_autograd(f"{namespace}::gru_recurrence", _gru_backward, setup_context=_gru_setup_context)
 
     def _rnn_setup_context(ctx, inputs, output):
-        gates_x, w_hh, b_hh, h0, batch_sizes, reverse = inputs
+        gates_x, w_hh, b_hh, h0, batch_sizes, reverse = inputs[:6]
         out, _ = output
         ctx.reverse = reverse
         ctx.has_bias = b_hh is not None
-        ctx.save_for_backward(w_hh, h0, out, batch_sizes)
+        ctx.save_for_backward(w_hh, h0, out, batch_sizes, _at(inputs, 6))
         ctx.set_materialize_grads(False)
 
     def _make_rnn_backward(backward_op):
         def _rnn_backward(ctx, grad_output, grad_h_n):
-            w_hh, h0, out, batch_sizes = ctx.saved_tensors
+            w_hh, h0, out, batch_sizes, mask = ctx.saved_tensors
             grad_gx, grad_w_hh, grad_b_hh, grad_h0 = backward_op(
-                grad_output, grad_h_n, w_hh, h0, out, batch_sizes, ctx.reverse
+                grad_output, grad_h_n, w_hh, h0, out, batch_sizes, ctx.reverse, mask
             )
-            return grad_gx, grad_w_hh, grad_b_hh if ctx.has_bias else None, grad_h0, None, None
+            return grad_gx, grad_w_hh, grad_b_hh if ctx.has_bias else None, grad_h0, None, None, None
 
         return _rnn_backward
 
@@ -243,8 +258,10 @@ def register(namespace):
     # the engine then carries those into the forward op). Detached, the result is not
     # differentiable again, so a third derivative is refused rather than silently incomplete.
     def _save_inputs(ctx, inputs, output):
+        # The backward ops' arguments end with (..., batch_sizes, reverse[, recurrent_mask]).
+        reverse_at = next(i for i in range(len(inputs) - 1, -1, -1) if isinstance(inputs[i], bool))
+        ctx.reverse = inputs[reverse_at]
         ctx.present = [isinstance(t, torch.Tensor) for t in inputs]
-        ctx.reverse = inputs[-1]
         ctx.save_for_backward(*[t for t in inputs if isinstance(t, torch.Tensor)])
 
     def _saved_inputs(ctx):
@@ -274,20 +291,22 @@ def register(namespace):
 
     def _lstm_backward_backward(ctx, *grads):
         def run(a):  # grad_output, grad_h_n, grad_c_n, w_hh, w_hr, h0, c0, output, workspace, batch_sizes, reverse
-            return reference.lstm_backward(a[0], a[1], a[2], None, a[3], a[4], a[5], a[6], a[7], a[8], a[9], ctx.reverse)
+            return reference.lstm_backward(a[0], a[1], a[2], None, a[3], a[4], a[5], a[6], a[7], a[8], a[9], ctx.reverse,
+                                           _at(a, 11), _at(a, 12), _at(a, 13))
 
         return _vjp(ctx, run, grads)
 
     def _gru_backward_backward(ctx, *grads):
         def run(a):  # grad_output, grad_h_n, w_hh, h0, output, workspace, batch_sizes, reverse
-            return reference.gru_backward(a[0], a[1], None, a[2], a[3], a[4], a[5], a[6], ctx.reverse)
+            return reference.gru_backward(a[0], a[1], None, a[2], a[3], a[4], a[5], a[6], ctx.reverse, _at(a, 8),
+                                          _at(a, 9))
 
         return _vjp(ctx, run, grads)
 
     def _make_rnn_backward_backward(nonlinearity):
         def _rnn_backward_backward(ctx, *grads):
             def run(a):  # grad_output, grad_h_n, w_hh, h0, output, batch_sizes, reverse
-                return reference.rnn_backward(nonlinearity, a[0], a[1], a[2], a[3], a[4], a[5], ctx.reverse)
+                return reference.rnn_backward(nonlinearity, a[0], a[1], a[2], a[3], a[4], a[5], ctx.reverse, _at(a, 7))
 
             return _vjp(ctx, run, grads)
 
@@ -306,6 +325,11 @@ _THIRD_ORDER_MESSAGE = (
     "rnnfused: derivatives of third or higher order through a recurrence are not supported "
     "(second derivatives are exact); call the second backward without create_graph=True"
 )
+
+
+def _at(values, index):
+    """An optional trailing argument of an op (None when not given)."""
+    return values[index] if len(values) > index else None
 
 
 def _has_grad(grad):

@@ -432,6 +432,11 @@ def prepare_scriptable(module: nn.Module) -> nn.Module:
     to compile. A subclass of an rnnfused class, or a parametrized module, is refused: its
     forward or properties would not be what TorchScript compiles."""
     cls = type(module)
+    if any(getattr(module, name, 0) for name in ("recurrent_dropout", "dropconnect", "zoneout", "cell_zoneout")):
+        raise RuntimeError(
+            "rnnfused: torch.jit.script does not support recurrent_dropout, dropconnect or zoneout (the TorchScript "
+            "form runs torch.nn's forward); use torch.compile or torch.export, or script a module without them"
+        )
     if cls in SCRIPT_CLASSES.values():
         return module
     if cls not in SCRIPT_CLASSES:

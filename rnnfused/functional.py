@@ -10,6 +10,17 @@ Shapes (N rows, B batch, I input, H hidden, P = proj_size or H):
 
 The input projection of all steps is one GEMM here (so autograd gives dx, dW_ih and db_ih
 from it); the recurrence is one fused op of rnnfused.
+
+``recurrent_mask`` [B, P] (optional, h0's dtype): recurrent dropout. At every step, row b of
+h_{t-1} is multiplied by ``recurrent_mask[b]`` before the product with w_hh; the carried state
+and the outputs stay unmasked. The modules draw it as ``F.dropout(ones, p, True)`` (0 or
+1 / (1 - p)), once per call, layer and direction.
+
+``zoneout`` [N, P] or a scalar, ``cell_zoneout`` [N, H] or a scalar (LSTM and GRU; the input's
+dtype): keep weights k of h (of the LSTM's c): every step, s_t = k s_{t-1} + (1 - k) s~_t per row
+and unit, where s~_t is what the cell computes (for the LSTM h~_t = o tanh(c~_t), from the
+candidate cell state c~_t = f c_{t-1} + i g). The modules pass Bernoulli(p) draws in training
+and the scalar p in eval mode.
 """
 import torch
 import torch.nn.functional as F
@@ -61,30 +72,36 @@ def _project(input, w_ih, b_ih):
     return F.linear(input, w_ih, b_ih)
 
 
-def lstm_layer(input, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0, batch_sizes=None, reverse=False, training=True):
+def lstm_layer(input, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0, batch_sizes=None, reverse=False, training=True,
+               recurrent_mask=None, zoneout=None, cell_zoneout=None):
     """LSTM layer (with a projection when ``w_hr`` is given). Returns ``output, h_n, c_n``.
 
     ``training=False`` (eval mode) keeps no workspace for backward, so that inference, exported
     programs included, stores nothing extra; a backward through it recomputes the forward."""
     gates_x = _project(input, w_ih, b_ih)
     training = _records_workspace(training, gates_x, w_hh, b_hh, w_hr, h0, c0)
-    output, h_n, c_n, _ = _ops_ns.lstm_recurrence(gates_x, w_hh, b_hh, w_hr, h0, c0, batch_sizes, reverse, training)
+    output, h_n, c_n, _ = _ops_ns.lstm_recurrence(gates_x, w_hh, b_hh, w_hr, h0, c0, batch_sizes, reverse, training,
+                                                  recurrent_mask, zoneout, cell_zoneout)
     return output, h_n, c_n
 
 
-def gru_layer(input, w_ih, w_hh, b_ih, b_hh, h0, batch_sizes=None, reverse=False, training=True):
+def gru_layer(input, w_ih, w_hh, b_ih, b_hh, h0, batch_sizes=None, reverse=False, training=True, recurrent_mask=None,
+              zoneout=None):
     """GRU layer. Returns ``output, h_n``. ``training`` as for :func:`lstm_layer`."""
     gates_x = _project(input, w_ih, b_ih)
     training = _records_workspace(training, gates_x, w_hh, b_hh, h0)
-    output, h_n, _ = _ops_ns.gru_recurrence(gates_x, w_hh, b_hh, h0, batch_sizes, reverse, training)
+    output, h_n, _ = _ops_ns.gru_recurrence(gates_x, w_hh, b_hh, h0, batch_sizes, reverse, training, recurrent_mask,
+                                            zoneout)
     return output, h_n
 
 
-def rnn_tanh_layer(input, w_ih, w_hh, b_ih, b_hh, h0, batch_sizes=None, reverse=False):
+def rnn_tanh_layer(input, w_ih, w_hh, b_ih, b_hh, h0, batch_sizes=None, reverse=False, recurrent_mask=None):
     """Elman RNN layer with tanh. Returns ``output, h_n``."""
-    return _ops_ns.rnn_tanh_recurrence(_project(input, w_ih, b_ih), w_hh, b_hh, h0, batch_sizes, reverse)
+    return _ops_ns.rnn_tanh_recurrence(_project(input, w_ih, b_ih), w_hh, b_hh, h0, batch_sizes, reverse,
+                                       recurrent_mask)
 
 
-def rnn_relu_layer(input, w_ih, w_hh, b_ih, b_hh, h0, batch_sizes=None, reverse=False):
+def rnn_relu_layer(input, w_ih, w_hh, b_ih, b_hh, h0, batch_sizes=None, reverse=False, recurrent_mask=None):
     """Elman RNN layer with ReLU. Returns ``output, h_n``."""
-    return _ops_ns.rnn_relu_recurrence(_project(input, w_ih, b_ih), w_hh, b_hh, h0, batch_sizes, reverse)
+    return _ops_ns.rnn_relu_recurrence(_project(input, w_ih, b_ih), w_hh, b_hh, h0, batch_sizes, reverse,
+                                       recurrent_mask)

@@ -8,6 +8,7 @@ bad input raises torch.nn's exception with torch.nn's message. The forward passe
 torch.nn's line by line up to the point where torch.nn calls its ATen/cuDNN kernels; there
 rnnfused runs its own fused ops, layer by layer and direction by direction.
 """
+import numbers
 from typing import Optional
 
 import torch
@@ -33,8 +34,74 @@ def _side_stream(device):
     return _SIDE_STREAMS[index]
 
 
+# Keyword-only options of the layer classes beyond torch.nn (README "Regularization"); 0 = off.
+_RECURRENT_OPTIONS = ("recurrent_dropout", "dropconnect", "zoneout", "cell_zoneout")
+_MEANING = {"recurrent_dropout": "dropping", "dropconnect": "dropping", "zoneout": "keeping",
+            "cell_zoneout": "keeping"}
+
+
+def _check_probability(name, p):
+    if isinstance(p, bool) or not isinstance(p, numbers.Number) or not 0 <= p < 1:
+        raise ValueError(
+            f"{name} must be a number in [0, 1) (the probability of {_MEANING[name]} an element), got {p!r}"
+        )
+    return float(p)
+
+
+def _pop_recurrent_options(kwargs, mode):
+    options = {name: _check_probability(name, kwargs.pop(name, 0.0)) for name in _RECURRENT_OPTIONS}
+    if options["cell_zoneout"] and mode != "LSTM":
+        raise ValueError("cell_zoneout applies to the LSTM's cell state; use zoneout for the hidden state")
+    if options["zoneout"] and mode.startswith("RNN"):
+        raise NotImplementedError(
+            "rnnfused: zoneout is not supported for the Elman RNN yet (LSTM and GRU have it)"
+        )
+    return options
+
+
+def _zoneout_keep(p, training, rows, like):
+    """Keep weights of one zoned state: Bernoulli(p) draws [rows, width] in training, the scalar p
+    in eval mode (the expectation); None when p is 0."""
+    if not p:
+        return None
+    if training:
+        return torch.bernoulli(torch.full((rows, like.shape[-1]), p, dtype=like.dtype, device=like.device))
+    return torch.full((), p, dtype=like.dtype, device=like.device)
+
+
 class _FusedStack:
     """Runs the stacked, possibly bidirectional layers of an RNNBase on rnnfused's ops."""
+
+    # Class-level defaults: a torch.nn module converted in place (rnnfused.convert) has them off.
+    recurrent_dropout = 0.0
+    dropconnect = 0.0
+    zoneout = 0.0
+    cell_zoneout = 0.0
+
+    def _set_recurrent_options(self, options):
+        for name, value in options.items():
+            setattr(self, name, value)
+
+    def extra_repr(self):
+        text = nn.RNNBase.extra_repr(self)
+        for name in _RECURRENT_OPTIONS:
+            if getattr(self, name):
+                text += f", {name}={getattr(self, name)}"
+        return text
+
+    def _recurrent_draws(self, index, h0, c0, rows):
+        """(w_hh, recurrent_mask, zoneout, cell_zoneout) of layer-direction ``index`` for this call,
+        drawn from torch's generator in that order (None where off). In training: W_hh with
+        DropConnect applied, the recurrent dropout mask [B, P] (h0's shape and dtype), zoneout's
+        keep draws [rows, P] and [rows, H]; in eval mode only zoneout's expectation p."""
+        w_hh = mask = None
+        if self.training and self.dropconnect:
+            w_hh = F.dropout(self._layer_parameters(index)[1], self.dropconnect, True)
+        if self.training and self.recurrent_dropout:
+            mask = F.dropout(torch.ones_like(h0), self.recurrent_dropout, True)
+        keep_h = _zoneout_keep(self.zoneout, self.training, rows, h0)
+        keep_c = _zoneout_keep(self.cell_zoneout, self.training, rows, c0) if c0 is not None else None
+        return w_hh, mask, keep_h, keep_c
 
     def _layer_parameters(self, index):
         """w_ih, w_hh, b_ih, b_hh, w_hr of layer-direction ``index`` (None where absent)."""
@@ -49,18 +116,21 @@ class _FusedStack:
         w_hr = weights[-1] if self.proj_size > 0 else None
         return w_ih, w_hh, b_ih, b_hh, w_hr
 
-    def _run_layer(self, layer_input, index, h0, c0, batch_sizes, reverse):
+    def _run_layer(self, layer_input, index, h0, c0, batch_sizes, reverse, draws=(None, None, None, None)):
         w_ih, w_hh, b_ih, b_hh, w_hr = self._layer_parameters(index)
+        dropped_w_hh, mask, keep_h, keep_c = draws
+        if dropped_w_hh is not None:
+            w_hh = dropped_w_hh
         if self.mode == "LSTM":
-            return rf.lstm_layer(
-                layer_input, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0, batch_sizes, reverse, training=self.training
-            )
+            return rf.lstm_layer(layer_input, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0, batch_sizes, reverse,
+                                 training=self.training, recurrent_mask=mask, zoneout=keep_h, cell_zoneout=keep_c)
         if self.mode == "GRU":
-            return rf.gru_layer(layer_input, w_ih, w_hh, b_ih, b_hh, h0, batch_sizes, reverse, training=self.training)
+            return rf.gru_layer(layer_input, w_ih, w_hh, b_ih, b_hh, h0, batch_sizes, reverse, training=self.training,
+                                recurrent_mask=mask, zoneout=keep_h)
         if self.mode == "RNN_TANH":
-            return rf.rnn_tanh_layer(layer_input, w_ih, w_hh, b_ih, b_hh, h0, batch_sizes, reverse)
+            return rf.rnn_tanh_layer(layer_input, w_ih, w_hh, b_ih, b_hh, h0, batch_sizes, reverse, recurrent_mask=mask)
         if self.mode == "RNN_RELU":
-            return rf.rnn_relu_layer(layer_input, w_ih, w_hh, b_ih, b_hh, h0, batch_sizes, reverse)
+            return rf.rnn_relu_layer(layer_input, w_ih, w_hh, b_ih, b_hh, h0, batch_sizes, reverse, recurrent_mask=mask)
         raise ValueError("Unrecognized RNN mode: " + self.mode)
 
     def _run_directions(self, layer_input, layer, num_directions, h0, c0, batch_sizes):
@@ -73,10 +143,18 @@ class _FusedStack:
         too. Elsewhere (CPU, meta, under torch.compile or CUDA graph capture) they run one after
         the other. Either way the results are the same, bit for bit."""
 
+        # Masks are drawn here, forward direction first, whichever stream runs which direction.
+        draws = []
+        for d in range(num_directions):
+            index = layer * num_directions + d
+            draws.append(self._recurrent_draws(index, h0[index], None if c0 is None else c0[index],
+                                               layer_input.shape[0]))
+
         def run(direction):
             index = layer * num_directions + direction
             return self._run_layer(
-                layer_input, index, h0[index], None if c0 is None else c0[index], batch_sizes, direction == 1
+                layer_input, index, h0[index], None if c0 is None else c0[index], batch_sizes, direction == 1,
+                draws[direction],
             )
 
         if (
@@ -149,6 +227,21 @@ def _exporting_to_onnx():
     packed input as ONNX defines them): an ONNX model has no place for rnnfused's ops, and an ONNX
     runtime runs its own kernels."""
     return torch.onnx.is_in_onnx_export()
+
+
+def _check_export_options(module):
+    """torch.nn's forward, which an ONNX export runs, has none of rnnfused's regularization: recurrent
+    dropout and DropConnect are the identity in eval mode, zoneout is not (its expectation)."""
+    if getattr(module, "zoneout", 0) or getattr(module, "cell_zoneout", 0):
+        raise RuntimeError(
+            "rnnfused: ONNX has no zoneout (its eval-mode expectation is not torch.nn's cell), so a module with "
+            "zoneout or cell_zoneout cannot be exported to ONNX"
+        )
+    if module.training and (getattr(module, "recurrent_dropout", 0) or getattr(module, "dropconnect", 0)):
+        raise RuntimeError(
+            "rnnfused: an ONNX export of a module in training mode with recurrent_dropout or dropconnect would "
+            "leave them out; call module.eval() first (in eval mode both are the identity)"
+        )
 
 
 def _check_forward_args(module, input, hx, batch_sizes):
@@ -233,6 +326,7 @@ class RNN(_FusedStack, nn.RNNBase):
     def __init__(self, *args, **kwargs):
         # torch.nn.RNN.__init__, which picks the mode from ``nonlinearity``.
         _refuse_projection(kwargs)
+        options = _pop_recurrent_options(kwargs, "RNN")
         if len(args) > 3:
             self.nonlinearity = args[3]
             args = args[:3] + args[4:]
@@ -245,6 +339,7 @@ class RNN(_FusedStack, nn.RNNBase):
         else:
             raise ValueError(f"Unknown nonlinearity '{self.nonlinearity}'. Select from 'tanh' or 'relu'.")
         super().__init__(mode, *args, **kwargs)
+        self._set_recurrent_options(options)
 
     def __prepare_scriptable__(self):
         # torch.jit.script compiles a TorchScript form sharing this module's state (_script.py).
@@ -254,6 +349,7 @@ class RNN(_FusedStack, nn.RNNBase):
 
     def forward(self, input, hx=None):
         if _exporting_to_onnx():
+            _check_export_options(self)
             return nn.RNN.forward(self, input, hx)
         return _single_state_forward(self, "RNN", input, hx)
 
@@ -263,7 +359,9 @@ class GRU(_FusedStack, nn.RNNBase):
 
     def __init__(self, *args, **kwargs):
         _refuse_projection(kwargs)
+        options = _pop_recurrent_options(kwargs, "GRU")
         super().__init__("GRU", *args, **kwargs)
+        self._set_recurrent_options(options)
 
     def __prepare_scriptable__(self):
         # torch.jit.script compiles a TorchScript form sharing this module's state (_script.py).
@@ -273,6 +371,7 @@ class GRU(_FusedStack, nn.RNNBase):
 
     def forward(self, input, hx=None):
         if _exporting_to_onnx():
+            _check_export_options(self)
             return nn.GRU.forward(self, input, hx)
         return _single_state_forward(self, "GRU", input, hx)
 
@@ -281,7 +380,9 @@ class LSTM(_FusedStack, nn.RNNBase):
     __doc__ = "rnnfused's drop-in for :class:`torch.nn.LSTM` (fused kernels).\n\n" + (nn.LSTM.__doc__ or "")
 
     def __init__(self, *args, **kwargs):
+        options = _pop_recurrent_options(kwargs, "LSTM")
         super().__init__("LSTM", *args, **kwargs)
+        self._set_recurrent_options(options)
 
     # torch.nn.LSTM's own checks of the two states, and its permutation of both.
     get_expected_cell_size = nn.LSTM.get_expected_cell_size
@@ -296,6 +397,7 @@ class LSTM(_FusedStack, nn.RNNBase):
 
     def forward(self, input, hx=None):
         if _exporting_to_onnx():
+            _check_export_options(self)
             return nn.LSTM.forward(self, input, hx)
         orig_input = input
         batch_sizes = None
@@ -418,8 +520,41 @@ def _zero_width_state(input: torch.Tensor, weight_ih: torch.Tensor, bias_ih: Opt
     return F.linear(input, weight_ih, bias_ih) + F.linear(state, weight_hh, bias_hh) + state
 
 
-class RNNCell(nn.RNNCell):
+def _cell_options(name, kwargs):
+    """The zoneout options of a cell (one step: a fresh draw per call, as per step in a layer);
+    recurrent dropout and DropConnect act over a whole sequence and are refused."""
+    for option in ("recurrent_dropout", "dropconnect"):
+        if option in kwargs:
+            raise TypeError(
+                f"{name} does not take {option}: it draws one mask per sequence (recurrent_dropout) or per call over "
+                f"all steps (dropconnect), and a cell runs one step; use rnnfused.{name[:-4]} over the sequence"
+            )
+    mode = {"LSTMCell": "LSTM", "GRUCell": "GRU", "RNNCell": "RNN"}[name]
+    options = _pop_recurrent_options(kwargs, mode)
+    return {"zoneout": options["zoneout"], "cell_zoneout": options["cell_zoneout"]}
+
+
+class _CellOptions:
+    """Zoneout of the cells (class-level defaults off, for modules converted in place)."""
+
+    zoneout = 0.0
+    cell_zoneout = 0.0
+
+    def extra_repr(self):
+        text = super().extra_repr()
+        for name in ("zoneout", "cell_zoneout"):
+            if getattr(self, name):
+                text += f", {name}={getattr(self, name)}"
+        return text
+
+
+class RNNCell(_CellOptions, nn.RNNCell):
     __doc__ = "rnnfused's drop-in for :class:`torch.nn.RNNCell`.\n\n" + (nn.RNNCell.__doc__ or "")
+
+    def __init__(self, *args, **kwargs):
+        options = _cell_options("RNNCell", kwargs)
+        super().__init__(*args, **kwargs)
+        self.zoneout, self.cell_zoneout = options["zoneout"], options["cell_zoneout"]
 
     def __prepare_scriptable__(self):
         # torch.jit.script compiles a TorchScript form sharing this module's state (_script.py).
@@ -429,6 +564,7 @@ class RNNCell(nn.RNNCell):
 
     def forward(self, input, hx=None):
         if _exporting_to_onnx():
+            _check_export_options(self)
             return nn.RNNCell.forward(self, input, hx)
         if input.dim() not in (1, 2):
             raise ValueError(f"RNNCell: Expected input to be 1D or 2D, got {input.dim()}D instead")
@@ -458,8 +594,13 @@ class RNNCell(nn.RNNCell):
         return ret
 
 
-class GRUCell(nn.GRUCell):
+class GRUCell(_CellOptions, nn.GRUCell):
     __doc__ = "rnnfused's drop-in for :class:`torch.nn.GRUCell`.\n\n" + (nn.GRUCell.__doc__ or "")
+
+    def __init__(self, *args, **kwargs):
+        options = _cell_options("GRUCell", kwargs)
+        super().__init__(*args, **kwargs)
+        self.zoneout, self.cell_zoneout = options["zoneout"], options["cell_zoneout"]
 
     def __prepare_scriptable__(self):
         # torch.jit.script compiles a TorchScript form sharing this module's state (_script.py).
@@ -469,6 +610,7 @@ class GRUCell(nn.GRUCell):
 
     def forward(self, input, hx=None):
         if _exporting_to_onnx():
+            _check_export_options(self)
             return nn.GRUCell.forward(self, input, hx)
         if input.dim() not in (1, 2):
             raise ValueError(f"GRUCell: Expected input to be 1D or 2D, got {input.dim()}D instead")
@@ -487,15 +629,21 @@ class GRUCell(nn.GRUCell):
             ret = _zero_width_state(input, self.weight_ih, self.bias_ih, self.weight_hh, self.bias_hh, hx)
         else:
             ret, _ = rf.gru_layer(
-                input, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh, hx, training=self.training
+                input, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh, hx, training=self.training,
+                zoneout=_zoneout_keep(self.zoneout, self.training, input.shape[0], hx),
             )
         if not is_batched:
             ret = ret.squeeze(0)
         return ret
 
 
-class LSTMCell(nn.LSTMCell):
+class LSTMCell(_CellOptions, nn.LSTMCell):
     __doc__ = "rnnfused's drop-in for :class:`torch.nn.LSTMCell`.\n\n" + (nn.LSTMCell.__doc__ or "")
+
+    def __init__(self, *args, **kwargs):
+        options = _cell_options("LSTMCell", kwargs)
+        super().__init__(*args, **kwargs)
+        self.zoneout, self.cell_zoneout = options["zoneout"], options["cell_zoneout"]
 
     def __prepare_scriptable__(self):
         # torch.jit.script compiles a TorchScript form sharing this module's state (_script.py).
@@ -505,6 +653,7 @@ class LSTMCell(nn.LSTMCell):
 
     def forward(self, input, hx=None):
         if _exporting_to_onnx():
+            _check_export_options(self)
             return nn.LSTMCell.forward(self, input, hx)
         if input.dim() not in (1, 2):
             raise ValueError(f"LSTMCell: Expected input to be 1D or 2D, got {input.dim()}D instead")
@@ -531,7 +680,8 @@ class LSTMCell(nn.LSTMCell):
         else:
             h, _, c = rf.lstm_layer(
                 input, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh, None, hx[0], hx[1],
-                training=self.training,
+                training=self.training, zoneout=_zoneout_keep(self.zoneout, self.training, input.shape[0], hx[0]),
+                cell_zoneout=_zoneout_keep(self.cell_zoneout, self.training, input.shape[0], hx[1]),
             )
         if input.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
             # torch.nn.LSTMCell under CPU autocast: its gates run in the autocast dtype, but

@@ -28,6 +28,8 @@ struct LstmBackwardStep {
   const T* prev_workspace = nullptr; // [rows_from_prev, 5H]  previous step's rows (their c is c_{t-1})
   int64_t rows_from_prev = 0;        // rows whose c_{t-1} is in prev_workspace
   const T* c0 = nullptr;             // [rows, H]   c_{t-1} of the rows that start at this step
+  const T* c_prev_rows = nullptr;    // [rows, H]   c_{t-1} of every row when not null (cell zoneout: the
+                                     //             zoned states), instead of prev_workspace / c0
   const T* grad_r = nullptr;         // [rows, H]   gradient of r = o tanh(c)
   const T* grad_r_extra = nullptr;   // [rows, H]   added to grad_r when not null (grad of output)
   T* dc_state = nullptr;             // [rows, H]   in: dL/dc_t; out: dL/dc_{t-1}

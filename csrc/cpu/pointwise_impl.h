@@ -141,7 +141,9 @@ void lstm_backward_step(const LstmBackwardStep<T>& a) {
   const int64_t H = a.hidden;
   for_each_segment(a.rows, H, kGrainGated, [&](int64_t row, int64_t j0, int64_t j1) {
     const T* ws = a.workspace + row * 5 * H;
-    const T* c_prev = row < a.rows_from_prev ? a.prev_workspace + row * 5 * H + 4 * H : a.c0 + row * H;
+    const T* c_prev = a.c_prev_rows                ? a.c_prev_rows + row * H
+                      : row < a.rows_from_prev ? a.prev_workspace + row * 5 * H + 4 * H
+                                               : a.c0 + row * H;
     const T* dr = a.grad_r + row * H;
     const T* dr_extra = a.grad_r_extra ? a.grad_r_extra + row * H : nullptr;
     T* dc = a.dc_state + row * H;

@@ -84,8 +84,134 @@ at::Tensor previous_h(const StepPlan& plan, const at::Tensor& output, const at::
   return hprev;
 }
 
-// Whether a call runs on the fused engine (engine.h): never with the LSTM projection.
-bool use_engine(bool proj, int64_t batch) { return !proj && engine_runs(batch); }
+// Whether a call runs on the fused engine (engine.h): never with the LSTM projection, a recurrent
+// dropout mask or zoneout (`regularized`: the per-step path applies them).
+bool use_engine(bool proj, bool regularized, int64_t batch) { return !proj && !regularized && engine_runs(batch); }
+
+// ---------------------------------------------------------------------------------------------
+// Recurrent dropout: recurrent_mask [B, P] multiplies h_{t-1} before the product with W_hh, row b
+// of every step by mask row b. The state and the outputs stay unmasked.
+// ---------------------------------------------------------------------------------------------
+
+// The mask in the compute dtype, or undefined when absent. It must be [B, P] in the op's dtype.
+at::Tensor recurrent_mask_view(const char* op, const c10::optional<at::Tensor>& mask, const at::Tensor& h0,
+                               at::ScalarType acc) {
+  if (!present(mask)) return at::Tensor();
+  check_matrix(op, "recurrent_mask", *mask, h0, h0.size(0), h0.size(1));  // shape, dtype, device
+  return compute_view(*mask, acc);
+}
+
+// dst[i] = src[i] * mask[i] for the first `count` elements (the active rows of a step).
+template <typename T>
+void multiply_by_mask(int64_t count, const T* src, const T* mask, T* dst) {
+  for (int64_t i = 0; i < count; ++i) dst[i] = src[i] * mask[i];
+}
+
+// state[i] += product[i] * mask[i]: the masked W_hh part of dL/dh_{t-1} joining its direct part.
+template <typename T>
+void add_masked(int64_t count, const T* product, const T* mask, T* state) {
+  for (int64_t i = 0; i < count; ++i) state[i] += product[i] * mask[i];
+}
+
+// ---------------------------------------------------------------------------------------------
+// Zoneout: keep weights k blend the previous state into the new one, s_t = k s_{t-1} + (1 - k) s~_t
+// (h, and the LSTM's c with cell_zoneout). k is [N, width] (one per row and unit: Bernoulli(p)
+// draws in training) or a scalar (p, in eval mode).
+// ---------------------------------------------------------------------------------------------
+
+// The keep weights in the compute dtype, or undefined when absent.
+at::Tensor zoneout_view(const char* op, const char* what, const c10::optional<at::Tensor>& keep, int64_t rows,
+                        int64_t width, const at::Tensor& like, at::ScalarType acc) {
+  if (!present(keep)) return at::Tensor();
+  TORCH_CHECK(keep->dim() == 0 || (keep->dim() == 2 && keep->size(0) == rows && keep->size(1) == width), op, ": ",
+              what, " must be [", rows, ", ", width, "] or a scalar, got ", keep->sizes());
+  TORCH_CHECK(keep->scalar_type() == like.scalar_type(), op, ": ", what, " has dtype ", keep->scalar_type(),
+              " but the op runs in ", like.scalar_type());
+  TORCH_CHECK(keep->device() == like.device(), op, ": ", what, " is on ", keep->device(), " but the op runs on ",
+              like.device());
+  return compute_view(*keep, acc);
+}
+
+// Rows of keep weights: `at(row)` points at a row's first weight; `stride` is 0 for a scalar.
+template <typename T>
+struct KeepRows {
+  const T* data = nullptr;
+  int64_t width = 0, stride = 0;
+  KeepRows(const at::Tensor& keep, int64_t width_)
+      : data(keep.defined() ? keep.data_ptr<T>() : nullptr), width(width_), stride(keep.dim() == 0 ? 0 : 1) {}
+  explicit operator bool() const { return data != nullptr; }
+  const T* at(int64_t row) const { return data + row * width * stride; }
+};
+
+// out = k * prev + (1 - k) * candidate over `count` elements of consecutive rows; `out` may be
+// `prev` or `candidate`.
+template <typename T>
+void zoneout_blend(int64_t count, const T* k, int64_t stride, const T* prev, const T* candidate, T* out) {
+  for (int64_t i = 0; i < count; ++i) {
+    out[i] = rnnfused::zoneout(k[i * stride], prev[i], candidate[i]);
+  }
+}
+
+// The gradient g (+ extra) of a zoned state splits: kept = k g flows to s_{t-1}, and g becomes
+// (1 - k) g, the gradient of the candidate.
+template <typename T>
+void zoneout_split(int64_t count, const T* k, int64_t stride, T* grad, const T* extra, T* kept) {
+  for (int64_t i = 0; i < count; ++i) {
+    const T keep = k[i * stride];
+    const T g = extra ? grad[i] + extra[i] : grad[i];
+    kept[i] = keep * g;
+    grad[i] = (T(1) - keep) * g;
+  }
+}
+
+template <typename T>
+void add_into(int64_t count, const T* src, T* dst) {
+  for (int64_t i = 0; i < count; ++i) dst[i] += src[i];
+}
+
+// c_prev_rows [N, H]: the c_{t-1} every row's step read, with cell zoneout (the zoned states,
+// recomputed from the workspace's candidates c~ in the order of the forward computation; `zoned`
+// [N, H] receives c_t of every row).
+template <typename T>
+void zoned_previous_cells(const StepPlan& plan, int64_t H, const T* ws, const T* c0, const KeepRows<T>& keep,
+                          T* c_prev_rows, T* zoned) {
+  for (const auto s : c10::irange(plan.steps())) {
+    const int64_t t = plan.step_at(s);
+    const int64_t off = plan.offsets[t], from_prev = plan.rows_from_previous(t);
+    const int64_t prev_off = from_prev > 0 ? plan.offsets[plan.previous_step(t)] : 0;
+    for (const auto r : c10::irange(plan.batch_sizes[t])) {
+      const int64_t row = off + r;
+      const T* source = r < from_prev ? zoned + (prev_off + r) * H : c0 + r * H;
+      std::memcpy(c_prev_rows + row * H, source, H * sizeof(T));
+      zoneout_blend(H, keep.at(row), keep.stride, c_prev_rows + row * H, ws + row * kLstmWorkspaceGates * H + 4 * H,
+                    zoned + row * H);
+    }
+  }
+}
+
+// What a step multiplies by W_hh: the state rows, or their masked copy in `buffer`.
+template <typename T>
+const T* masked_previous(int64_t count, const T* state, const at::Tensor& mask, const at::Tensor& buffer) {
+  if (!mask.defined()) return state;
+  multiply_by_mask(count, state, mask.data_ptr<T>(), buffer.data_ptr<T>());
+  return buffer.data_ptr<T>();
+}
+
+// rows [N, P] of a packed sequence times the mask row of their batch position (step t's row r
+// is batch row r): the h_{t-1} W_hh saw, for dW_hh.
+at::Tensor masked_rows(const StepPlan& plan, const at::Tensor& rows, const at::Tensor& mask) {
+  if (!mask.defined()) return rows;
+  at::Tensor result = at::empty_like(rows);
+  const int64_t width = rows.size(1);
+  AT_DISPATCH_FLOATING_TYPES(rows.scalar_type(), "rnnfused_masked_rows", [&] {
+    for (const auto t : c10::irange(plan.steps())) {
+      const int64_t at_row = plan.offsets[t] * width;
+      multiply_by_mask(plan.batch_sizes[t] * width, rows.data_ptr<scalar_t>() + at_row, mask.data_ptr<scalar_t>(),
+                       result.data_ptr<scalar_t>() + at_row);
+    }
+  });
+  return result;
+}
 
 template <typename T>
 ForwardProblem<T> forward_problem(CellKind cell, const StepPlan& plan, int64_t H, const at::Tensor& gx,
@@ -134,7 +260,9 @@ at::Tensor to_dtype(const at::Tensor& t, at::ScalarType dtype) { return t.to(dty
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_recurrence_cpu(
     const at::Tensor& gates_x, const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_hh,
     const c10::optional<at::Tensor>& w_hr, const at::Tensor& h0, const at::Tensor& c0,
-    const c10::optional<at::Tensor>& batch_sizes, bool reverse, bool training) {
+    const c10::optional<at::Tensor>& batch_sizes, bool reverse, bool training,
+    const c10::optional<at::Tensor>& recurrent_mask, const c10::optional<at::Tensor>& zoneout,
+    const c10::optional<at::Tensor>& cell_zoneout) {
   const char* op = kLstmOp;
   const int64_t H = check_recurrence_inputs(op, 4, gates_x, w_hh, b_hh, h0);
   const int64_t P = w_hh.size(1);
@@ -159,7 +287,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_recurrence_cpu(
   at::Tensor c_state = state_copy(c0, acc);
   at::Tensor output = at::empty({plan.rows, P}, gates_x.options().dtype(acc));
   at::Tensor workspace = empty_workspace(gates_x, training, kLstmWorkspaceGates, H);
-  if (use_engine(proj, B)) {
+  const at::Tensor mask = recurrent_mask_view(op, recurrent_mask, h0, acc);
+  const at::Tensor keep_h_t = zoneout_view(op, "zoneout", zoneout, plan.rows, P, gates_x, acc);
+  const at::Tensor keep_c_t = zoneout_view(op, "cell_zoneout", cell_zoneout, plan.rows, H, gates_x, acc);
+  const bool regularized = mask.defined() || keep_h_t.defined() || keep_c_t.defined();
+  if (use_engine(proj, regularized, B)) {
     const at::Tensor h0_c = compute_view(h0, acc);
     AT_DISPATCH_FLOATING_TYPES(acc, "rnnfused_lstm_cpu", [&] {
       auto p = forward_problem<scalar_t>(CellKind::Lstm, plan, H, gx, whh, bias, h0_c, h_state, output, workspace,
@@ -172,6 +304,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_recurrence_cpu(
   // The per-step path's buffers: h_{t-1} W_hh^T of a step, and o tanh(c) before the projection.
   at::Tensor gates_h = at::empty({B, 4 * H}, gx.options());
   at::Tensor r_buffer = proj ? at::empty({B, H}, gx.options()) : at::Tensor();
+  at::Tensor masked_h = mask.defined() ? at::empty({B, P}, gx.options()) : at::Tensor();  // h_{t-1} * mask
+  // Zoneout: h_{t-1} and c_{t-1} of a step, before the step overwrites the states.
+  at::Tensor h_prev = keep_h_t.defined() ? at::empty({B, P}, gx.options()) : at::Tensor();
+  at::Tensor c_prev = keep_c_t.defined() ? at::empty({B, H}, gx.options()) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(acc, "rnnfused_lstm_cpu", [&] {
     using T = scalar_t;
     const auto& kernels = pointwise_kernels<T>();
@@ -180,6 +316,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_recurrence_cpu(
     T* ws = training ? workspace.data_ptr<T>() : nullptr;
     T* gh = gates_h.data_ptr<T>();
     T* r = proj ? r_buffer.data_ptr<T>() : nullptr;
+    const KeepRows<T> keep_h(keep_h_t, P), keep_c(keep_c_t, H);
     LstmForwardStep<T> step;
     step.hidden = H;
     step.gates_h = gh;
@@ -191,12 +328,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_recurrence_cpu(
     for (const auto s : c10::irange(plan.steps())) {
       const int64_t t = plan.step_at(s);
       const int64_t rows = plan.batch_sizes[t], off = plan.offsets[t];
-      recurrent.multiply(rows, hs, P, T(0), gh, 4 * H);
+      recurrent.multiply(rows, masked_previous(rows * P, hs, mask, masked_h), P, T(0), gh, 4 * H);
       step.rows = rows;
       step.gates_x = gx.data_ptr<T>() + off * 4 * H;
       step.workspace = ws ? ws + off * kLstmWorkspaceGates * H : nullptr;
-      kernels.lstm_forward(step);
+      if (keep_h) std::memcpy(h_prev.data_ptr<T>(), hs, rows * P * sizeof(T));
+      if (keep_c) std::memcpy(c_prev.data_ptr<T>(), step.c_state, rows * H * sizeof(T));
+      kernels.lstm_forward(step);  // c_state: c~_t (also the workspace's c); h_t or r: o tanh(c~_t)
+      if (keep_c) {
+        zoneout_blend(rows * H, keep_c.at(off), keep_c.stride, c_prev.data_ptr<T>(), step.c_state, step.c_state);
+      }
       if (proj) projection.multiply(rows, r, H, T(0), hs, P);
+      if (keep_h) zoneout_blend(rows * P, keep_h.at(off), keep_h.stride, h_prev.data_ptr<T>(), hs, hs);
       round_to_storage(dtype, hs, rows * P);
       std::memcpy(out + off * P, hs, rows * P * sizeof(T));
     }
@@ -208,7 +351,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const c10::optional<at::Tensor>& grad_output, const c10::optional<at::Tensor>& grad_h_n,
     const c10::optional<at::Tensor>& grad_c_n, const at::Tensor& w_hh, const c10::optional<at::Tensor>& w_hr,
     const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& output, const at::Tensor& workspace,
-    const c10::optional<at::Tensor>& batch_sizes, bool reverse) {
+    const c10::optional<at::Tensor>& batch_sizes, bool reverse, const c10::optional<at::Tensor>& recurrent_mask,
+    const c10::optional<at::Tensor>& zoneout, const c10::optional<at::Tensor>& cell_zoneout) {
   const char* op = kLstmBackwardOp;
   TORCH_CHECK(output.dim() == 2, op, ": output must be 2-D, got ", output.dim(), "-D");
   TORCH_CHECK(w_hh.dim() == 2 && w_hh.size(0) % 4 == 0, op, ": w_hh must be [4 * hidden, P], got ", w_hh.sizes());
@@ -247,8 +391,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor grad_h_rows = proj ? at::empty({plan.rows, P}, options) : at::Tensor();
   at::Tensor r_rows = proj ? at::empty({plan.rows, H}, options) : at::Tensor();
   at::Tensor grad_r = proj ? at::empty({B, H}, options) : at::Tensor();
+  const at::Tensor mask = recurrent_mask_view(op, recurrent_mask, h0, acc);
+  const at::Tensor keep_h_t = zoneout_view(op, "zoneout", zoneout, plan.rows, P, output, acc);
+  const at::Tensor keep_c_t = zoneout_view(op, "cell_zoneout", cell_zoneout, plan.rows, H, output, acc);
+  const bool regularized = mask.defined() || keep_h_t.defined() || keep_c_t.defined();
+  // Zoneout: the parts of dL/dh_t and dL/dc_t that flow straight to step t-1 (k times the gradient).
+  at::Tensor dh_kept = keep_h_t.defined() ? at::empty({B, P}, options) : at::Tensor();
+  at::Tensor dc_kept = keep_c_t.defined() ? at::empty({B, H}, options) : at::Tensor();
 
-  if (use_engine(proj, B)) {
+  if (use_engine(proj, regularized, B)) {
     AT_DISPATCH_FLOATING_TYPES(acc, "rnnfused_lstm_backward_cpu", [&] {
       auto p = backward_problem<scalar_t>(CellKind::Lstm, plan, H, whh, h0_c, out, go, dh_state, grad_gates);
       p.c0 = c0_c.data_ptr<scalar_t>();
@@ -264,6 +415,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const T* go_p = ptr_or_null<T>(go);
     T* dh = dh_state.data_ptr<T>();
     T* dg = grad_gates.data_ptr<T>();
+    const KeepRows<T> keep_h(keep_h_t, P), keep_c(keep_c_t, H);
+    // With cell zoneout, the c_{t-1} of every row is a zoned state, which the workspace (holding
+    // the candidates c~) does not: recompute them, in the forward order, before the loop.
+    at::Tensor c_prev_rows, zoned_cells;
+    if (keep_c) {
+      c_prev_rows = at::empty({plan.rows, H}, options);
+      zoned_cells = at::empty({plan.rows, H}, options);
+      zoned_previous_cells(plan, H, ws, c0_c.data_ptr<T>(), keep_c, c_prev_rows.data_ptr<T>(),
+                           zoned_cells.data_ptr<T>());
+    }
     LstmBackwardStep<T> step;
     step.hidden = H;
     step.c0 = c0_c.data_ptr<T>();
@@ -283,6 +444,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         // dL/dh_t = dL/doutput_t + dL/dh_t from step t+1, kept for dW_hr; dL/dr = (dL/dh_t) W_hr.
         T* gh_rows = grad_h_rows.data_ptr<T>() + off * P;
         for (int64_t i = 0; i < rows * P; ++i) gh_rows[i] = dh[i] + (go_p ? go_p[off * P + i] : T(0));
+        // Zoneout: the projection's output is the candidate, whose gradient is (1 - k) dL/dh_t.
+        if (keep_h) zoneout_split(rows * P, keep_h.at(off), keep_h.stride, gh_rows, static_cast<const T*>(nullptr),
+                                  dh_kept.data_ptr<T>());
         projection.multiply(rows, gh_rows, P, T(0), grad_r.data_ptr<T>(), H);
         step.grad_r = grad_r.data_ptr<T>();
         step.grad_r_extra = nullptr;
@@ -291,14 +455,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         step.grad_r = dh;
         step.grad_r_extra = go_p ? go_p + off * P : nullptr;
         step.r_out = nullptr;
+        if (keep_h) {
+          zoneout_split(rows * P, keep_h.at(off), keep_h.stride, dh, step.grad_r_extra, dh_kept.data_ptr<T>());
+          step.grad_r_extra = nullptr;
+        }
+      }
+      if (keep_c) {
+        zoneout_split(rows * H, keep_c.at(off), keep_c.stride, step.dc_state, static_cast<const T*>(nullptr),
+                      dc_kept.data_ptr<T>());
+        step.c_prev_rows = c_prev_rows.data_ptr<T>() + off * H;
       }
       kernels.lstm_backward(step);
-      // dL/dh_{t-1} = dG_t W_hh, into the state rows the pointwise pass has just consumed.
+      // dL/dh_{t-1} = dG_t W_hh (times the recurrent mask), into the state rows the pointwise pass
+      // has just consumed.
       recurrent.multiply(rows, dg + off * 4 * H, 4 * H, T(0), dh, P);
+      if (mask.defined()) multiply_by_mask(rows * P, dh, mask.data_ptr<T>(), dh);
+      if (keep_h) add_into(rows * P, dh_kept.data_ptr<T>(), dh);
+      if (keep_c) add_into(rows * H, dc_kept.data_ptr<T>(), step.dc_state);
     }
   });
   }
-  const at::Tensor hprev = previous_h(plan, out, h0_c);
+  const at::Tensor hprev = masked_rows(plan, previous_h(plan, out, h0_c), mask);
   at::Tensor grad_w_hh = grad_gates.t().mm(hprev);
   at::Tensor grad_b_hh = grad_gates.sum(0);
   at::Tensor grad_w_hr = proj ? grad_h_rows.t().mm(r_rows) : at::empty({0}, options);
@@ -314,7 +491,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_recurrence_cpu(const at::Tens
                                                                    const c10::optional<at::Tensor>& b_hh,
                                                                    const at::Tensor& h0,
                                                                    const c10::optional<at::Tensor>& batch_sizes,
-                                                                   bool reverse, bool training) {
+                                                                   bool reverse, bool training,
+                                                                   const c10::optional<at::Tensor>& recurrent_mask,
+                                                                   const c10::optional<at::Tensor>& zoneout) {
   const char* op = kGruOp;
   const int64_t H = check_recurrence_inputs(op, 3, gates_x, w_hh, b_hh, h0);
   TORCH_CHECK(w_hh.size(1) == H, op, ": w_hh must be [3 * hidden, hidden] = [", 3 * H, ", ", H, "], got ",
@@ -330,7 +509,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_recurrence_cpu(const at::Tens
   at::Tensor h_state = state_copy(h0, acc);
   at::Tensor output = at::empty({plan.rows, H}, gates_x.options().dtype(acc));
   at::Tensor workspace = empty_workspace(gates_x, training, kGruWorkspaceGates, H);
-  if (use_engine(false, B)) {
+  const at::Tensor mask = recurrent_mask_view(op, recurrent_mask, h0, acc);
+  const at::Tensor keep_h_t = zoneout_view(op, "zoneout", zoneout, plan.rows, H, gates_x, acc);
+  const bool regularized = mask.defined() || keep_h_t.defined();
+  if (use_engine(false, regularized, B)) {
     const at::Tensor h0_c = compute_view(h0, acc);
     AT_DISPATCH_FLOATING_TYPES(acc, "rnnfused_gru_cpu", [&] {
       engine_kernels<scalar_t>().forward(forward_problem<scalar_t>(CellKind::Gru, plan, H, gx, whh, bias, h0_c,
@@ -339,6 +521,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_recurrence_cpu(const at::Tens
     return {to_dtype(output, dtype), to_dtype(h_state, dtype), workspace};
   }
   at::Tensor gates_h = at::empty({B, 3 * H}, gx.options());  // h_{t-1} W_hh^T of a step
+  at::Tensor masked_h = mask.defined() ? at::empty({B, H}, gx.options()) : at::Tensor();  // h_{t-1} * mask
+  at::Tensor h_prev = keep_h_t.defined() ? at::empty({B, H}, gx.options()) : at::Tensor();  // zoneout: h_{t-1}
   AT_DISPATCH_FLOATING_TYPES(acc, "rnnfused_gru_cpu", [&] {
     using T = scalar_t;
     const auto& kernels = pointwise_kernels<T>();
@@ -346,6 +530,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_recurrence_cpu(const at::Tens
     T* out = output.data_ptr<T>();
     T* ws = training ? workspace.data_ptr<T>() : nullptr;
     T* gh = gates_h.data_ptr<T>();
+    const KeepRows<T> keep_h(keep_h_t, H);
     GruForwardStep<T> step;
     step.hidden = H;
     step.gates_h = gh;
@@ -355,11 +540,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_recurrence_cpu(const at::Tens
     for (const auto s : c10::irange(plan.steps())) {
       const int64_t t = plan.step_at(s);
       const int64_t rows = plan.batch_sizes[t], off = plan.offsets[t];
-      recurrent.multiply(rows, hs, H, T(0), gh, 3 * H);
+      recurrent.multiply(rows, masked_previous(rows * H, hs, mask, masked_h), H, T(0), gh, 3 * H);
       step.rows = rows;
       step.gates_x = gx.data_ptr<T>() + off * 3 * H;
       step.workspace = ws ? ws + off * kGruWorkspaceGates * H : nullptr;
+      if (keep_h) std::memcpy(h_prev.data_ptr<T>(), hs, rows * H * sizeof(T));
       kernels.gru_forward(step);
+      if (keep_h) zoneout_blend(rows * H, keep_h.at(off), keep_h.stride, h_prev.data_ptr<T>(), hs, hs);
       round_to_storage(dtype, hs, rows * H);
       std::memcpy(out + off * H, hs, rows * H * sizeof(T));
     }
@@ -370,7 +557,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_recurrence_cpu(const at::Tens
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_recurrence_backward_cpu(
     const c10::optional<at::Tensor>& grad_output, const c10::optional<at::Tensor>& grad_h_n, const at::Tensor& w_hh,
     const at::Tensor& h0, const at::Tensor& output, const at::Tensor& workspace,
-    const c10::optional<at::Tensor>& batch_sizes, bool reverse) {
+    const c10::optional<at::Tensor>& batch_sizes, bool reverse, const c10::optional<at::Tensor>& recurrent_mask,
+    const c10::optional<at::Tensor>& zoneout) {
   const char* op = kGruBackwardOp;
   TORCH_CHECK(output.dim() == 2, op, ": output must be 2-D, got ", output.dim(), "-D");
   const int64_t H = output.size(1);
@@ -393,7 +581,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_recurrence_backwa
   const at::Tensor hprev = previous_h(plan, out, h0_c);
   at::Tensor grad_gates_x = at::empty({plan.rows, 3 * H}, options);
   at::Tensor grad_gates_h = at::empty({plan.rows, 3 * H}, options);
-  if (use_engine(false, B)) {
+  const at::Tensor mask = recurrent_mask_view(op, recurrent_mask, h0, acc);
+  const at::Tensor keep_h_t = zoneout_view(op, "zoneout", zoneout, plan.rows, H, output, acc);
+  const bool regularized = mask.defined() || keep_h_t.defined();
+  // With a mask, dG_h W_hh of a step lands here before its masked sum joins dh_t * z.
+  at::Tensor product = mask.defined() ? at::empty({B, H}, options) : at::Tensor();
+  // Zoneout: the part of dL/dh_t that flows straight to step t-1 (k times the gradient).
+  at::Tensor dh_kept = keep_h_t.defined() ? at::empty({B, H}, options) : at::Tensor();
+  if (use_engine(false, regularized, B)) {
     AT_DISPATCH_FLOATING_TYPES(acc, "rnnfused_gru_backward_cpu", [&] {
       auto p = backward_problem<scalar_t>(CellKind::Gru, plan, H, whh, h0_c, out, go, dh_state, grad_gates_x);
       p.workspace = workspace.data_ptr<scalar_t>();
@@ -407,6 +602,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_recurrence_backwa
     const auto& kernels = pointwise_kernels<T>();
     const T* go_p = ptr_or_null<T>(go);
     T* dh = dh_state.data_ptr<T>();
+    const KeepRows<T> keep_h(keep_h_t, H);
     GruBackwardStep<T> step;
     step.hidden = H;
     step.dh_state = dh;
@@ -420,12 +616,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_recurrence_backwa
       step.grad_output = go_p ? go_p + off * H : nullptr;
       step.grad_gates_x = grad_gates_x.data_ptr<T>() + off * 3 * H;
       step.grad_gates_h = grad_gates_h.data_ptr<T>() + off * 3 * H;
+      if (keep_h) {
+        zoneout_split(rows * H, keep_h.at(off), keep_h.stride, dh, step.grad_output, dh_kept.data_ptr<T>());
+        step.grad_output = nullptr;
+      }
       kernels.gru_backward(step);  // leaves dh_t * z in the state rows
-      recurrent.multiply(rows, step.grad_gates_h, 3 * H, T(1), dh, H);
+      if (mask.defined()) {
+        recurrent.multiply(rows, step.grad_gates_h, 3 * H, T(0), product.data_ptr<T>(), H);
+        add_masked(rows * H, product.data_ptr<T>(), mask.data_ptr<T>(), dh);
+      } else {
+        recurrent.multiply(rows, step.grad_gates_h, 3 * H, T(1), dh, H);
+      }
+      if (keep_h) add_into(rows * H, dh_kept.data_ptr<T>(), dh);
     }
   });
   }
-  at::Tensor grad_w_hh = grad_gates_h.t().mm(hprev);
+  at::Tensor grad_w_hh = grad_gates_h.t().mm(masked_rows(plan, hprev, mask));
   at::Tensor grad_b_hh = grad_gates_h.sum(0);
   return {to_dtype(grad_gates_x, dtype), to_dtype(grad_w_hh, dtype), to_dtype(grad_b_hh, dtype),
           to_dtype(dh_state, dtype)};
@@ -438,7 +644,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_recurrence_backwa
 template <Activation act>
 std::tuple<at::Tensor, at::Tensor> rnn_recurrence_cpu(const at::Tensor& gates_x, const at::Tensor& w_hh,
                                                        const c10::optional<at::Tensor>& b_hh, const at::Tensor& h0,
-                                                       const c10::optional<at::Tensor>& batch_sizes, bool reverse) {
+                                                       const c10::optional<at::Tensor>& batch_sizes, bool reverse,
+                                                       const c10::optional<at::Tensor>& recurrent_mask) {
   const char* op = act == Activation::Tanh ? kRnnTanhOp : kRnnReluOp;
   const int64_t H = check_recurrence_inputs(op, 1, gates_x, w_hh, b_hh, h0);
   TORCH_CHECK(w_hh.size(1) == H, op, ": w_hh must be [hidden, hidden] = [", H, ", ", H, "], got ", w_hh.sizes());
@@ -452,7 +659,9 @@ std::tuple<at::Tensor, at::Tensor> rnn_recurrence_cpu(const at::Tensor& gates_x,
   const at::Tensor bias = bias_or_zeros(b_hh, H, gates_x, acc);
   at::Tensor h_state = state_copy(h0, acc);
   at::Tensor output = at::empty({plan.rows, H}, gates_x.options().dtype(acc));
-  if (use_engine(false, B)) {
+  const at::Tensor mask = recurrent_mask_view(op, recurrent_mask, h0, acc);
+  const bool regularized = mask.defined();
+  if (use_engine(false, regularized, B)) {
     const at::Tensor h0_c = compute_view(h0, acc);
     at::Tensor no_workspace;
     AT_DISPATCH_FLOATING_TYPES(acc, "rnnfused_rnn_cpu", [&] {
@@ -463,6 +672,7 @@ std::tuple<at::Tensor, at::Tensor> rnn_recurrence_cpu(const at::Tensor& gates_x,
     return {to_dtype(output, dtype), to_dtype(h_state, dtype)};
   }
   at::Tensor gates_h = at::empty({B, H}, gx.options());  // h_{t-1} W_hh^T of a step
+  at::Tensor masked_h = mask.defined() ? at::empty({B, H}, gx.options()) : at::Tensor();  // h_{t-1} * mask
   AT_DISPATCH_FLOATING_TYPES(acc, "rnnfused_rnn_cpu", [&] {
     using T = scalar_t;
     const auto& kernels = pointwise_kernels<T>();
@@ -479,7 +689,7 @@ std::tuple<at::Tensor, at::Tensor> rnn_recurrence_cpu(const at::Tensor& gates_x,
     for (const auto s : c10::irange(plan.steps())) {
       const int64_t t = plan.step_at(s);
       const int64_t rows = plan.batch_sizes[t], off = plan.offsets[t];
-      recurrent.multiply(rows, hs, H, T(0), gh, H);
+      recurrent.multiply(rows, masked_previous(rows * H, hs, mask, masked_h), H, T(0), gh, H);
       step.rows = rows;
       step.gates_x = gx.data_ptr<T>() + off * H;
       pass(step);
@@ -493,7 +703,8 @@ std::tuple<at::Tensor, at::Tensor> rnn_recurrence_cpu(const at::Tensor& gates_x,
 template <Activation act>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_recurrence_backward_cpu(
     const c10::optional<at::Tensor>& grad_output, const c10::optional<at::Tensor>& grad_h_n, const at::Tensor& w_hh,
-    const at::Tensor& h0, const at::Tensor& output, const c10::optional<at::Tensor>& batch_sizes, bool reverse) {
+    const at::Tensor& h0, const at::Tensor& output, const c10::optional<at::Tensor>& batch_sizes, bool reverse,
+    const c10::optional<at::Tensor>& recurrent_mask) {
   const char* op = act == Activation::Tanh ? kRnnTanhBackwardOp : kRnnReluBackwardOp;
   TORCH_CHECK(output.dim() == 2, op, ": output must be 2-D, got ", output.dim(), "-D");
   const int64_t H = output.size(1);
@@ -514,7 +725,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_recurrence_backwa
   at::Tensor grad_gates = at::empty({plan.rows, H}, options);
 
   const at::Tensor h0_c = compute_view(h0, acc);
-  if (use_engine(false, B)) {
+  const at::Tensor mask = recurrent_mask_view(op, recurrent_mask, h0, acc);
+  const bool regularized = mask.defined();
+  if (use_engine(false, regularized, B)) {
     AT_DISPATCH_FLOATING_TYPES(acc, "rnnfused_rnn_backward_cpu", [&] {
       engine_kernels<scalar_t>().backward(backward_problem<scalar_t>(
           act == Activation::Tanh ? CellKind::RnnTanh : CellKind::RnnRelu, plan, H, whh, h0_c, out, go, dh_state,
@@ -540,10 +753,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_recurrence_backwa
       step.grad_gates = grad_gates.data_ptr<T>() + off * H;
       pass(step);
       recurrent.multiply(rows, step.grad_gates, H, T(0), dh, H);
+      if (mask.defined()) multiply_by_mask(rows * H, dh, mask.data_ptr<T>(), dh);
     }
   });
   }
-  const at::Tensor hprev = previous_h(plan, out, h0_c);
+  const at::Tensor hprev = masked_rows(plan, previous_h(plan, out, h0_c), mask);
   at::Tensor grad_w_hh = grad_gates.t().mm(hprev);
   at::Tensor grad_b_hh = grad_gates.sum(0);
   return {to_dtype(grad_gates, dtype), to_dtype(grad_w_hh, dtype), to_dtype(grad_b_hh, dtype),

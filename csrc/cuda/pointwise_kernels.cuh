@@ -86,6 +86,11 @@ struct LstmForwardArgs {
   Storage storage = Storage::Same;  // rounding of r_out / h_copy (Same with a projection: r is
                                     // not h, and the CPU path keeps it unrounded)
   LowpCopy h_lowp;                  // [rows, H]   h_t in the storage dtype (no projection only)
+  // Zoneout (standard path only): keep weights of h (no projection: r_out holds h_{t-1} on entry)
+  // and of c, [rows, H] each or one value (stride 0); nullptr: none. The workspace keeps c~_t.
+  dptr<const T> keep_h = nullptr;
+  dptr<const T> keep_c = nullptr;
+  int64_t keep_h_stride = 1, keep_c_stride = 1;
 };
 
 // One element (row, j) of an LSTM step, given the recurrent sums gh_* = (h_{t-1} W_hh^T)[row, g*H + j]
@@ -98,10 +103,13 @@ __device__ __forceinline__ void lstm_forward_element(const LstmForwardArgs<T>& a
   const dptr<const T> gx = a.gates_x + row * 4 * H + j;
   const dptr<const T> b = a.bias + j;
   // Same summation order as the CPU pass: (x + h) + b.
+  const T c_prev = a.c_state[idx];
   const auto act = rnnfused::lstm_forward<T>(gx[0] + gh_i + b[0], gx[H] + gh_f + b[H], gx[2 * H] + gh_g + b[2 * H],
-                                             gx[3 * H] + gh_o + b[3 * H], a.c_state[idx]);
-  a.c_state[idx] = act.c;
-  const T r = round_to_storage(act.r, a.storage);
+                                             gx[3 * H] + gh_o + b[3 * H], c_prev);
+  a.c_state[idx] = a.keep_c ? rnnfused::zoneout(a.keep_c[idx * a.keep_c_stride], c_prev, act.c) : act.c;
+  const T r = round_to_storage(
+      a.keep_h ? rnnfused::zoneout(a.keep_h[idx * a.keep_h_stride], static_cast<T>(a.r_out[idx]), act.r) : act.r,
+      a.storage);
   a.r_out[idx] = r;
   if (a.h_copy) a.h_copy[idx] = r;
   store_lowp(a.h_lowp, idx, r);
@@ -140,6 +148,15 @@ struct LstmBackwardArgs {
   dptr<T> dc_state = nullptr;              // [rows, H]   in: dL/dc_t; out: dL/dc_{t-1}
   dptr<T> grad_gates = nullptr;            // [rows, 4H]  dL/d pre-activations (i, f, g, o)
   dptr<T> r_out = nullptr;                 // [rows, H]   o tanh(c) for dW_hr; nullptr without projection
+  // Zoneout (standard path only). keep_h (no projection): grad_r + grad_r_extra is dL/dh_t; its
+  // (1 - k) part is the candidate's, and k dL/dh_t is written to dh_kept (may alias grad_r: the
+  // GEMM of dL/dh_{t-1} then adds to it). keep_c: dc_state's (1 - k) part is the candidate's and
+  // k dL/dc_t joins dL/dc_{t-1}; c_prev_rows [rows, H] then holds the zoned c_{t-1} of every row.
+  dptr<const T> keep_h = nullptr;
+  dptr<const T> keep_c = nullptr;
+  int64_t keep_h_stride = 1, keep_c_stride = 1;
+  dptr<T> dh_kept = nullptr;
+  dptr<const T> c_prev_rows = nullptr;
 };
 
 // One element (row, j) of an LSTM backward step: the body of lstm_backward_kernel and of the
@@ -149,17 +166,30 @@ __device__ __forceinline__ void lstm_backward_element(const LstmBackwardArgs<T>&
   const int64_t H = a.hidden;
   const int64_t idx = row * H + j;
   const dptr<const T> ws = a.workspace + row * 5 * H + j;
-  const T c_prev = row < a.rows_from_prev ? a.prev_workspace[row * 5 * H + 4 * H + j] : a.c0[idx];
+  const T c_prev = a.c_prev_rows              ? a.c_prev_rows[idx]
+                   : row < a.rows_from_prev ? a.prev_workspace[row * 5 * H + 4 * H + j]
+                                            : a.c0[idx];
   T dr = a.grad_r[idx];
   if (a.grad_r_extra) dr = dr + a.grad_r_extra[idx];
-  const auto d =
-      rnnfused::lstm_backward<T>(ws[0], ws[H], ws[2 * H], ws[3 * H], ws[4 * H], c_prev, dr, a.dc_state[idx]);
+  if (a.keep_h) {
+    const T keep = a.keep_h[idx * a.keep_h_stride];
+    a.dh_kept[idx] = keep * dr;
+    dr = (T(1) - keep) * dr;
+  }
+  T dc = a.dc_state[idx];
+  T dc_kept = T(0);
+  if (a.keep_c) {
+    const T keep = a.keep_c[idx * a.keep_c_stride];
+    dc_kept = keep * dc;
+    dc = (T(1) - keep) * dc;
+  }
+  const auto d = rnnfused::lstm_backward<T>(ws[0], ws[H], ws[2 * H], ws[3 * H], ws[4 * H], c_prev, dr, dc);
   const dptr<T> dg = a.grad_gates + row * 4 * H + j;
   dg[0] = d.pre_i;
   dg[H] = d.pre_f;
   dg[2 * H] = d.pre_g;
   dg[3 * H] = d.pre_o;
-  a.dc_state[idx] = d.c_prev;
+  a.dc_state[idx] = d.c_prev + dc_kept;
   if (a.r_out) a.r_out[idx] = d.r;
 }
 
@@ -187,6 +217,8 @@ struct GruForwardArgs {
   dptr<T> workspace = nullptr;      // [rows, 4H]  r, z, n, hh_n (= W_hn h + b_hn); nullptr in inference
   Storage storage = Storage::Same;
   LowpCopy h_lowp;                  // [rows, H]   h_t in the storage dtype
+  dptr<const T> keep_h = nullptr;   // [rows, H] or one value (stride 0): zoneout (standard path only)
+  int64_t keep_h_stride = 1;
 };
 
 // One element (row, j) of a GRU step, given the recurrent sums gh_* = (h_{t-1} W_hh^T)[row, g*H + j].
@@ -200,8 +232,10 @@ __device__ __forceinline__ void gru_forward_element(const GruForwardArgs<T>& a, 
   const T hh_n = gh_n + b[2 * H];
   // Each thread reads and writes only its own element of h_state: the product that read all of
   // h_{t-1} is complete before any element of the step is written.
-  const auto act = rnnfused::gru_forward<T>(gx[0], gx[H], gx[2 * H], gh_r + b[0], gh_z + b[H], hh_n, a.h_state[idx]);
-  const T h = round_to_storage(act.h, a.storage);
+  const T h_prev = a.h_state[idx];
+  const auto act = rnnfused::gru_forward<T>(gx[0], gx[H], gx[2 * H], gh_r + b[0], gh_z + b[H], hh_n, h_prev);
+  const T h = round_to_storage(
+      a.keep_h ? rnnfused::zoneout(a.keep_h[idx * a.keep_h_stride], h_prev, act.h) : act.h, a.storage);
   a.h_state[idx] = h;
   a.h_copy[idx] = h;
   store_lowp(a.h_lowp, idx, h);
@@ -234,6 +268,10 @@ struct GruBackwardArgs {
   dptr<T> dh_state = nullptr;           // [rows, H]   in: dL/dh_t from later steps; out: dh_t * z
   dptr<T> grad_gates_x = nullptr;       // [rows, 3H]  dL/d gates_x
   dptr<T> grad_gates_h = nullptr;       // [rows, 3H]  dL/d(h_{t-1} W_hh^T + b_hh)
+  // Zoneout (standard path only): the (1 - k) part of dL/dh_t is the candidate's; k dL/dh_t joins
+  // the dh_t * z left in dh_state.
+  dptr<const T> keep_h = nullptr;
+  int64_t keep_h_stride = 1;
 };
 
 // One element (row, j) of a GRU backward step.
@@ -244,6 +282,12 @@ __device__ __forceinline__ void gru_backward_element(const GruBackwardArgs<T>& a
   const dptr<const T> ws = a.workspace + row * 4 * H + j;
   T dh = a.dh_state[idx];
   if (a.grad_output) dh = dh + a.grad_output[idx];
+  T kept = T(0);
+  if (a.keep_h) {
+    const T keep = a.keep_h[idx * a.keep_h_stride];
+    kept = keep * dh;
+    dh = (T(1) - keep) * dh;
+  }
   const auto d = rnnfused::gru_backward<T>(ws[0], ws[H], ws[2 * H], ws[3 * H], a.h_prev[idx], dh);
   const dptr<T> dgx = a.grad_gates_x + row * 3 * H + j;
   const dptr<T> dgh = a.grad_gates_h + row * 3 * H + j;
@@ -253,7 +297,7 @@ __device__ __forceinline__ void gru_backward_element(const GruBackwardArgs<T>& a
   dgh[0] = d.x_r;
   dgh[H] = d.x_z;
   dgh[2 * H] = d.hh_n;
-  a.dh_state[idx] = d.h_prev;
+  a.dh_state[idx] = d.h_prev + kept;
 }
 
 template <typename T>
@@ -337,6 +381,10 @@ struct StoreStateArgs {
   dptr<T> h_copy = nullptr;      // [rows, P]  the step's output rows
   Storage storage = Storage::Same;
   LowpCopy h_lowp;               // [rows, P]  h_t in the storage dtype
+  // Zoneout (standard path only): h_t = zoneout(keep, h_prev, projection's output).
+  dptr<const T> keep = nullptr;  // [rows, P] or one value (stride 0)
+  int64_t keep_stride = 1;
+  dptr<const T> h_prev = nullptr;  // [rows, P]  h_{t-1}
 };
 
 // Stores element idx of h_t (the projection's output, before rounding) in the state, the output
@@ -351,7 +399,10 @@ __device__ __forceinline__ void store_state_element(const StoreStateArgs<T>& a, 
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads) store_state_kernel(const StoreStateArgs<T> a) {
-  RNNFUSED_CUDA_KERNEL_LOOP(idx, a.count) { store_state_element(a, idx, static_cast<T>(a.h_state[idx])); }
+  RNNFUSED_CUDA_KERNEL_LOOP(idx, a.count) {
+    const T value = a.h_state[idx];
+    store_state_element(a, idx, a.keep ? rnnfused::zoneout(a.keep[idx * a.keep_stride], a.h_prev[idx], value) : value);
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -377,6 +428,88 @@ __global__ void __launch_bounds__(kThreads) gather_rows_kernel(const GatherRowsA
     const int64_t col = idx - row * a.width;
     const int64_t src = a.source[row];
     a.out[idx] = src >= 0 ? a.output[src * a.width + col] : a.h0[(-1 - src) * a.width + col];
+  }
+}
+
+// Recurrent dropout (recurrent_mask [B, P]): out = in * mask, or out += in * mask, over the first
+// `count` elements of row-major [rows, P] buffers (row r of a step is batch row r, so the mask's
+// first rows line up). `out` may be `in` itself.
+template <typename T>
+struct MaskRowsArgs {
+  int64_t count = 0;             // rows * P
+  dptr<const T> in = nullptr;    // [rows, P]
+  dptr<const T> mask = nullptr;  // [rows, P]  the first rows of recurrent_mask
+  dptr<T> out = nullptr;         // [rows, P]
+  bool accumulate = false;
+};
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) mask_rows_kernel(const MaskRowsArgs<T> a) {
+  RNNFUSED_CUDA_KERNEL_LOOP(idx, a.count) {
+    const T value = a.in[idx] * a.mask[idx];
+    a.out[idx] = a.accumulate ? a.out[idx] + value : value;
+  }
+}
+
+// out = in, or out += in (`accumulate`), over `count` elements: the zoneout copies and sums.
+template <typename T>
+struct RowsArgs {
+  int64_t count = 0;
+  dptr<const T> in = nullptr;
+  dptr<T> out = nullptr;
+  bool accumulate = false;
+};
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) rows_kernel(const RowsArgs<T> a) {
+  RNNFUSED_CUDA_KERNEL_LOOP(idx, a.count) { a.out[idx] = a.accumulate ? a.out[idx] + a.in[idx] : a.in[idx]; }
+}
+
+// Zoneout (split): the gradient g of a zoned state's rows; kept = k g (for s_{t-1}) and g becomes
+// (1 - k) g (the candidate's).
+template <typename T>
+struct ZoneoutSplitArgs {
+  int64_t count = 0;
+  dptr<const T> keep = nullptr;  // [rows, width] or one value (stride 0)
+  int64_t keep_stride = 1;
+  dptr<T> grad = nullptr;        // [rows, width]
+  dptr<T> kept = nullptr;        // [rows, width]
+};
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) zoneout_split_kernel(const ZoneoutSplitArgs<T> a) {
+  RNNFUSED_CUDA_KERNEL_LOOP(idx, a.count) {
+    const T keep = a.keep[idx * a.keep_stride];
+    const T g = a.grad[idx];
+    a.kept[idx] = keep * g;
+    a.grad[idx] = (T(1) - keep) * g;
+  }
+}
+
+// One step of the scan that recomputes the LSTM's zoned cell states for the backward with cell
+// zoneout: c_{t-1} of each row (the previous step's zoned state, or c0 for rows starting here)
+// and c_t = zoneout(k, c_{t-1}, c~_t), c~_t read from the workspace.
+template <typename T>
+struct ZonedCellsArgs {
+  int64_t rows = 0, hidden = 0, rows_from_prev = 0;
+  dptr<const T> prev_zoned = nullptr;  // [rows_from_prev, H]  c_{t-1} of the continuing rows
+  dptr<const T> c0 = nullptr;          // [B, H]
+  dptr<const T> workspace = nullptr;   // [rows, 5H]  the step's workspace rows (c~ at 4H)
+  dptr<const T> keep = nullptr;        // [rows, H] or one value (stride 0)
+  int64_t keep_stride = 1;
+  dptr<T> c_prev = nullptr;            // [rows, H]  out: c_{t-1}
+  dptr<T> zoned = nullptr;             // [rows, H]  out: c_t
+};
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) zoned_cells_kernel(const ZonedCellsArgs<T> a) {
+  const int64_t H = a.hidden;
+  RNNFUSED_CUDA_KERNEL_LOOP(idx, a.rows * H) {
+    const int64_t row = idx / H;
+    const int64_t j = idx - row * H;
+    const T previous = row < a.rows_from_prev ? a.prev_zoned[idx] : a.c0[idx];
+    a.c_prev[idx] = previous;
+    a.zoned[idx] = rnnfused::zoneout(a.keep[idx * a.keep_stride], previous, a.workspace[row * 5 * H + 4 * H + j]);
   }
 }
 

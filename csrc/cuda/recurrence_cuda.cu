@@ -178,6 +178,74 @@ at::Tensor previous_h(const StepPlan& plan, const at::Tensor& output, const at::
   return hprev;
 }
 
+// ---------------------------------------------------------------------------------------------
+// Recurrent dropout: recurrent_mask [B, P] multiplies h_{t-1} before the product with W_hh, row b
+// of every step by mask row b (csrc/cpu/recurrence_cpu.cpp defines the semantics). Such calls
+// take the standard path.
+// ---------------------------------------------------------------------------------------------
+
+// The mask in the compute dtype, or undefined when absent. It must be [B, P] in the op's dtype.
+at::Tensor recurrent_mask_view(const char* op, const c10::optional<at::Tensor>& mask, const at::Tensor& h0,
+                               at::ScalarType acc) {
+  if (!present(mask)) return at::Tensor();
+  check_matrix(op, "recurrent_mask", *mask, h0, h0.size(0), h0.size(1));  // shape, dtype, device
+  return compute_view(*mask, acc);
+}
+
+// out[:count] = in * mask (or += with `accumulate`); `out` may be `in`.
+template <typename T>
+void apply_mask(const Launcher& launch, int64_t count, const T* in, const at::Tensor& mask, T* out, bool accumulate) {
+  MaskRowsArgs<T> args;
+  args.count = count;
+  args.in = in;
+  args.mask = mask.data_ptr<T>();
+  args.out = out;
+  args.accumulate = accumulate;
+  launch("mask_rows", mask_rows_kernel<T>, count, args);
+}
+
+// rows [N, P] of a packed sequence times the mask row of their batch position (step t's row r is
+// batch row r): the h_{t-1} W_hh saw, for dW_hh. One gather and multiply after the loop.
+at::Tensor masked_rows(const StepPlan& plan, const at::Tensor& rows, const at::Tensor& mask) {
+  if (!mask.defined() || plan.rows == 0) return rows;
+  std::vector<int64_t> batch_row(plan.rows);
+  for (const auto t : c10::irange(plan.steps())) {
+    for (const auto r : c10::irange(plan.batch_sizes[t])) batch_row[plan.offsets[t] + r] = r;
+  }
+  return rows * mask.index_select(0, upload(batch_row, rows));
+}
+
+// Zoneout: keep weights [N, width] or a scalar (csrc/cpu/recurrence_cpu.cpp defines the
+// semantics); the step kernels blend and split in place. Such calls take the standard path.
+at::Tensor zoneout_view(const char* op, const char* what, const c10::optional<at::Tensor>& keep, int64_t rows,
+                        int64_t width, const at::Tensor& like, at::ScalarType acc) {
+  if (!present(keep)) return at::Tensor();
+  TORCH_CHECK(keep->dim() == 0 || (keep->dim() == 2 && keep->size(0) == rows && keep->size(1) == width), op, ": ",
+              what, " must be [", rows, ", ", width, "] or a scalar, got ", keep->sizes());
+  TORCH_CHECK(keep->scalar_type() == like.scalar_type(), op, ": ", what, " has dtype ", keep->scalar_type(),
+              " but the op runs in ", like.scalar_type());
+  return compute_view(*keep, acc);
+}
+
+// The keep weights of the rows from `row` on (nullptr without zoneout), and their stride.
+template <typename T>
+const T* keep_rows(const at::Tensor& keep, int64_t row, int64_t width) {
+  if (!keep.defined()) return nullptr;
+  return keep.data_ptr<T>() + (keep.dim() == 0 ? 0 : row * width);
+}
+inline int64_t keep_stride(const at::Tensor& keep) { return keep.defined() && keep.dim() == 0 ? 0 : 1; }
+
+// out[:count] = in (or += with `accumulate`).
+template <typename T>
+void copy_rows(const Launcher& launch, int64_t count, const T* in, T* out, bool accumulate) {
+  RowsArgs<T> args;
+  args.count = count;
+  args.in = in;
+  args.out = out;
+  args.accumulate = accumulate;
+  launch("zoneout_rows", rows_kernel<T>, count, args);
+}
+
 // The recurrent product of one step, gates_h[:rows] = h_{t-1}[:rows] W_hh^T (active rows are
 // always the first `rows` rows of the batch, see StepPlan). float32 / float64 calls multiply
 // their own h_state. bfloat16 / float16 calls also keep h_t in the storage dtype (the step's
@@ -188,25 +256,34 @@ class RecurrentProduct {
  public:
   // w_hh: the caller's [G*H, P]; h0 [B, P] in the caller's dtype; h_state [B, P] in the compute
   // dtype, updated by the step kernels.
-  RecurrentProduct(const at::Tensor& w_hh, const at::Tensor& h0, const at::Tensor& h_state) : h_state_(h_state) {
-    if (storage_of(w_hh.scalar_type()) != Storage::Same) {
+  // mask: the recurrent dropout mask [B, P] in the compute dtype, or undefined. With one, every
+  // dtype multiplies in the compute dtype (the masked h_{t-1} is not a 16-bit value).
+  RecurrentProduct(const at::Tensor& w_hh, const at::Tensor& h0, const at::Tensor& h_state,
+                   const at::Tensor& mask = at::Tensor())
+      : h_state_(h_state), mask_(mask) {
+    if (storage_of(w_hh.scalar_type()) != Storage::Same && !mask.defined()) {
       w_ = w_hh.contiguous();
       h_lowp_ = state_copy(h0, h0.scalar_type());
     } else {
       w_ = compute_view(w_hh, h_state.scalar_type());
     }
+    if (mask.defined()) masked_h_ = at::empty_like(h_state);
   }
 
   // gates_h [B, G*H] in the compute dtype T.
   template <typename T>
-  void run(const at::Tensor& gates_h, int64_t rows) const {
+  void run(const at::Tensor& gates_h, int64_t rows, const Launcher& launch) const {
     if (h_lowp_.defined()) {
       at::Tensor out = gates_h.narrow(0, 0, rows);
       mm_lowp_into_float(out, h_lowp_.narrow(0, 0, rows), w_.t());
-    } else {
-      gemm_nt<T>(rows, w_.size(0), w_.size(1), h_state_.data_ptr<T>(), w_.data_ptr<T>(), gates_h.data_ptr<T>(),
-                 T(0));
+      return;
     }
+    const T* h = h_state_.data_ptr<T>();
+    if (mask_.defined()) {
+      apply_mask<T>(launch, rows * w_.size(1), h, mask_, masked_h_.data_ptr<T>(), false);
+      h = masked_h_.data_ptr<T>();
+    }
+    gemm_nt<T>(rows, w_.size(0), w_.size(1), h, w_.data_ptr<T>(), gates_h.data_ptr<T>(), T(0));
   }
 
   // Where the step kernel writes h_t in the storage dtype (nothing for float32 / float64).
@@ -220,8 +297,10 @@ class RecurrentProduct {
 
  private:
   at::Tensor h_state_;
-  at::Tensor w_;       // [G*H, P]: the caller's dtype (bfloat16 / float16 calls) or the compute dtype
-  at::Tensor h_lowp_;  // [B, P] in the storage dtype (bfloat16 / float16 calls)
+  at::Tensor mask_;      // [B, P] recurrent dropout mask, or undefined
+  at::Tensor masked_h_;  // [B, P] h_{t-1} * mask of the current step
+  at::Tensor w_;         // [G*H, P]: the caller's dtype (bfloat16 / float16 calls) or the compute dtype
+  at::Tensor h_lowp_;    // [B, P] in the storage dtype (bfloat16 / float16 calls without a mask)
 };
 
 
@@ -327,8 +406,15 @@ PersistentLayout persistent_mma_layout(void (*kernel)(Args), int64_t units_per_t
   return check_residency(layout, kernel, static_cast<size_t>(tile_bytes + items * kMmaM * kMmaN * 4));
 }
 
-bool use_persistent(const char* op, const PersistentLayout& layout, const StepPlan& plan) {
+bool use_persistent(const char* op, const PersistentLayout& layout, const StepPlan& plan,
+                    bool regularized = false) {
   if (plan.rows == 0) return false;  // nothing to run on either path
+  if (regularized) {
+    TORCH_CHECK(requested_path() != PathRequest::Persistent, op,
+                ": RNNFUSED_CUDA_PATH=persistent, but the persistent kernels take neither a recurrent_mask nor "
+                "zoneout (recurrent dropout and zoneout run on the standard path)");
+    return false;
+  }
   switch (requested_path()) {
     case PathRequest::Standard:
       return false;
@@ -452,10 +538,14 @@ bool try_persistent_mma(const char* op, const StepPlan& plan, int64_t H, const a
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_recurrence_cuda(
     const at::Tensor& gates_x, const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_hh,
     const c10::optional<at::Tensor>& w_hr, const at::Tensor& h0, const at::Tensor& c0,
-    const c10::optional<at::Tensor>& batch_sizes, bool reverse, bool training) {
+    const c10::optional<at::Tensor>& batch_sizes, bool reverse, bool training,
+    const c10::optional<at::Tensor>& recurrent_mask, const c10::optional<at::Tensor>& zoneout,
+    const c10::optional<at::Tensor>& cell_zoneout) {
   const char* op = kLstmOp;
   check_devices(op, named("gates_x", gates_x),
-                {named("w_hh", w_hh), named("b_hh", b_hh), named("w_hr", w_hr), named("h0", h0), named("c0", c0)},
+                {named("w_hh", w_hh), named("b_hh", b_hh), named("w_hr", w_hr), named("h0", h0), named("c0", c0),
+                 named("recurrent_mask", recurrent_mask), named("zoneout", zoneout),
+                 named("cell_zoneout", cell_zoneout)},
                 batch_sizes);
   const DeviceGuard device_guard(gates_x.device());
   // The internal GEMMs write into preallocated buffers (out=), which autograd refuses for inputs
@@ -486,20 +576,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_recurrence_cuda(
   at::Tensor workspace = empty_workspace(gates_x, training, kLstmWorkspaceGates, H);
   at::Tensor gates_h = at::empty({B, 4 * H}, gx.options());
   at::Tensor r_buffer = proj ? at::empty({B, H}, gx.options()) : at::Tensor();
-  const RecurrentProduct recurrent_product(w_hh, h0, h_state);
+  const at::Tensor mask = recurrent_mask_view(op, recurrent_mask, h0, acc);
+  const at::Tensor keep_h = zoneout_view(op, "zoneout", zoneout, plan.rows, P, gates_x, acc);
+  const at::Tensor keep_c = zoneout_view(op, "cell_zoneout", cell_zoneout, plan.rows, H, gates_x, acc);
+  const bool regularized = mask.defined() || keep_h.defined() || keep_c.defined();
+  // Zoneout with a projection: h_{t-1} of a step, before the projection's GEMM overwrites it.
+  at::Tensor h_prev = keep_h.defined() && proj ? at::empty({B, P}, gx.options()) : at::Tensor();
+  const RecurrentProduct recurrent_product(w_hh, h0, h_state, mask);
   const Launcher launch;
 
   AT_DISPATCH_FLOATING_TYPES(acc, "rnnfused_lstm_cuda", [&] {
     using T = scalar_t;
     if constexpr (std::is_same_v<T, float>) {
-      if (!proj && try_persistent_mma<Cell::Lstm>(op, plan, H, gx, w_hh, bias, compute_view(h0, acc), h_state,
-                                                  c_state, output, workspace, training, storage)) {
+      if (!proj && !regularized &&
+          try_persistent_mma<Cell::Lstm>(op, plan, H, gx, w_hh, bias, compute_view(h0, acc), h_state, c_state, output,
+                                         workspace, training, storage)) {
         return;
       }
     }
     const auto kernel = persistent_forward_kernel<T, Cell::Lstm>;
     const PersistentLayout layout = persistent_layout(kernel, 4, H, P, proj, sizeof(T), /*backward=*/false);
-    if (use_persistent(op, layout, plan)) {
+    if (use_persistent(op, layout, plan, regularized)) {
       const at::Tensor whh = compute_view(w_hh, acc), h0_c = compute_view(h0, acc);
       const at::Tensor table = plan_table(plan, gx);
       auto args = persistent_forward_args<T>(plan, layout, table, H, P, gx, whh, bias, h0_c, h_state, output,
@@ -520,16 +617,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_recurrence_cuda(
     args.r_out = proj ? r_buffer.data_ptr<T>() : h_state.data_ptr<T>();
     args.storage = proj ? Storage::Same : storage;
     if (!proj) args.h_lowp = recurrent_product.lowp_copy();
+    args.keep_h_stride = keep_stride(keep_h);
+    args.keep_c_stride = keep_stride(keep_c);
     for (const auto s : c10::irange(plan.steps())) {
       const int64_t t = plan.step_at(s);
       const int64_t rows = plan.batch_sizes[t], off = plan.offsets[t];
-      recurrent_product.run<T>(gates_h, rows);
+      recurrent_product.run<T>(gates_h, rows, launch);
       args.rows = rows;
       args.gates_x = gx.data_ptr<T>() + off * 4 * H;
       args.h_copy = proj ? nullptr : out + off * P;
       args.workspace = ws ? ws + off * kLstmWorkspaceGates * H : nullptr;
+      args.keep_h = proj ? nullptr : keep_rows<T>(keep_h, off, P);  // with a projection: after it, below
+      args.keep_c = keep_rows<T>(keep_c, off, H);
       launch("lstm_forward", lstm_forward_kernel<T>, rows * H, args);
       if (proj) {
+        if (keep_h.defined()) copy_rows<T>(launch, rows * P, h_state.data_ptr<T>(), h_prev.data_ptr<T>(), false);
         // h_t = r W_hr^T: [rows, H] x [P, H]^T
         gemm_nt<T>(rows, P, H, r_buffer.data_ptr<T>(), whr.data_ptr<T>(), h_state.data_ptr<T>(), T(0));
         StoreStateArgs<T> store;
@@ -538,6 +640,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_recurrence_cuda(
         store.h_copy = out + off * P;
         store.storage = storage;
         store.h_lowp = recurrent_product.lowp_copy();
+        store.keep = keep_rows<T>(keep_h, off, P);
+        store.keep_stride = keep_stride(keep_h);
+        store.h_prev = keep_h.defined() ? h_prev.data_ptr<T>() : nullptr;
         launch("store_state", store_state_kernel<T>, rows * P, store);
       }
     }
@@ -549,12 +654,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const c10::optional<at::Tensor>& grad_output, const c10::optional<at::Tensor>& grad_h_n,
     const c10::optional<at::Tensor>& grad_c_n, const at::Tensor& w_hh, const c10::optional<at::Tensor>& w_hr,
     const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& output, const at::Tensor& workspace,
-    const c10::optional<at::Tensor>& batch_sizes, bool reverse) {
+    const c10::optional<at::Tensor>& batch_sizes, bool reverse,
+    const c10::optional<at::Tensor>& recurrent_mask, const c10::optional<at::Tensor>& zoneout,
+    const c10::optional<at::Tensor>& cell_zoneout) {
   const char* op = kLstmBackwardOp;
   check_devices(op, named("output", output),
                 {named("grad_output", grad_output), named("grad_h_n", grad_h_n), named("grad_c_n", grad_c_n),
                  named("w_hh", w_hh), named("w_hr", w_hr), named("h0", h0), named("c0", c0),
-                 named("workspace", workspace)},
+                 named("workspace", workspace), named("recurrent_mask", recurrent_mask), named("zoneout", zoneout),
+                 named("cell_zoneout", cell_zoneout)},
                 batch_sizes);
   const DeviceGuard device_guard(output.device());
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
@@ -588,6 +696,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const at::Tensor c0_c = compute_view(c0, acc);
   const at::Tensor out = compute_view(output, acc);
   const at::Tensor go = optional_compute_view(grad_output, acc);
+  const at::Tensor mask = recurrent_mask_view(op, recurrent_mask, h0, acc);
+  const at::Tensor keep_h = zoneout_view(op, "zoneout", zoneout, plan.rows, P, output, acc);
+  const at::Tensor keep_c = zoneout_view(op, "cell_zoneout", cell_zoneout, plan.rows, H, output, acc);
+  const bool regularized = mask.defined() || keep_h.defined() || keep_c.defined();
+  // dG_t W_hh of a step with a mask, before its masked rows join dL/dh_{t-1} (with a projection or
+  // zoneout, where they are added to what is there).
+  at::Tensor product = mask.defined() && (proj || keep_h.defined()) ? at::empty({B, P}, options) : at::Tensor();
+  // Zoneout with a projection: k dL/dh_t of a step, added to dL/dh_{t-1} after the step's GEMMs.
+  at::Tensor dh_kept = keep_h.defined() && proj ? at::empty({B, P}, options) : at::Tensor();
   // The workspace is read through raw pointers: make sure of its layout (a caller's own tensor
   // may be a non-contiguous one of the right shape).
   const at::Tensor ws_c = workspace.contiguous();
@@ -623,7 +740,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     using T = scalar_t;
     const auto kernel = persistent_backward_kernel<T, Cell::Lstm>;
     const PersistentLayout layout = persistent_layout(kernel, 4, H, P, proj, sizeof(T), /*backward=*/true);
-    if (use_persistent(op, layout, plan)) {
+    if (use_persistent(op, layout, plan, regularized)) {
       const at::Tensor table = plan_table(plan, out);
       auto args = persistent_backward_args<T>(plan, layout, table, H, P, whh);
       args.w_hr = proj ? whr.data_ptr<T>() : nullptr;
@@ -647,10 +764,36 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const T* go_p = ptr_or_null<T>(go);
     const T* whh_p = whh.data_ptr<T>();
     T* dh = proj ? nullptr : dh_state.data_ptr<T>();
+    // With cell zoneout, the c_{t-1} of every row is a zoned state, which the workspace (holding
+    // the candidates c~) does not: recompute them, in the forward order, before the loop.
+    at::Tensor c_prev_rows, zoned_cells;
+    if (keep_c.defined() && plan.rows > 0) {
+      c_prev_rows = at::empty({plan.rows, H}, options);
+      zoned_cells = at::empty({plan.rows, H}, options);
+      for (const auto s : c10::irange(plan.steps())) {
+        const int64_t t = plan.step_at(s);
+        const int64_t off = plan.offsets[t];
+        ZonedCellsArgs<T> scan;
+        scan.rows = plan.batch_sizes[t];
+        scan.hidden = H;
+        scan.rows_from_prev = plan.rows_from_previous(t);
+        scan.prev_zoned =
+            scan.rows_from_prev > 0 ? zoned_cells.data_ptr<T>() + plan.offsets[plan.previous_step(t)] * H : nullptr;
+        scan.c0 = c0_c.data_ptr<T>();
+        scan.workspace = ws + off * kLstmWorkspaceGates * H;
+        scan.keep = keep_rows<T>(keep_c, off, H);
+        scan.keep_stride = keep_stride(keep_c);
+        scan.c_prev = c_prev_rows.data_ptr<T>() + off * H;
+        scan.zoned = zoned_cells.data_ptr<T>() + off * H;
+        launch("zoned_cells", zoned_cells_kernel<T>, scan.rows * H, scan);
+      }
+    }
     LstmBackwardArgs<T> args;
     args.hidden = H;
     args.c0 = c0_c.data_ptr<T>();
     args.dc_state = dc_state.data_ptr<T>();
+    args.keep_h_stride = keep_stride(keep_h);
+    args.keep_c_stride = keep_stride(keep_c);
     for (int64_t s = plan.steps() - 1; s >= 0; --s) {
       const int64_t t = plan.step_at(s);
       const int64_t rows = plan.batch_sizes[t], off = plan.offsets[t];
@@ -662,7 +805,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       args.prev_workspace = prev >= 0 ? ws + plan.offsets[prev] * kLstmWorkspaceGates * H : nullptr;
       args.rows_from_prev = from_prev;
       args.grad_gates = dg;
+      args.keep_c = keep_rows<T>(keep_c, off, H);
+      args.c_prev_rows = keep_c.defined() ? c_prev_rows.data_ptr<T>() + off * H : nullptr;
       if (proj) {
+        if (keep_h.defined()) {  // the projection's output is the candidate: (1 - k) dL/dh_t
+          ZoneoutSplitArgs<T> split;
+          split.count = rows * P;
+          split.keep = keep_rows<T>(keep_h, off, P);
+          split.keep_stride = keep_stride(keep_h);
+          split.grad = grad_h_rows.data_ptr<T>() + off * P;
+          split.kept = dh_kept.data_ptr<T>();
+          launch("zoneout_split", zoneout_split_kernel<T>, rows * P, split);
+        }
         // dL/dr = (dL/dh_t) W_hr: [rows, P] x [P, H]
         gemm_nn<T>(rows, H, P, grad_h_rows.data_ptr<T>() + off * P, whr.data_ptr<T>(), grad_r.data_ptr<T>(), T(0));
         args.grad_r = grad_r.data_ptr<T>();
@@ -672,23 +826,57 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         args.grad_r = dh;
         args.grad_r_extra = go_p ? go_p + off * P : nullptr;
         args.r_out = nullptr;
+        args.keep_h = keep_rows<T>(keep_h, off, P);
+        args.dh_kept = keep_h.defined() ? dh : nullptr;  // k dL/dh_t, which the GEMM below adds to
       }
       launch("lstm_backward", lstm_backward_kernel<T>, rows * H, args);
-      // dL/dh_{t-1} = dG_t W_hh: [rows, 4H] x [4H, P].
+      // dL/dh_{t-1} = dG_t W_hh (times the recurrent mask): [rows, 4H] x [4H, P].
       if (!proj) {
-        gemm_nn<T>(rows, P, 4 * H, dg, whh_p, dh, T(0));  // into the state rows just consumed
+        const T beta = keep_h.defined() ? T(1) : T(0);  // zoneout: onto k dL/dh_t
+        if (!mask.defined()) {
+          gemm_nn<T>(rows, P, 4 * H, dg, whh_p, dh, beta);  // into the state rows just consumed
+        } else if (!keep_h.defined()) {
+          gemm_nn<T>(rows, P, 4 * H, dg, whh_p, dh, T(0));
+          apply_mask<T>(launch, rows * P, dh, mask, dh, false);
+        } else {
+          gemm_nn<T>(rows, P, 4 * H, dg, whh_p, product.data_ptr<T>(), T(0));
+          apply_mask<T>(launch, rows * P, product.data_ptr<T>(), mask, dh, true);
+        }
         continue;
       }
-      if (from_prev > 0) {
-        gemm_nn<T>(from_prev, P, 4 * H, dg, whh_p, grad_h_rows.data_ptr<T>() + plan.offsets[prev] * P, T(1));
+      if (mask.defined()) {
+        T* prod = product.data_ptr<T>();
+        gemm_nn<T>(rows, P, 4 * H, dg, whh_p, prod, T(0));
+        if (from_prev > 0) {
+          apply_mask<T>(launch, from_prev * P, prod, mask, grad_h_rows.data_ptr<T>() + plan.offsets[prev] * P, true);
+        }
+        if (rows > from_prev) {
+          const int64_t starting = rows - from_prev;  // rows whose h_{t-1} is h0
+          apply_mask<T>(launch, starting * P, prod + from_prev * P, mask.narrow(0, from_prev, starting),
+                        grad_h0.data_ptr<T>() + from_prev * P, false);
+        }
+      } else {
+        if (from_prev > 0) {
+          gemm_nn<T>(from_prev, P, 4 * H, dg, whh_p, grad_h_rows.data_ptr<T>() + plan.offsets[prev] * P, T(1));
+        }
+        if (rows > from_prev) {
+          gemm_nn<T>(rows - from_prev, P, 4 * H, dg + from_prev * 4 * H, whh_p,
+                     grad_h0.data_ptr<T>() + from_prev * P, T(0));
+        }
       }
-      if (rows > from_prev) {
-        gemm_nn<T>(rows - from_prev, P, 4 * H, dg + from_prev * 4 * H, whh_p, grad_h0.data_ptr<T>() + from_prev * P,
-                   T(0));
+      if (keep_h.defined()) {  // zoneout: k dL/dh_t joins dL/dh_{t-1}
+        if (from_prev > 0) {
+          copy_rows<T>(launch, from_prev * P, dh_kept.data_ptr<T>(),
+                       grad_h_rows.data_ptr<T>() + plan.offsets[prev] * P, true);
+        }
+        if (rows > from_prev) {
+          copy_rows<T>(launch, (rows - from_prev) * P, dh_kept.data_ptr<T>() + from_prev * P,
+                       grad_h0.data_ptr<T>() + from_prev * P, true);
+        }
       }
     }
   });
-  const at::Tensor hprev = previous_h(plan, out, h0_c, launch);
+  const at::Tensor hprev = masked_rows(plan, previous_h(plan, out, h0_c, launch), mask);
   at::Tensor grad_w_hh = grad_gates.t().mm(hprev);
   at::Tensor grad_b_hh = grad_gates.sum(0);
   at::Tensor grad_w_hr = proj ? grad_h_rows.t().mm(r_rows) : at::empty({0}, options);
@@ -704,9 +892,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_recurrence_cuda(const at::Ten
                                                                     const c10::optional<at::Tensor>& b_hh,
                                                                     const at::Tensor& h0,
                                                                     const c10::optional<at::Tensor>& batch_sizes,
-                                                                    bool reverse, bool training) {
+                                                                    bool reverse, bool training,
+    const c10::optional<at::Tensor>& recurrent_mask, const c10::optional<at::Tensor>& zoneout) {
   const char* op = kGruOp;
-  check_devices(op, named("gates_x", gates_x), {named("w_hh", w_hh), named("b_hh", b_hh), named("h0", h0)},
+  check_devices(op, named("gates_x", gates_x),
+                {named("w_hh", w_hh), named("b_hh", b_hh), named("h0", h0), named("recurrent_mask", recurrent_mask),
+                 named("zoneout", zoneout)},
                 batch_sizes);
   const DeviceGuard device_guard(gates_x.device());
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
@@ -724,21 +915,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_recurrence_cuda(const at::Ten
   at::Tensor output = at::empty({plan.rows, H}, gates_x.options().dtype(acc));
   at::Tensor workspace = empty_workspace(gates_x, training, kGruWorkspaceGates, H);
   at::Tensor gates_h = at::empty({B, 3 * H}, gx.options());
-  const RecurrentProduct recurrent_product(w_hh, h0, h_state);
+  const at::Tensor mask = recurrent_mask_view(op, recurrent_mask, h0, acc);
+  const at::Tensor keep_h = zoneout_view(op, "zoneout", zoneout, plan.rows, H, gates_x, acc);
+  const bool regularized = mask.defined() || keep_h.defined();
+  const RecurrentProduct recurrent_product(w_hh, h0, h_state, mask);
   const Launcher launch;
 
   AT_DISPATCH_FLOATING_TYPES(acc, "rnnfused_gru_cuda", [&] {
     using T = scalar_t;
     if constexpr (std::is_same_v<T, float>) {
       at::Tensor no_cell_state;
-      if (try_persistent_mma<Cell::Gru>(op, plan, H, gx, w_hh, bias, compute_view(h0, acc), h_state, no_cell_state,
-                                        output, workspace, training, storage_of(dtype))) {
+      if (!regularized && try_persistent_mma<Cell::Gru>(op, plan, H, gx, w_hh, bias, compute_view(h0, acc),
+                                                           h_state, no_cell_state, output, workspace, training,
+                                                           storage_of(dtype))) {
         return;
       }
     }
     const auto kernel = persistent_forward_kernel<T, Cell::Gru>;
     const PersistentLayout layout = persistent_layout(kernel, 3, H, H, false, sizeof(T), /*backward=*/false);
-    if (use_persistent(op, layout, plan)) {
+    if (use_persistent(op, layout, plan, regularized)) {
       const at::Tensor whh = compute_view(w_hh, acc), h0_c = compute_view(h0, acc);
       const at::Tensor table = plan_table(plan, gx);
       const auto args = persistent_forward_args<T>(plan, layout, table, H, H, gx, whh, bias, h0_c, h_state, output,
@@ -758,11 +953,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_recurrence_cuda(const at::Ten
     for (const auto s : c10::irange(plan.steps())) {
       const int64_t t = plan.step_at(s);
       const int64_t rows = plan.batch_sizes[t], off = plan.offsets[t];
-      recurrent_product.run<T>(gates_h, rows);
+      recurrent_product.run<T>(gates_h, rows, launch);
       args.rows = rows;
       args.gates_x = gx.data_ptr<T>() + off * 3 * H;
       args.h_copy = out + off * H;
       args.workspace = ws ? ws + off * kGruWorkspaceGates * H : nullptr;
+      args.keep_h = keep_rows<T>(keep_h, off, H);
+      args.keep_h_stride = keep_stride(keep_h);
       launch("gru_forward", gru_forward_kernel<T>, rows * H, args);
     }
   });
@@ -772,11 +969,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_recurrence_cuda(const at::Ten
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_recurrence_backward_cuda(
     const c10::optional<at::Tensor>& grad_output, const c10::optional<at::Tensor>& grad_h_n, const at::Tensor& w_hh,
     const at::Tensor& h0, const at::Tensor& output, const at::Tensor& workspace,
-    const c10::optional<at::Tensor>& batch_sizes, bool reverse) {
+    const c10::optional<at::Tensor>& batch_sizes, bool reverse,
+    const c10::optional<at::Tensor>& recurrent_mask, const c10::optional<at::Tensor>& zoneout) {
   const char* op = kGruBackwardOp;
   check_devices(op, named("output", output),
                 {named("grad_output", grad_output), named("grad_h_n", grad_h_n), named("w_hh", w_hh),
-                 named("h0", h0), named("workspace", workspace)},
+                 named("h0", h0), named("workspace", workspace), named("recurrent_mask", recurrent_mask),
+                 named("zoneout", zoneout)},
                 batch_sizes);
   const DeviceGuard device_guard(output.device());
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
@@ -799,6 +998,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_recurrence_backwa
   at::Tensor dh_state = present(grad_h_n) ? state_copy(*grad_h_n, acc) : at::zeros({B, H}, options);
   const Launcher launch;
   const at::Tensor hprev = previous_h(plan, compute_view(output, acc), compute_view(h0, acc), launch);
+  const at::Tensor mask = recurrent_mask_view(op, recurrent_mask, h0, acc);
+  const at::Tensor keep_h = zoneout_view(op, "zoneout", zoneout, plan.rows, H, output, acc);
+  const bool regularized = mask.defined() || keep_h.defined();
+  // With a mask, dG_h W_hh of a step lands here before its masked rows join dh_t * z.
+  at::Tensor product = mask.defined() ? at::empty({B, H}, options) : at::Tensor();
   at::Tensor grad_gates_x = at::empty({plan.rows, 3 * H}, options);
   at::Tensor grad_gates_h = at::empty({plan.rows, 3 * H}, options);
 
@@ -806,7 +1010,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_recurrence_backwa
     using T = scalar_t;
     const auto kernel = persistent_backward_kernel<T, Cell::Gru>;
     const PersistentLayout layout = persistent_layout(kernel, 3, H, H, false, sizeof(T), /*backward=*/true);
-    if (use_persistent(op, layout, plan)) {
+    if (use_persistent(op, layout, plan, regularized)) {
       const at::Tensor table = plan_table(plan, hprev);
       auto args = persistent_backward_args<T>(plan, layout, table, H, H, whh);
       args.workspace = ws_c.data_ptr<T>();
@@ -832,13 +1036,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_recurrence_backwa
       args.grad_output = go_p ? go_p + off * H : nullptr;
       args.grad_gates_x = grad_gates_x.data_ptr<T>() + off * 3 * H;
       args.grad_gates_h = grad_gates_h.data_ptr<T>() + off * 3 * H;
+      args.keep_h = keep_rows<T>(keep_h, off, H);
+      args.keep_h_stride = keep_stride(keep_h);
       launch("gru_backward", gru_backward_kernel<T>, rows * H, args);  // leaves dh_t * z in the state rows
-      // dL/dh_{t-1} = dh_t * z + dG_h W_hh: accumulated in place (beta = 1).
-      gemm_nn<T>(rows, H, 3 * H, grad_gates_h.data_ptr<T>() + off * 3 * H, whh.data_ptr<T>(),
-                 dh_state.data_ptr<T>(), T(1));
+      // dL/dh_{t-1} = dh_t * z + dG_h W_hh (times the recurrent mask): accumulated in place (beta = 1).
+      if (mask.defined()) {
+        gemm_nn<T>(rows, H, 3 * H, grad_gates_h.data_ptr<T>() + off * 3 * H, whh.data_ptr<T>(),
+                   product.data_ptr<T>(), T(0));
+        apply_mask<T>(launch, rows * H, product.data_ptr<T>(), mask, dh_state.data_ptr<T>(), true);
+      } else {
+        gemm_nn<T>(rows, H, 3 * H, grad_gates_h.data_ptr<T>() + off * 3 * H, whh.data_ptr<T>(),
+                   dh_state.data_ptr<T>(), T(1));
+      }
     }
   });
-  at::Tensor grad_w_hh = grad_gates_h.t().mm(hprev);
+  at::Tensor grad_w_hh = grad_gates_h.t().mm(masked_rows(plan, hprev, mask));
   at::Tensor grad_b_hh = grad_gates_h.sum(0);
   return {to_dtype(grad_gates_x, dtype), to_dtype(grad_w_hh, dtype), to_dtype(grad_b_hh, dtype),
           to_dtype(dh_state, dtype)};
@@ -851,9 +1063,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_recurrence_backwa
 template <Activation act>
 std::tuple<at::Tensor, at::Tensor> rnn_recurrence_cuda(const at::Tensor& gates_x, const at::Tensor& w_hh,
                                                         const c10::optional<at::Tensor>& b_hh, const at::Tensor& h0,
-                                                        const c10::optional<at::Tensor>& batch_sizes, bool reverse) {
+                                                        const c10::optional<at::Tensor>& batch_sizes, bool reverse,
+    const c10::optional<at::Tensor>& recurrent_mask) {
   const char* op = act == Activation::Tanh ? kRnnTanhOp : kRnnReluOp;
-  check_devices(op, named("gates_x", gates_x), {named("w_hh", w_hh), named("b_hh", b_hh), named("h0", h0)},
+  check_devices(op, named("gates_x", gates_x),
+                {named("w_hh", w_hh), named("b_hh", b_hh), named("h0", h0), named("recurrent_mask", recurrent_mask)},
                 batch_sizes);
   const DeviceGuard device_guard(gates_x.device());
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
@@ -869,7 +1083,9 @@ std::tuple<at::Tensor, at::Tensor> rnn_recurrence_cuda(const at::Tensor& gates_x
   at::Tensor h_state = state_copy(h0, acc);
   at::Tensor output = at::empty({plan.rows, H}, gates_x.options().dtype(acc));
   at::Tensor gates_h = at::empty({B, H}, gx.options());
-  const RecurrentProduct recurrent_product(w_hh, h0, h_state);
+  const at::Tensor mask = recurrent_mask_view(op, recurrent_mask, h0, acc);
+  const bool regularized = mask.defined();
+  const RecurrentProduct recurrent_product(w_hh, h0, h_state, mask);
   const Launcher launch;
 
   AT_DISPATCH_FLOATING_TYPES(acc, "rnnfused_rnn_cuda", [&] {
@@ -877,14 +1093,14 @@ std::tuple<at::Tensor, at::Tensor> rnn_recurrence_cuda(const at::Tensor& gates_x
     constexpr Cell cell = act == Activation::Tanh ? Cell::RnnTanh : Cell::RnnRelu;
     if constexpr (std::is_same_v<T, float>) {
       at::Tensor no_cell_state, no_workspace;
-      if (try_persistent_mma<cell>(op, plan, H, gx, w_hh, bias, compute_view(h0, acc), h_state, no_cell_state,
-                                   output, no_workspace, false, storage_of(dtype))) {
+      if (!regularized && try_persistent_mma<cell>(op, plan, H, gx, w_hh, bias, compute_view(h0, acc), h_state,
+                                                      no_cell_state, output, no_workspace, false, storage_of(dtype))) {
         return;
       }
     }
     const auto kernel = persistent_forward_kernel<T, cell>;
     const PersistentLayout layout = persistent_layout(kernel, 1, H, H, false, sizeof(T), /*backward=*/false);
-    if (use_persistent(op, layout, plan)) {
+    if (use_persistent(op, layout, plan, regularized)) {
       const at::Tensor whh = compute_view(w_hh, acc), h0_c = compute_view(h0, acc);
       const at::Tensor table = plan_table(plan, gx);
       at::Tensor no_workspace;
@@ -904,7 +1120,7 @@ std::tuple<at::Tensor, at::Tensor> rnn_recurrence_cuda(const at::Tensor& gates_x
     for (const auto s : c10::irange(plan.steps())) {
       const int64_t t = plan.step_at(s);
       const int64_t rows = plan.batch_sizes[t], off = plan.offsets[t];
-      recurrent_product.run<T>(gates_h, rows);
+      recurrent_product.run<T>(gates_h, rows, launch);
       args.rows = rows;
       args.gates_x = gx.data_ptr<T>() + off * H;
       args.h_copy = out + off * H;
@@ -917,11 +1133,12 @@ std::tuple<at::Tensor, at::Tensor> rnn_recurrence_cuda(const at::Tensor& gates_x
 template <Activation act>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_recurrence_backward_cuda(
     const c10::optional<at::Tensor>& grad_output, const c10::optional<at::Tensor>& grad_h_n, const at::Tensor& w_hh,
-    const at::Tensor& h0, const at::Tensor& output, const c10::optional<at::Tensor>& batch_sizes, bool reverse) {
+    const at::Tensor& h0, const at::Tensor& output, const c10::optional<at::Tensor>& batch_sizes, bool reverse,
+    const c10::optional<at::Tensor>& recurrent_mask) {
   const char* op = act == Activation::Tanh ? kRnnTanhBackwardOp : kRnnReluBackwardOp;
   check_devices(op, named("output", output),
                 {named("grad_output", grad_output), named("grad_h_n", grad_h_n), named("w_hh", w_hh),
-                 named("h0", h0)},
+                 named("h0", h0), named("recurrent_mask", recurrent_mask)},
                 batch_sizes);
   const DeviceGuard device_guard(output.device());
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
@@ -942,6 +1159,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_recurrence_backwa
   const at::Tensor go = optional_compute_view(grad_output, acc);
   at::Tensor dh_state = present(grad_h_n) ? state_copy(*grad_h_n, acc) : at::zeros({B, H}, options);
   at::Tensor grad_gates = at::empty({plan.rows, H}, options);
+  const at::Tensor mask = recurrent_mask_view(op, recurrent_mask, h0, acc);
+  const bool regularized = mask.defined();
   const Launcher launch;
 
   AT_DISPATCH_FLOATING_TYPES(acc, "rnnfused_rnn_backward_cuda", [&] {
@@ -949,7 +1168,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_recurrence_backwa
     constexpr Cell cell = act == Activation::Tanh ? Cell::RnnTanh : Cell::RnnRelu;
     const auto kernel = persistent_backward_kernel<T, cell>;
     const PersistentLayout layout = persistent_layout(kernel, 1, H, H, false, sizeof(T), /*backward=*/true);
-    if (use_persistent(op, layout, plan)) {
+    if (use_persistent(op, layout, plan, regularized)) {
       const at::Tensor table = plan_table(plan, out);
       auto args = persistent_backward_args<T>(plan, layout, table, H, H, whh);
       args.output = out.data_ptr<T>();
@@ -973,9 +1192,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_recurrence_backwa
       launch("rnn_backward", rnn_backward_kernel<T, act>, rows * H, args);
       gemm_nn<T>(rows, H, H, grad_gates.data_ptr<T>() + off * H, whh.data_ptr<T>(), dh_state.data_ptr<T>(),
                  T(0));
+      if (mask.defined()) apply_mask<T>(launch, rows * H, dh_state.data_ptr<T>(), mask, dh_state.data_ptr<T>(), false);
     }
   });
-  const at::Tensor hprev = previous_h(plan, out, compute_view(h0, acc), launch);
+  const at::Tensor hprev = masked_rows(plan, previous_h(plan, out, compute_view(h0, acc), launch), mask);
   at::Tensor grad_w_hh = grad_gates.t().mm(hprev);
   at::Tensor grad_b_hh = grad_gates.sum(0);
   return {to_dtype(grad_gates, dtype), to_dtype(grad_w_hh, dtype), to_dtype(grad_b_hh, dtype),
