@@ -66,4 +66,28 @@ inline void check_optional_grad(const char* op, const char* what, const c10::opt
 
 inline bool present(const c10::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
 
+// The regularization arguments of the ops (op_schemas.h), checked, in the compute dtype `acc`;
+// undefined when absent.
+// recurrent_mask: [B, P], like h0.
+inline at::Tensor recurrent_mask_view(const char* op, const c10::optional<at::Tensor>& mask, const at::Tensor& h0,
+                                      at::ScalarType acc) {
+  if (!present(mask)) return at::Tensor();
+  check_matrix(op, "recurrent_mask", *mask, h0, h0.size(0), h0.size(1));  // shape, dtype, device
+  return mask->to(acc).contiguous();
+}
+
+// zoneout / cell_zoneout keep weights: [rows, width] or a scalar, in the dtype and on the device of
+// `like`.
+inline at::Tensor zoneout_view(const char* op, const char* what, const c10::optional<at::Tensor>& keep, int64_t rows,
+                               int64_t width, const at::Tensor& like, at::ScalarType acc) {
+  if (!present(keep)) return at::Tensor();
+  TORCH_CHECK(keep->dim() == 0 || (keep->dim() == 2 && keep->size(0) == rows && keep->size(1) == width), op, ": ",
+              what, " must be [", rows, ", ", width, "] or a scalar, got ", keep->sizes());
+  TORCH_CHECK(keep->scalar_type() == like.scalar_type(), op, ": ", what, " has dtype ", keep->scalar_type(),
+              " but the op runs in ", like.scalar_type());
+  TORCH_CHECK(keep->device() == like.device(), op, ": ", what, " is on ", keep->device(), " but the op runs on ",
+              like.device());
+  return keep->to(acc).contiguous();
+}
+
 }  // namespace rnnfused

@@ -1,6 +1,8 @@
 """Recurrent dropout and DropConnect (README "Regularization"): the fused ops against a plain
 PyTorch loop over the steps written here, the modules' draws, eval mode, defaults, gradcheck,
 opcheck, torch.compile / torch.export, and the errors."""
+import contextlib
+
 import pytest
 import torch
 import torch.nn as nn
@@ -132,6 +134,36 @@ def outputs_and_grads(run, args):
     return [r.detach() for r in results], list(grads)
 
 
+def check_against_reference(mode, batch, hidden, lengths, reverse, proj, context, which="", kind="draws"):
+    """The fused op (run inside ``context``) with a recurrent mask and the zoneout of ``which``
+    ('h', 'c'): forward and every gradient equal the step loop's, float64."""
+    steps = 6
+    args, mask = make_layer_args(mode, steps, batch, 4, hidden, torch.float64, proj=proj)
+    rows = sum(lengths) if lengths else steps * batch
+    keep_h = make_keep(kind, rows, proj or hidden, torch.float64, 1) if "h" in which else None
+    keep_c = make_keep(kind, rows, hidden, torch.float64, 2) if "c" in which else None
+    with context:
+        ours = outputs_and_grads(lambda: run_fused(mode, args, lengths, reverse, mask, keep_h, keep_c), args)
+    ref = outputs_and_grads(lambda: reference_layer(
+        mode, **args, lengths=lengths, reverse=reverse, mask=mask,
+        keep_h=None if keep_h is None else packed_rows_to_steps(keep_h, lengths, steps, batch),
+        keep_c=None if keep_c is None else packed_rows_to_steps(keep_c, lengths, steps, batch)), args)
+    for a, b in zip(ours[0] + ours[1], ref[0] + ref[1]):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+
+@contextlib.contextmanager
+def cpu_path(path):
+    """Runs the block on one of the CPU time loops (RNNFUSED_CPU_PATH's values)."""
+    previous = rnnfused._C.cpu_path()
+    rnnfused._C._set_cpu_path(path)
+    try:
+        yield
+    finally:
+        rnnfused._C._set_cpu_path(previous)
+
+
 LAYER_CASES = [
     # mode, batch, hidden, lengths, reverse, proj
     (mode, batch, hidden, lengths, reverse, proj)
@@ -146,16 +178,7 @@ LAYER_CASES = [
 @pytest.mark.parametrize("path", ["auto", "steps"])
 def test_recurrent_mask_matches_reference_float64(mode, batch, hidden, lengths, reverse, proj, path):
     """Forward and every gradient of the fused op with a recurrent mask equal the step loop's."""
-    args, mask = make_layer_args(mode, 6, batch, 4, hidden, torch.float64, proj=proj)
-    previous = rnnfused._C.cpu_path()
-    rnnfused._C._set_cpu_path(path)
-    try:
-        ours = outputs_and_grads(lambda: run_fused(mode, args, lengths, reverse, mask), args)
-    finally:
-        rnnfused._C._set_cpu_path(previous)
-    ref = outputs_and_grads(lambda: reference_layer(mode, **args, lengths=lengths, reverse=reverse, mask=mask), args)
-    for a, b in zip(ours[0] + ours[1], ref[0] + ref[1]):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    check_against_reference(mode, batch, hidden, lengths, reverse, proj, cpu_path(path))
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -180,13 +203,9 @@ def test_mask_of_ones_is_the_plain_op():
     for mode in MODES:
         args, _ = make_layer_args(mode, 5, 3, 4, 8, torch.float64)
         ones = torch.ones_like(args["h0"]).detach()
-        previous = rnnfused._C.cpu_path()
-        rnnfused._C._set_cpu_path("steps")
-        try:
+        with cpu_path("steps"):
             a = outputs_and_grads(lambda: run_fused(mode, args, None, False, ones), args)
             b = outputs_and_grads(lambda: run_fused(mode, args, None, False, None), args)
-        finally:
-            rnnfused._C._set_cpu_path(previous)
         for x, y in zip(a[0] + a[1], b[0] + b[1]):
             assert torch.equal(x, y)
 
@@ -462,12 +481,7 @@ def test_cuda_kernels_on_the_simulator_match_reference(mode, batch, hidden, leng
     gradient equal the step loop's. `auto` sends masked calls to the standard path."""
     sim = _simulator()
     monkeypatch.setenv("RNNFUSED_CUDA_PATH", cuda_path)
-    args, mask = make_layer_args(mode, 6, batch, 4, hidden, torch.float64, proj=proj)
-    with sim.simulated_cuda():
-        ours = outputs_and_grads(lambda: run_fused(mode, args, lengths, reverse, mask), args)
-    ref = outputs_and_grads(lambda: reference_layer(mode, **args, lengths=lengths, reverse=reverse, mask=mask), args)
-    for a, b in zip(ours[0] + ours[1], ref[0] + ref[1]):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    check_against_reference(mode, batch, hidden, lengths, reverse, proj, sim.simulated_cuda())
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -534,20 +548,7 @@ ZONEOUT_CASES = [
 
 @pytest.mark.parametrize("mode,batch,hidden,lengths,reverse,proj,which,kind", ZONEOUT_CASES)
 def test_zoneout_matches_reference_float64(mode, batch, hidden, lengths, reverse, proj, which, kind):
-    """Forward and every gradient with zoneout (and a recurrent mask) equal the step loop's."""
-    steps = 6
-    args, mask = make_layer_args(mode, steps, batch, 4, hidden, torch.float64, proj=proj)
-    rows = sum(lengths) if lengths else steps * batch
-    P = proj or hidden
-    keep_h = make_keep(kind, rows, P, torch.float64, 1) if "h" in which else None
-    keep_c = make_keep(kind, rows, hidden, torch.float64, 2) if "c" in which else None
-    ours = outputs_and_grads(lambda: run_fused(mode, args, lengths, reverse, mask, keep_h, keep_c), args)
-    ref = outputs_and_grads(lambda: reference_layer(
-        mode, **args, lengths=lengths, reverse=reverse, mask=mask,
-        keep_h=None if keep_h is None else packed_rows_to_steps(keep_h, lengths, steps, batch),
-        keep_c=None if keep_c is None else packed_rows_to_steps(keep_c, lengths, steps, batch)), args)
-    for a, b in zip(ours[0] + ours[1], ref[0] + ref[1]):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    check_against_reference(mode, batch, hidden, lengths, reverse, proj, contextlib.nullcontext(), which, kind)
 
 
 @pytest.mark.parametrize("mode", ["lstm", "gru"])
@@ -767,23 +768,6 @@ def test_zoneout_onnx_export_refused(tmp_path):
         torch.onnx.export(module, (torch.randn(5, 2, 3),), str(tmp_path / "m.onnx"), dynamo=False)
 
 
-def test_zoneout_compile_fullgraph_matches_eager():
-    module = make_module("lstm", zoneout=0.3, cell_zoneout=0.2, num_layers=2).train()
-    x = torch.randn(5, 3, 4, dtype=torch.float64, requires_grad=True)
-    compiled = torch.compile(module, fullgraph=True, backend="aot_eager")
-    torch.manual_seed(3)
-    eager = module(x)[0]
-    eager_grad = torch.autograd.grad(eager.sum(), x)[0]
-    torch.manual_seed(3)
-    out = compiled(x)[0]
-    grad = torch.autograd.grad(out.sum(), x)[0]
-    torch.testing.assert_close(out, eager, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(grad, eager_grad, rtol=1e-12, atol=1e-12)
-    module.eval()
-    exported = torch.export.export(module, (x.detach(),))
-    torch.testing.assert_close(exported.module()(x.detach())[0], module(x.detach())[0])
-
-
 SIM_ZONEOUT_CASES = [
     (mode, batch, hidden, lengths, reverse, proj, which, kind)
     for mode in ("lstm", "gru")
@@ -801,19 +785,7 @@ def test_zoneout_cuda_kernels_on_the_simulator_match_reference(mode, batch, hidd
     forward and every gradient equal the step loop's."""
     sim = _simulator()
     monkeypatch.setenv("RNNFUSED_CUDA_PATH", "auto")
-    steps = 6
-    args, mask = make_layer_args(mode, steps, batch, 4, hidden, torch.float64, proj=proj)
-    rows = sum(lengths) if lengths else steps * batch
-    keep_h = make_keep(kind, rows, proj or hidden, torch.float64, 1) if "h" in which else None
-    keep_c = make_keep(kind, rows, hidden, torch.float64, 2) if "c" in which else None
-    with sim.simulated_cuda():
-        ours = outputs_and_grads(lambda: run_fused(mode, args, lengths, reverse, mask, keep_h, keep_c), args)
-    ref = outputs_and_grads(lambda: reference_layer(
-        mode, **args, lengths=lengths, reverse=reverse, mask=mask,
-        keep_h=None if keep_h is None else packed_rows_to_steps(keep_h, lengths, steps, batch),
-        keep_c=None if keep_c is None else packed_rows_to_steps(keep_c, lengths, steps, batch)), args)
-    for a, b in zip(ours[0] + ours[1], ref[0] + ref[1]):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    check_against_reference(mode, batch, hidden, lengths, reverse, proj, sim.simulated_cuda(), which, kind)
 
 
 @pytest.mark.parametrize("mode", ["lstm", "gru"])
@@ -836,9 +808,16 @@ def test_zoneout_cuda_kernels_on_the_simulator_bfloat16_match_cpu(mode, monkeypa
 # ------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mode", ["lstm", "gru"])
-def test_compile_fullgraph_training_matches_eager(mode):
-    module = make_module(mode, recurrent_dropout=0.3, dropconnect=0.2, num_layers=2).train()
+@pytest.mark.parametrize("mode,options", [
+    ("lstm", dict(recurrent_dropout=0.3, dropconnect=0.2)),
+    ("gru", dict(recurrent_dropout=0.3, dropconnect=0.2)),
+    ("lstm", dict(zoneout=0.3, cell_zoneout=0.2)),
+    ("gru", dict(zoneout=0.3, recurrent_dropout=0.1)),
+])
+def test_compile_fullgraph_training_matches_eager(mode, options):
+    """torch.compile(fullgraph=True) draws the same masks as eager from the same seed (the
+    aot_eager backend keeps torch's RNG ops), with the same outputs and gradients."""
+    module = make_module(mode, num_layers=2, **options).train()
     x = torch.randn(5, 3, 4, dtype=torch.float64, requires_grad=True)
     compiled = torch.compile(module, fullgraph=True, backend="aot_eager")
     torch.manual_seed(3)
@@ -851,8 +830,9 @@ def test_compile_fullgraph_training_matches_eager(mode):
     torch.testing.assert_close(grad, eager_grad, rtol=1e-12, atol=1e-12)
 
 
-def test_export_eval_and_train():
-    module = make_module("lstm", recurrent_dropout=0.3, dropconnect=0.2).eval()
+@pytest.mark.parametrize("options", [dict(recurrent_dropout=0.3, dropconnect=0.2), dict(zoneout=0.3, cell_zoneout=0.1)])
+def test_export_eval_and_train(options):
+    module = make_module("lstm", **options).eval()
     x = torch.randn(5, 3, 4, dtype=torch.float64)
     exported = torch.export.export(module, (x,))
     torch.testing.assert_close(exported.module()(x)[0], module(x)[0])

@@ -93,14 +93,6 @@ bool use_engine(bool proj, bool regularized, int64_t batch) { return !proj && !r
 // of every step by mask row b. The state and the outputs stay unmasked.
 // ---------------------------------------------------------------------------------------------
 
-// The mask in the compute dtype, or undefined when absent. It must be [B, P] in the op's dtype.
-at::Tensor recurrent_mask_view(const char* op, const c10::optional<at::Tensor>& mask, const at::Tensor& h0,
-                               at::ScalarType acc) {
-  if (!present(mask)) return at::Tensor();
-  check_matrix(op, "recurrent_mask", *mask, h0, h0.size(0), h0.size(1));  // shape, dtype, device
-  return compute_view(*mask, acc);
-}
-
 // dst[i] = src[i] * mask[i] for the first `count` elements (the active rows of a step).
 template <typename T>
 void multiply_by_mask(int64_t count, const T* src, const T* mask, T* dst) {
@@ -118,19 +110,6 @@ void add_masked(int64_t count, const T* product, const T* mask, T* state) {
 // (h, and the LSTM's c with cell_zoneout). k is [N, width] (one per row and unit: Bernoulli(p)
 // draws in training) or a scalar (p, in eval mode).
 // ---------------------------------------------------------------------------------------------
-
-// The keep weights in the compute dtype, or undefined when absent.
-at::Tensor zoneout_view(const char* op, const char* what, const c10::optional<at::Tensor>& keep, int64_t rows,
-                        int64_t width, const at::Tensor& like, at::ScalarType acc) {
-  if (!present(keep)) return at::Tensor();
-  TORCH_CHECK(keep->dim() == 0 || (keep->dim() == 2 && keep->size(0) == rows && keep->size(1) == width), op, ": ",
-              what, " must be [", rows, ", ", width, "] or a scalar, got ", keep->sizes());
-  TORCH_CHECK(keep->scalar_type() == like.scalar_type(), op, ": ", what, " has dtype ", keep->scalar_type(),
-              " but the op runs in ", like.scalar_type());
-  TORCH_CHECK(keep->device() == like.device(), op, ": ", what, " is on ", keep->device(), " but the op runs on ",
-              like.device());
-  return compute_view(*keep, acc);
-}
 
 // Rows of keep weights: `at(row)` points at a row's first weight; `stride` is 0 for a scalar.
 template <typename T>

@@ -184,14 +184,6 @@ at::Tensor previous_h(const StepPlan& plan, const at::Tensor& output, const at::
 // take the standard path.
 // ---------------------------------------------------------------------------------------------
 
-// The mask in the compute dtype, or undefined when absent. It must be [B, P] in the op's dtype.
-at::Tensor recurrent_mask_view(const char* op, const c10::optional<at::Tensor>& mask, const at::Tensor& h0,
-                               at::ScalarType acc) {
-  if (!present(mask)) return at::Tensor();
-  check_matrix(op, "recurrent_mask", *mask, h0, h0.size(0), h0.size(1));  // shape, dtype, device
-  return compute_view(*mask, acc);
-}
-
 // out[:count] = in * mask (or += with `accumulate`); `out` may be `in`.
 template <typename T>
 void apply_mask(const Launcher& launch, int64_t count, const T* in, const at::Tensor& mask, T* out, bool accumulate) {
@@ -217,15 +209,6 @@ at::Tensor masked_rows(const StepPlan& plan, const at::Tensor& rows, const at::T
 
 // Zoneout: keep weights [N, width] or a scalar (csrc/cpu/recurrence_cpu.cpp defines the
 // semantics); the step kernels blend and split in place. Such calls take the standard path.
-at::Tensor zoneout_view(const char* op, const char* what, const c10::optional<at::Tensor>& keep, int64_t rows,
-                        int64_t width, const at::Tensor& like, at::ScalarType acc) {
-  if (!present(keep)) return at::Tensor();
-  TORCH_CHECK(keep->dim() == 0 || (keep->dim() == 2 && keep->size(0) == rows && keep->size(1) == width), op, ": ",
-              what, " must be [", rows, ", ", width, "] or a scalar, got ", keep->sizes());
-  TORCH_CHECK(keep->scalar_type() == like.scalar_type(), op, ": ", what, " has dtype ", keep->scalar_type(),
-              " but the op runs in ", like.scalar_type());
-  return compute_view(*keep, acc);
-}
 
 // The keep weights of the rows from `row` on (nullptr without zoneout), and their stride.
 template <typename T>
