@@ -13,13 +13,13 @@ from it); the recurrence is one fused op of rnnfused.
 
 ``recurrent_mask`` [B, P] (optional, h0's dtype): recurrent dropout. At every step, row b of
 h_{t-1} is multiplied by ``recurrent_mask[b]`` before the product with w_hh; the carried state
-and the outputs stay unmasked. The modules draw it as ``F.dropout(ones, p, True)`` (0 or
-1 / (1 - p)), once per call, layer and direction.
+and the outputs stay unmasked. The modules draw it once per call, layer and direction
+(0 or 1 / (1 - p), see README "Regularization beyond torch.nn").
 
 ``zoneout`` [N, P] or a scalar, ``cell_zoneout`` [N, H] or a scalar (LSTM and GRU; the input's
 dtype): keep weights k of h (of the LSTM's c): every step, s_t = k s_{t-1} + (1 - k) s~_t per row
 and unit, where s~_t is what the cell computes (for the LSTM h~_t = o tanh(c~_t), from the
-candidate cell state c~_t = f c_{t-1} + i g). The modules pass Bernoulli(p) draws in training
+candidate cell state c~_t = f c_{t-1} + i g). The modules pass 0/1 draws (1 with probability p) in training
 and the scalar p in eval mode.
 """
 import torch

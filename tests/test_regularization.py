@@ -23,6 +23,16 @@ GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
 # ------------------------------------------------------------------------------------------------
 
 
+def dropout_mask(shape, p, dtype):
+    """The modules' documented draw: u = torch.rand(shape, float32); 1 / (1 - p) where u >= p."""
+    return (torch.rand(shape, dtype=torch.float32) >= p).to(dtype) * (1.0 / (1.0 - p))
+
+
+def zoneout_draws(shape, p, dtype):
+    """The modules' documented draw: u = torch.rand(shape, float32); keep (1) where u < p."""
+    return (torch.rand(shape, dtype=torch.float32) < p).to(dtype)
+
+
 def reference_layer(mode, x, w_ih, w_hh, b_ih, b_hh, h0, c0=None, lengths=None, reverse=False, mask=None, w_hr=None,
                     round_h=None, keep_h=None, keep_c=None):
     """x [T, B, I]; returns output [T, B, P] (zeros past each length), h_n, c_n. ``mask`` [B, P]
@@ -311,8 +321,10 @@ def reference_module(module, x, hx=None, lengths=None):
             suffix = f"_l{layer}" + ("_reverse" if d else "")
             w_hh = getattr(module, "weight_hh" + suffix)
             if module.dropconnect:
-                w_hh = F.dropout(w_hh, module.dropconnect, True)
-            mask = F.dropout(torch.ones_like(h0[index]), module.recurrent_dropout, True) if module.recurrent_dropout else None
+                w_hh = w_hh * dropout_mask(w_hh.shape, module.dropconnect, w_hh.dtype)
+            mask = None
+            if module.recurrent_dropout:
+                mask = dropout_mask(h0[index].shape, module.recurrent_dropout, x.dtype)
             draws.append((suffix, w_hh, mask))
         outs = []
         for d, (suffix, w_hh, mask) in enumerate(draws):
@@ -643,7 +655,7 @@ def reference_zoned_module(module, x, lengths=None):
         if not p:
             return None
         if module.training:
-            draws = torch.bernoulli(torch.full((rows, width), p, dtype=x.dtype))
+            draws = zoneout_draws((rows, width), p, x.dtype)
             return packed_rows_to_steps(draws, lengths, steps, batch)
         return torch.tensor(p, dtype=x.dtype)
 
@@ -653,10 +665,10 @@ def reference_zoned_module(module, x, lengths=None):
             suffix = f"_l{layer}" + ("_reverse" if d else "")
             w_hh = getattr(module, "weight_hh" + suffix)
             if module.training and module.dropconnect:
-                w_hh = F.dropout(w_hh, module.dropconnect, True)
+                w_hh = w_hh * dropout_mask(w_hh.shape, module.dropconnect, w_hh.dtype)
             mask = None
             if module.training and module.recurrent_dropout:
-                mask = F.dropout(torch.ones(batch, P, dtype=x.dtype), module.recurrent_dropout, True)
+                mask = dropout_mask((batch, P), module.recurrent_dropout, x.dtype)
             k_h = keep(module.zoneout, P)
             k_c = keep(module.cell_zoneout, module.hidden_size) if mode == "lstm" else None
             draws.append((suffix, w_hh, mask, k_h, k_c))
@@ -734,7 +746,7 @@ def test_zoneout_cells(training):
     h, c = torch.randn(3, 6, dtype=torch.float64), torch.randn(3, 6, dtype=torch.float64)
 
     def keep(p):
-        return torch.bernoulli(torch.full((3, 6), p, dtype=torch.float64)) if training else p
+        return zoneout_draws((3, 6), p, torch.float64) if training else p
 
     torch.manual_seed(9)
     h1, c1 = lstm(x, (h, c))
