@@ -520,3 +520,60 @@ def test_persistent_path_refuses_weights_that_do_not_fit(monkeypatch):
     out, _ = layer(x)
     monkeypatch.setenv("RNNFUSED_CUDA_PATH", "standard")
     torch.testing.assert_close(out, layer(x)[0])
+
+
+# ----------------------------------------------------------------------------------------------
+# Recurrent dropout and zoneout (tests/test_regularization.py's reference loop, on the GPU)
+# ----------------------------------------------------------------------------------------------
+
+from test_regularization import (  # noqa: E402
+    SIM_ZONEOUT_CASES, check_against_reference, make_layer_args, make_keep, outputs_and_grads, run_fused,
+)
+
+
+@pytest.mark.parametrize("mode,batch,hidden,lengths,reverse,proj,which,kind", SIM_ZONEOUT_CASES)
+@pytest.mark.parametrize("path", ["auto", "standard"])
+def test_regularized_ops_match_reference(mode, batch, hidden, lengths, reverse, proj, which, kind, path, monkeypatch,
+                                         no_tf32):
+    """The CUDA ops with a recurrent mask and zoneout: forward and every gradient equal the CPU
+    step loop's in float64 (auto sends such calls to the standard path)."""
+    monkeypatch.setenv("RNNFUSED_CUDA_PATH", path)
+    import contextlib
+
+    check_against_reference(mode, batch, hidden, lengths, reverse, proj, contextlib.nullcontext(), which, kind,
+                            device=CUDA)
+
+
+@pytest.mark.parametrize("mode", ["lstm", "gru", "rnn_tanh"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_regularized_ops_match_cpu(mode, dtype, no_tf32):
+    """float32 / bfloat16 with a recurrent mask (and zoneout for LSTM / GRU): the GPU against the CPU."""
+    args, mask = make_layer_args(mode, 7, 9, 6, 24, dtype)
+    keep_h = make_keep("draws", 63, 24, dtype, 1) if mode != "rnn_tanh" else None
+    keep_c = make_keep("scalar", 63, 24, dtype, 2) if mode == "lstm" else None
+    cpu = outputs_and_grads(lambda: run_fused(mode, args, None, False, mask, keep_h, keep_c), args)
+    placed = {k: (v.detach().to(CUDA).requires_grad_() if v is not None else None) for k, v in args.items()}
+    gpu = outputs_and_grads(lambda: run_fused(mode, placed, None, False, mask.to(CUDA),
+                                              None if keep_h is None else keep_h.to(CUDA),
+                                              None if keep_c is None else keep_c.to(CUDA)), placed)
+    for a, b in zip(gpu[0] + gpu[1], cpu[0] + cpu[1]):
+        scale = b.abs().max().item()
+        tol = dict(rtol=1e-4, atol=1e-5 * scale) if dtype == torch.float32 else dict(rtol=0.05, atol=0.02 * scale)
+        torch.testing.assert_close(a.cpu().double(), b.double(), **tol)
+
+
+def test_regularized_modules_train_on_the_gpu():
+    """Every option on the GPU: a training step runs, the same seed gives the same result, eval
+    mode is deterministic."""
+    for cls, options in ((rnnfused.LSTM, dict(recurrent_dropout=0.3, dropconnect=0.2, zoneout=0.1, cell_zoneout=0.1)),
+                         (rnnfused.GRU, dict(recurrent_dropout=0.3, dropconnect=0.2, zoneout=0.1))):
+        module = cls(8, 16, num_layers=2, bidirectional=True, **options).to(CUDA)
+        x = torch.randn(12, 5, 8, device=CUDA, requires_grad=True)
+        torch.manual_seed(4)
+        a = module(x)[0]
+        a.sum().backward()
+        torch.manual_seed(4)
+        b = module(x)[0]
+        assert torch.equal(a, b)
+        module.eval()
+        assert torch.equal(module(x)[0], module(x)[0])

@@ -138,28 +138,36 @@ def outputs_and_grads(run, args):
     out, h_n, c_n = run()
     results = [out, h_n] + ([c_n] if c_n is not None else [])
     g = torch.Generator().manual_seed(7)
-    loss = sum((r * torch.randn(r.shape, generator=g, dtype=torch.float64).to(r.dtype)).sum() for r in results)
+    loss = sum((r * torch.randn(r.shape, generator=g, dtype=torch.float64).to(r.dtype).to(r.device)).sum()
+               for r in results)
     leaves = [v for v in args.values() if v is not None]
     grads = torch.autograd.grad(loss, leaves)
     return [r.detach() for r in results], list(grads)
 
 
-def check_against_reference(mode, batch, hidden, lengths, reverse, proj, context, which="", kind="draws"):
-    """The fused op (run inside ``context``) with a recurrent mask and the zoneout of ``which``
-    ('h', 'c'): forward and every gradient equal the step loop's, float64."""
+def check_against_reference(mode, batch, hidden, lengths, reverse, proj, context, which="", kind="draws",
+                            device="cpu"):
+    """The fused op (run inside ``context``, on ``device``) with a recurrent mask and the zoneout of
+    ``which`` ('h', 'c'): forward and every gradient equal the step loop's (on the CPU), float64."""
     steps = 6
     args, mask = make_layer_args(mode, steps, batch, 4, hidden, torch.float64, proj=proj)
     rows = sum(lengths) if lengths else steps * batch
     keep_h = make_keep(kind, rows, proj or hidden, torch.float64, 1) if "h" in which else None
     keep_c = make_keep(kind, rows, hidden, torch.float64, 2) if "c" in which else None
+
+    def on_device(t):
+        return None if t is None else t.detach().to(device).requires_grad_(t.requires_grad)
+
+    placed = {k: on_device(v) for k, v in args.items()}
     with context:
-        ours = outputs_and_grads(lambda: run_fused(mode, args, lengths, reverse, mask, keep_h, keep_c), args)
+        ours = outputs_and_grads(lambda: run_fused(mode, placed, lengths, reverse, on_device(mask), on_device(keep_h),
+                                                   on_device(keep_c)), placed)
     ref = outputs_and_grads(lambda: reference_layer(
         mode, **args, lengths=lengths, reverse=reverse, mask=mask,
         keep_h=None if keep_h is None else packed_rows_to_steps(keep_h, lengths, steps, batch),
         keep_c=None if keep_c is None else packed_rows_to_steps(keep_c, lengths, steps, batch)), args)
     for a, b in zip(ours[0] + ours[1], ref[0] + ref[1]):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(a.cpu(), b, rtol=1e-10, atol=1e-12)
 
 
 
