@@ -12,7 +12,10 @@ their ``forward``. ``convert(model, to="torch.nn")`` is the way back.
 
 Only modules whose class is exactly one of those six (or its parametrized form) are converted: a
 subclass of ``torch.nn.LSTM`` written by a user may override ``forward`` or depend on torch.nn's
-internals, so it is left as it is, with a warning that names it.
+internals, so it is left as it is, with a warning that names it. A module using one of rnnfused's
+regularization options (recurrent_dropout, dropconnect, zoneout, cell_zoneout), which torch.nn's
+classes do not have, is refused by ``to="torch.nn"`` before anything changes: its behaviour would
+change silently.
 """
 import warnings
 
@@ -72,6 +75,15 @@ def convert(model: nn.Module, to: str = "rnnfused") -> nn.Module:
         raise TypeError(f"convert: expected a torch.nn.Module, got {type(model).__name__}")
     targets = _TARGETS[to]
     done = set(targets.values())
+    if to == "torch.nn":
+        for name, module in model.named_modules():
+            options = [option for option in modules._RECURRENT_OPTIONS if getattr(module, option, 0)]
+            if _built_class(module)[0] in targets and options:
+                raise ValueError(
+                    f"convert: {name or 'the model'} uses {', '.join(options)}, which torch.nn's "
+                    f"{targets[_built_class(module)[0]].__name__} does not have; set them to 0 first "
+                    "(nothing was converted)"
+                )
     for name, module in model.named_modules():
         built, _ = _built_class(module)
         if built in targets:

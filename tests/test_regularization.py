@@ -911,3 +911,15 @@ def test_regularization_benchmark_plumbing(tmp_path):
     assert regularization.main(["--preset", "tiny", "--min-run-time", "0.01", "--rounds", "1", "--json",
                                 str(path)]) == 0
     assert path.exists()
+
+
+def test_convert_to_torch_nn_refuses_the_options():
+    model = torch.nn.Sequential(rnnfused.GRU(3, 4), rnnfused.LSTM(4, 5, zoneout=0.1))
+    with pytest.raises(ValueError, match=r"convert: 1 uses zoneout, which torch.nn's LSTM does not have"):
+        rnnfused.convert(model, to="torch.nn")
+    assert type(model[0]) is rnnfused.GRU  # nothing was converted
+    model[1].zoneout = 0
+    rnnfused.convert(model, to="torch.nn")
+    assert type(model[0]) is torch.nn.GRU and type(model[1]) is torch.nn.LSTM
+    rnnfused.convert(model)
+    assert model[1].zoneout == 0 and "zoneout" not in repr(model[1])
