@@ -34,21 +34,22 @@ inline void define_recurrence_ops(torch::Library& m) {
       "Tensor workspace, Tensor? batch_sizes, bool reverse, Tensor? recurrent_mask=None, Tensor? zoneout=None) -> "
       "(Tensor grad_gates_x, Tensor grad_w_hh, Tensor grad_b_hh, Tensor grad_h0)");
   // The Elman RNN needs no workspace: its backward reads the output itself (tanh' = 1 - h^2,
-  // relu' = [h > 0]).
+  // relu' = [h > 0]). With zoneout the output is not the activation: the backward then takes the
+  // forward's gates_x and b_hh and recomputes the candidates h~ = act(pre) step by step.
   m.def(
       "rnn_tanh_recurrence(Tensor gates_x, Tensor w_hh, Tensor? b_hh, Tensor h0, Tensor? batch_sizes, bool reverse, "
-      "Tensor? recurrent_mask=None) -> (Tensor output, Tensor h_n)");
+      "Tensor? recurrent_mask=None, Tensor? zoneout=None) -> (Tensor output, Tensor h_n)");
   m.def(
       "rnn_tanh_recurrence_backward(Tensor? grad_output, Tensor? grad_h_n, Tensor w_hh, Tensor h0, Tensor output, "
-      "Tensor? batch_sizes, bool reverse, Tensor? recurrent_mask=None) -> (Tensor grad_gates_x, Tensor grad_w_hh, "
-      "Tensor grad_b_hh, Tensor grad_h0)");
+      "Tensor? batch_sizes, bool reverse, Tensor? recurrent_mask=None, Tensor? zoneout=None, Tensor? gates_x=None, "
+      "Tensor? b_hh=None) -> (Tensor grad_gates_x, Tensor grad_w_hh, Tensor grad_b_hh, Tensor grad_h0)");
   m.def(
       "rnn_relu_recurrence(Tensor gates_x, Tensor w_hh, Tensor? b_hh, Tensor h0, Tensor? batch_sizes, bool reverse, "
-      "Tensor? recurrent_mask=None) -> (Tensor output, Tensor h_n)");
+      "Tensor? recurrent_mask=None, Tensor? zoneout=None) -> (Tensor output, Tensor h_n)");
   m.def(
       "rnn_relu_recurrence_backward(Tensor? grad_output, Tensor? grad_h_n, Tensor w_hh, Tensor h0, Tensor output, "
-      "Tensor? batch_sizes, bool reverse, Tensor? recurrent_mask=None) -> (Tensor grad_gates_x, Tensor grad_w_hh, "
-      "Tensor grad_b_hh, Tensor grad_h0)");
+      "Tensor? batch_sizes, bool reverse, Tensor? recurrent_mask=None, Tensor? zoneout=None, Tensor? gates_x=None, "
+      "Tensor? b_hh=None) -> (Tensor grad_gates_x, Tensor grad_w_hh, Tensor grad_b_hh, Tensor grad_h0)");
 }
 
 }  // namespace rnnfused

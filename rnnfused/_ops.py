@@ -87,11 +87,12 @@ def register(namespace):
                            recurrent_mask=None, zoneout=None):
         return _gated_backward_fake(3, grad_output, grad_h_n, w_hh, h0, output)
 
-    def _rnn_fake(gates_x, w_hh, b_hh, h0, batch_sizes, reverse, recurrent_mask=None):
+    def _rnn_fake(gates_x, w_hh, b_hh, h0, batch_sizes, reverse, recurrent_mask=None, zoneout=None):
         output = gates_x.new_empty((gates_x.shape[0], gates_x.shape[1]))
         return output, torch.empty_like(h0, memory_format=torch.contiguous_format)
 
-    def _rnn_backward_fake(grad_output, grad_h_n, w_hh, h0, output, batch_sizes, reverse, recurrent_mask=None):
+    def _rnn_backward_fake(grad_output, grad_h_n, w_hh, h0, output, batch_sizes, reverse, recurrent_mask=None,
+                           zoneout=None, gates_x=None, b_hh=None):
         return _gated_backward_fake(1, grad_output, grad_h_n, w_hh, h0, output)
 
     for _act in ("tanh", "relu"):
@@ -228,19 +229,22 @@ def register(namespace):
 
     def _rnn_setup_context(ctx, inputs, output):
         gates_x, w_hh, b_hh, h0, batch_sizes, reverse = inputs[:6]
+        mask, keep = _at(inputs, 6), _at(inputs, 7)
         out, _ = output
         ctx.reverse = reverse
         ctx.has_bias = b_hh is not None
-        ctx.save_for_backward(w_hh, h0, out, batch_sizes, _at(inputs, 6))
+        # With zoneout the backward recomputes the candidates h~ from gates_x and b_hh.
+        recompute_from = (gates_x, b_hh) if keep is not None else (None, None)
+        ctx.save_for_backward(w_hh, h0, out, batch_sizes, mask, keep, *recompute_from)
         ctx.set_materialize_grads(False)
 
     def _make_rnn_backward(backward_op):
         def _rnn_backward(ctx, grad_output, grad_h_n):
-            w_hh, h0, out, batch_sizes, mask = ctx.saved_tensors
+            w_hh, h0, out, batch_sizes, mask, keep, gates_x, b_hh = ctx.saved_tensors
             grad_gx, grad_w_hh, grad_b_hh, grad_h0 = backward_op(
-                grad_output, grad_h_n, w_hh, h0, out, batch_sizes, ctx.reverse, mask
+                grad_output, grad_h_n, w_hh, h0, out, batch_sizes, ctx.reverse, mask, keep, gates_x, b_hh
             )
-            return grad_gx, grad_w_hh, grad_b_hh if ctx.has_bias else None, grad_h0, None, None, None
+            return grad_gx, grad_w_hh, grad_b_hh if ctx.has_bias else None, grad_h0, None, None, None, None
 
         return _rnn_backward
 
@@ -306,7 +310,8 @@ def register(namespace):
     def _make_rnn_backward_backward(nonlinearity):
         def _rnn_backward_backward(ctx, *grads):
             def run(a):  # grad_output, grad_h_n, w_hh, h0, output, batch_sizes, reverse
-                return reference.rnn_backward(nonlinearity, a[0], a[1], a[2], a[3], a[4], a[5], ctx.reverse, _at(a, 7))
+                return reference.rnn_backward(nonlinearity, a[0], a[1], a[2], a[3], a[4], a[5], ctx.reverse, _at(a, 7),
+                                              _at(a, 8), _at(a, 9), _at(a, 10))
 
             return _vjp(ctx, run, grads)
 

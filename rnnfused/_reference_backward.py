@@ -223,10 +223,15 @@ def gru_backward(grad_output, grad_h_n, grad_workspace, w_hh, h0, output, worksp
     return grad_gx.to(out_dtype), grad_w_hh.to(w_hh.dtype), grad_b_hh.to(out_dtype), dh.to(h0.dtype)
 
 
-def rnn_backward(nonlinearity, grad_output, grad_h_n, w_hh, h0, output, batch_sizes, reverse, recurrent_mask=None):
-    """grad_gates_x, grad_w_hh, grad_b_hh, grad_h0 of an Elman RNN (its backward reads only h_t)."""
+def rnn_backward(nonlinearity, grad_output, grad_h_n, w_hh, h0, output, batch_sizes, reverse, recurrent_mask=None,
+                 zoneout=None, gates_x=None, b_hh=None):
+    """grad_gates_x, grad_w_hh, grad_b_hh, grad_h0 of an Elman RNN (its backward reads only h_t).
+    With zoneout (keep weights as for lstm_backward) the output is not the activation: the
+    candidates h~ = act(gates_x + (m * h_{t-1}) W_hh^T + b_hh) are recomputed from gates_x and b_hh."""
     dtype = torch.float32 if output.dtype in (torch.float16, torch.bfloat16) else output.dtype
     mask = _compute(recurrent_mask, dtype)
+    k_h = _compute(zoneout, dtype)
+    gx, bias = _compute(gates_x, dtype), _compute(b_hh, dtype)
     out_dtype = output.dtype
     w_hh_c, h0_c, output_c, go = (_compute(t, dtype) for t in (w_hh, h0, output, grad_output))
     hidden = h0.shape[1]
@@ -240,6 +245,14 @@ def rnn_backward(nonlinearity, grad_output, grad_h_n, w_hh, h0, output, batch_si
         dh_t = dh.narrow(0, 0, rows)
         if go is not None:
             dh_t = dh_t + _rows(go, offset, rows)
+        dh_kept = 0
+        if k_h is not None:
+            pre = _rows(gx, offset, rows) + _masked(_previous(output_c, h0_c, step), mask) @ w_hh_c.t()
+            if bias is not None:
+                pre = pre + bias
+            h = torch.tanh(pre) if nonlinearity == "tanh" else torch.relu(pre)  # the candidate
+            keep = _keep(k_h, offset, rows)
+            dh_kept, dh_t = keep * dh_t, (1 - keep) * dh_t
         if nonlinearity == "tanh":
             d_pre = dh_t * _tanh_grad(h)
         else:
@@ -248,6 +261,6 @@ def rnn_backward(nonlinearity, grad_output, grad_h_n, w_hh, h0, output, batch_si
         h_prev = _masked(_previous(output_c, h0_c, step), mask)
         grad_w_hh = grad_w_hh + d_pre.t() @ h_prev
         grad_b_hh = grad_b_hh + d_pre.sum(0)
-        dh = _replace_leading_rows(dh, _masked(d_pre @ w_hh_c, mask))
+        dh = _replace_leading_rows(dh, _masked(d_pre @ w_hh_c, mask) + dh_kept)
     grad_gx = _assemble(grad_gates, reverse, hidden, w_hh_c)
     return grad_gx.to(out_dtype), grad_w_hh.to(w_hh.dtype), grad_b_hh.to(out_dtype), dh.to(h0.dtype)

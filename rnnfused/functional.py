@@ -16,7 +16,7 @@ h_{t-1} is multiplied by ``recurrent_mask[b]`` before the product with w_hh; the
 and the outputs stay unmasked. The modules draw it once per call, layer and direction
 (0 or 1 / (1 - p), see README "Regularization beyond torch.nn").
 
-``zoneout`` [N, P] or a scalar, ``cell_zoneout`` [N, H] or a scalar (LSTM and GRU; the input's
+``zoneout`` [N, P] or a scalar (every cell), ``cell_zoneout`` [N, H] or a scalar (LSTM; the input's
 dtype): keep weights k of h (of the LSTM's c): every step, s_t = k s_{t-1} + (1 - k) s~_t per row
 and unit, where s~_t is what the cell computes (for the LSTM h~_t = o tanh(c~_t), from the
 candidate cell state c~_t = f c_{t-1} + i g). The modules pass 0/1 draws (1 with probability p) in training
@@ -95,13 +95,15 @@ def gru_layer(input, w_ih, w_hh, b_ih, b_hh, h0, batch_sizes=None, reverse=False
     return output, h_n
 
 
-def rnn_tanh_layer(input, w_ih, w_hh, b_ih, b_hh, h0, batch_sizes=None, reverse=False, recurrent_mask=None):
+def rnn_tanh_layer(input, w_ih, w_hh, b_ih, b_hh, h0, batch_sizes=None, reverse=False, recurrent_mask=None,
+                   zoneout=None):
     """Elman RNN layer with tanh. Returns ``output, h_n``."""
     return _ops_ns.rnn_tanh_recurrence(_project(input, w_ih, b_ih), w_hh, b_hh, h0, batch_sizes, reverse,
-                                       recurrent_mask)
+                                       recurrent_mask, zoneout)
 
 
-def rnn_relu_layer(input, w_ih, w_hh, b_ih, b_hh, h0, batch_sizes=None, reverse=False, recurrent_mask=None):
+def rnn_relu_layer(input, w_ih, w_hh, b_ih, b_hh, h0, batch_sizes=None, reverse=False, recurrent_mask=None,
+                   zoneout=None):
     """Elman RNN layer with ReLU. Returns ``output, h_n``."""
     return _ops_ns.rnn_relu_recurrence(_project(input, w_ih, b_ih), w_hh, b_hh, h0, batch_sizes, reverse,
-                                       recurrent_mask)
+                                       recurrent_mask, zoneout)

@@ -52,10 +52,6 @@ def _pop_recurrent_options(kwargs, mode):
     options = {name: _check_probability(name, kwargs.pop(name, 0.0)) for name in _RECURRENT_OPTIONS}
     if options["cell_zoneout"] and mode != "LSTM":
         raise ValueError("cell_zoneout applies to the LSTM's cell state; use zoneout for the hidden state")
-    if options["zoneout"] and mode.startswith("RNN"):
-        raise NotImplementedError(
-            "rnnfused: zoneout is not supported for the Elman RNN yet (LSTM and GRU have it)"
-        )
     return options
 
 
@@ -142,9 +138,11 @@ class _FusedStack:
             return rf.gru_layer(layer_input, w_ih, w_hh, b_ih, b_hh, h0, batch_sizes, reverse, training=self.training,
                                 recurrent_mask=mask, zoneout=keep_h)
         if self.mode == "RNN_TANH":
-            return rf.rnn_tanh_layer(layer_input, w_ih, w_hh, b_ih, b_hh, h0, batch_sizes, reverse, recurrent_mask=mask)
+            return rf.rnn_tanh_layer(layer_input, w_ih, w_hh, b_ih, b_hh, h0, batch_sizes, reverse, recurrent_mask=mask,
+                                     zoneout=keep_h)
         if self.mode == "RNN_RELU":
-            return rf.rnn_relu_layer(layer_input, w_ih, w_hh, b_ih, b_hh, h0, batch_sizes, reverse, recurrent_mask=mask)
+            return rf.rnn_relu_layer(layer_input, w_ih, w_hh, b_ih, b_hh, h0, batch_sizes, reverse, recurrent_mask=mask,
+                                     zoneout=keep_h)
         raise ValueError("Unrecognized RNN mode: " + self.mode)
 
     def _run_directions(self, layer_input, layer, num_directions, h0, c0, batch_sizes):
@@ -602,7 +600,8 @@ class RNNCell(_CellOptions, nn.RNNCell):
         if self.hidden_size == 0:
             ret = _zero_width_state(input, self.weight_ih, self.bias_ih, self.weight_hh, self.bias_hh, hx)
         else:
-            ret, _ = layer(input, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh, hx)
+            ret, _ = layer(input, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh, hx,
+                           zoneout=_zoneout_keep(self.zoneout, self.training, input.shape[0], hx))
         if not is_batched:
             ret = ret.squeeze(0)
         return ret

@@ -547,9 +547,9 @@ def test_regularized_ops_match_reference(mode, batch, hidden, lengths, reverse, 
 @pytest.mark.parametrize("mode", ["lstm", "gru", "rnn_tanh"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_regularized_ops_match_cpu(mode, dtype, no_tf32):
-    """float32 / bfloat16 with a recurrent mask (and zoneout for LSTM / GRU): the GPU against the CPU."""
+    """float32 / bfloat16 with a recurrent mask and zoneout: the GPU against the CPU."""
     args, mask = make_layer_args(mode, 7, 9, 6, 24, dtype)
-    keep_h = make_keep("draws", 63, 24, dtype, 1) if mode != "rnn_tanh" else None
+    keep_h = make_keep("draws", 63, 24, dtype, 1)
     keep_c = make_keep("scalar", 63, 24, dtype, 2) if mode == "lstm" else None
     cpu = outputs_and_grads(lambda: run_fused(mode, args, None, False, mask, keep_h, keep_c), args)
     placed = {k: (v.detach().to(CUDA).requires_grad_() if v is not None else None) for k, v in args.items()}
@@ -566,7 +566,8 @@ def test_regularized_modules_train_on_the_gpu():
     """Every option on the GPU: a training step runs, the same seed gives the same result, eval
     mode is deterministic."""
     for cls, options in ((rnnfused.LSTM, dict(recurrent_dropout=0.3, dropconnect=0.2, zoneout=0.1, cell_zoneout=0.1)),
-                         (rnnfused.GRU, dict(recurrent_dropout=0.3, dropconnect=0.2, zoneout=0.1))):
+                         (rnnfused.GRU, dict(recurrent_dropout=0.3, dropconnect=0.2, zoneout=0.1)),
+                         (rnnfused.RNN, dict(recurrent_dropout=0.3, dropconnect=0.2, zoneout=0.1))):
         module = cls(8, 16, num_layers=2, bidirectional=True, **options).to(CUDA)
         x = torch.randn(12, 5, 8, device=CUDA, requires_grad=True)
         torch.manual_seed(4)

@@ -124,7 +124,7 @@ def run_fused(mode, args, lengths, reverse, mask, keep_h=None, keep_c=None):
         out, h_n = rf.gru_layer(rows, *common, args["h0"], batch_sizes, reverse, recurrent_mask=mask, zoneout=keep_h)
     else:
         layer = rf.rnn_tanh_layer if mode == "rnn_tanh" else rf.rnn_relu_layer
-        out, h_n = layer(rows, *common, args["h0"], batch_sizes, reverse, recurrent_mask=mask)
+        out, h_n = layer(rows, *common, args["h0"], batch_sizes, reverse, recurrent_mask=mask, zoneout=keep_h)
     if lengths is not None:
         from torch.nn.utils.rnn import PackedSequence
 
@@ -557,7 +557,7 @@ def make_keep(kind, rows, width, dtype, seed):
 
 ZONEOUT_CASES = [
     (mode, batch, hidden, lengths, reverse, proj, which, kind)
-    for mode in ("lstm", "gru")
+    for mode in MODES
     for (batch, hidden, lengths, reverse) in [(1, 5, None, False), (5, 13, [6, 6, 4, 2, 1], True),
                                               (17, 21, None, True)]
     for proj in ((0, 3) if mode == "lstm" else (0,))
@@ -571,7 +571,7 @@ def test_zoneout_matches_reference_float64(mode, batch, hidden, lengths, reverse
     check_against_reference(mode, batch, hidden, lengths, reverse, proj, contextlib.nullcontext(), which, kind)
 
 
-@pytest.mark.parametrize("mode", ["lstm", "gru"])
+@pytest.mark.parametrize("mode", MODES)
 def test_zoneout_bfloat16_and_float32(mode):
     for dtype in (torch.float32, torch.bfloat16):
         args, mask = make_layer_args(mode, 7, 9, 6, 24, dtype)
@@ -599,7 +599,7 @@ def _zoneout_op_call(mode, packed, kind):
     return op, args + (keep_h,)
 
 
-@pytest.mark.parametrize("mode", ["lstm", "gru"])
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("kind", ["weights", "scalar"])
 def test_zoneout_gradcheck_and_gradgradcheck(mode, packed, kind):
@@ -618,7 +618,7 @@ def test_zoneout_gradcheck_and_gradgradcheck(mode, packed, kind):
     assert torch.autograd.gradgradcheck(fn, inputs)
 
 
-@pytest.mark.parametrize("mode", ["lstm", "gru"])
+@pytest.mark.parametrize("mode", MODES)
 def test_zoneout_opcheck(mode):
     op, args = _zoneout_op_call(mode, True, "weights")
     torch.library.opcheck(op.default, args)
@@ -628,10 +628,14 @@ def test_zoneout_opcheck(mode):
         gates_x, w_hh, b_hh, w_hr, h0, c0, bs, rev, _, mask, k_h, k_c = args
         backward = (torch.randn_like(out), None, torch.randn_like(c0), w_hh.detach(), None, h0.detach(), c0.detach(),
                     out, result[3].detach(), bs, rev, mask, k_h, k_c)
-    else:
+    elif mode == "gru":
         gates_x, w_hh, b_hh, h0, bs, rev, _, mask, k_h = args
         backward = (torch.randn_like(out), None, w_hh.detach(), h0.detach(), out, result[2].detach(), bs, rev, mask,
                     k_h)
+    else:  # the Elman RNN's backward recomputes the candidates from gates_x and b_hh
+        gates_x, w_hh, b_hh, h0, bs, rev, mask, k_h = args
+        backward = (torch.randn_like(out), None, w_hh.detach(), h0.detach(), out, bs, rev, mask, k_h,
+                    gates_x.detach(), b_hh.detach())
     torch.library.opcheck(getattr(torch.ops.rnnfused, f"{mode}_recurrence_backward").default, backward)
 
 
@@ -649,7 +653,7 @@ def test_zoneout_shape_errors():
 def reference_zoned_module(module, x, lengths=None):
     """The module's forward with zoneout (and the other options), re-done with the step loop and
     the documented draws per layer and direction: DropConnect, recurrent mask, zoneout of h, of c."""
-    mode = {"LSTM": "lstm", "GRU": "gru"}[module.mode]
+    mode = {"LSTM": "lstm", "GRU": "gru", "RNN_TANH": "rnn_tanh", "RNN_RELU": "rnn_relu"}[module.mode]
     D = 2 if module.bidirectional else 1
     steps, batch = x.shape[0], x.shape[1]
     rows = sum(lengths) if lengths else steps * batch
@@ -703,6 +707,8 @@ ZONEOUT_MODULES = [
     ("lstm", dict(zoneout=0.25, proj_size=3)),
     ("gru", dict(zoneout=0.3)),
     ("gru", dict(zoneout=0.2, recurrent_dropout=0.3, num_layers=2, bidirectional=True)),
+    ("rnn_tanh", dict(zoneout=0.3)),
+    ("rnn_relu", dict(zoneout=0.2, recurrent_dropout=0.3, dropconnect=0.1, num_layers=2, bidirectional=True)),
 ]
 
 
@@ -746,10 +752,13 @@ def test_zoneout_cells(training):
     torch.manual_seed(0)
     lstm = rnnfused.LSTMCell(4, 6, zoneout=0.3, cell_zoneout=0.5, dtype=torch.float64).train(training)
     gru = rnnfused.GRUCell(4, 6, zoneout=0.4, dtype=torch.float64).train(training)
+    rnn = rnnfused.RNNCell(4, 6, nonlinearity="relu", zoneout=0.2, dtype=torch.float64).train(training)
     plain_lstm = rnnfused.LSTMCell(4, 6, dtype=torch.float64)
     plain_gru = rnnfused.GRUCell(4, 6, dtype=torch.float64)
+    plain_rnn = rnnfused.RNNCell(4, 6, nonlinearity="relu", dtype=torch.float64)
     plain_lstm.load_state_dict(lstm.state_dict())
     plain_gru.load_state_dict(gru.state_dict())
+    plain_rnn.load_state_dict(rnn.state_dict())
     x = torch.randn(3, 4, dtype=torch.float64)
     h, c = torch.randn(3, 6, dtype=torch.float64), torch.randn(3, 6, dtype=torch.float64)
 
@@ -759,20 +768,18 @@ def test_zoneout_cells(training):
     torch.manual_seed(9)
     h1, c1 = lstm(x, (h, c))
     g1 = gru(x, h)
+    r1 = rnn(x, h)
     torch.manual_seed(9)
-    k_h, k_c, k_g = keep(0.3), keep(0.5), keep(0.4)
+    k_h, k_c, k_g, k_r = keep(0.3), keep(0.5), keep(0.4), keep(0.2)
     h_t, c_t = plain_lstm(x, (h, c))
     torch.testing.assert_close(h1, k_h * h + (1 - k_h) * h_t, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(c1, k_c * c + (1 - k_c) * c_t, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(g1, k_g * h + (1 - k_g) * plain_gru(x, h), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(r1, k_r * h + (1 - k_r) * plain_rnn(x, h), rtol=1e-12, atol=1e-12)
     assert "zoneout=0.3" in repr(lstm) and "cell_zoneout=0.5" in repr(lstm)
 
 
 def test_zoneout_errors():
-    with pytest.raises(NotImplementedError, match="zoneout is not supported for the Elman RNN"):
-        rnnfused.RNN(3, 4, zoneout=0.1)
-    with pytest.raises(NotImplementedError, match="zoneout is not supported for the Elman RNN"):
-        rnnfused.RNNCell(3, 4, zoneout=0.1)
     with pytest.raises(ValueError, match="cell_zoneout applies to the LSTM"):
         rnnfused.GRU(3, 4, cell_zoneout=0.1)
     with pytest.raises(ValueError, match="zoneout must be a number in \\[0, 1\\)"):
@@ -790,7 +797,7 @@ def test_zoneout_onnx_export_refused(tmp_path):
 
 SIM_ZONEOUT_CASES = [
     (mode, batch, hidden, lengths, reverse, proj, which, kind)
-    for mode in ("lstm", "gru")
+    for mode in MODES
     for (batch, hidden, lengths, reverse) in [(3, 5, None, False), (5, 7, [6, 6, 4, 2, 1], True)]
     for proj in ((0, 3) if mode == "lstm" else (0,))
     for which in (("hc", "c") if mode == "lstm" else ("h",))
@@ -808,7 +815,7 @@ def test_zoneout_cuda_kernels_on_the_simulator_match_reference(mode, batch, hidd
     check_against_reference(mode, batch, hidden, lengths, reverse, proj, sim.simulated_cuda(), which, kind)
 
 
-@pytest.mark.parametrize("mode", ["lstm", "gru"])
+@pytest.mark.parametrize("mode", MODES)
 def test_zoneout_cuda_kernels_on_the_simulator_bfloat16_match_cpu(mode, monkeypatch):
     sim = _simulator()
     monkeypatch.setenv("RNNFUSED_CUDA_PATH", "standard")

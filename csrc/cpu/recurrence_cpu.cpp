@@ -168,12 +168,45 @@ void zoned_previous_cells(const StepPlan& plan, int64_t H, const T* ws, const T*
   }
 }
 
+// The Elman RNN's candidates h~ = act(gates_x + (m * h_{t-1}) W_hh^T + b_hh) of every row, with the
+// forward's own per-step products and pass (so the same values): hprev [N, H] holds the h_{t-1}
+// each row read.
+template <typename T, Activation act>
+void recompute_candidates(const StepPlan& plan, int64_t B, int64_t H, const at::Tensor& gx, const at::Tensor& whh,
+                          const at::Tensor& bias, const at::Tensor& hprev, const at::Tensor& mask,
+                          at::Tensor& candidates);
+
 // What a step multiplies by W_hh: the state rows, or their masked copy in `buffer`.
 template <typename T>
 const T* masked_previous(int64_t count, const T* state, const at::Tensor& mask, const at::Tensor& buffer) {
   if (!mask.defined()) return state;
   multiply_by_mask(count, state, mask.data_ptr<T>(), buffer.data_ptr<T>());
   return buffer.data_ptr<T>();
+}
+
+template <typename T, Activation act>
+void recompute_candidates(const StepPlan& plan, int64_t B, int64_t H, const at::Tensor& gx, const at::Tensor& whh,
+                          const at::Tensor& bias, const at::Tensor& hprev, const at::Tensor& mask,
+                          at::Tensor& candidates) {
+  const auto& kernels = pointwise_kernels<T>();
+  const auto pass = act == Activation::Tanh ? kernels.rnn_tanh_forward : kernels.rnn_relu_forward;
+  at::Tensor gates_h = at::empty({B, H}, gx.options());
+  at::Tensor masked_h = mask.defined() ? at::empty({B, H}, gx.options()) : at::Tensor();
+  const StepWeight<T> recurrent(true, B, H, H, whh.data_ptr<T>(), H);  // as the forward's (same packing)
+  RnnForwardStep<T> step;
+  step.hidden = H;
+  step.gates_h = gates_h.data_ptr<T>();
+  step.bias = bias.data_ptr<T>();
+  for (const auto s : c10::irange(plan.steps())) {
+    const int64_t t = plan.step_at(s);
+    const int64_t rows = plan.batch_sizes[t], off = plan.offsets[t];
+    recurrent.multiply(rows, masked_previous(rows * H, hprev.data_ptr<T>() + off * H, mask, masked_h), H, T(0),
+                       gates_h.data_ptr<T>(), H);
+    step.rows = rows;
+    step.gates_x = gx.data_ptr<T>() + off * H;
+    step.h_state = candidates.data_ptr<T>() + off * H;
+    pass(step);
+  }
 }
 
 // rows [N, P] of a packed sequence times the mask row of their batch position (step t's row r
@@ -624,7 +657,8 @@ template <Activation act>
 std::tuple<at::Tensor, at::Tensor> rnn_recurrence_cpu(const at::Tensor& gates_x, const at::Tensor& w_hh,
                                                        const c10::optional<at::Tensor>& b_hh, const at::Tensor& h0,
                                                        const c10::optional<at::Tensor>& batch_sizes, bool reverse,
-                                                       const c10::optional<at::Tensor>& recurrent_mask) {
+                                                       const c10::optional<at::Tensor>& recurrent_mask,
+                                                       const c10::optional<at::Tensor>& zoneout) {
   const char* op = act == Activation::Tanh ? kRnnTanhOp : kRnnReluOp;
   const int64_t H = check_recurrence_inputs(op, 1, gates_x, w_hh, b_hh, h0);
   TORCH_CHECK(w_hh.size(1) == H, op, ": w_hh must be [hidden, hidden] = [", H, ", ", H, "], got ", w_hh.sizes());
@@ -639,7 +673,8 @@ std::tuple<at::Tensor, at::Tensor> rnn_recurrence_cpu(const at::Tensor& gates_x,
   at::Tensor h_state = state_copy(h0, acc);
   at::Tensor output = at::empty({plan.rows, H}, gates_x.options().dtype(acc));
   const at::Tensor mask = recurrent_mask_view(op, recurrent_mask, h0, acc);
-  const bool regularized = mask.defined();
+  const at::Tensor keep_h_t = zoneout_view(op, "zoneout", zoneout, plan.rows, H, gates_x, acc);
+  const bool regularized = mask.defined() || keep_h_t.defined();
   if (use_engine(false, regularized, B)) {
     const at::Tensor h0_c = compute_view(h0, acc);
     at::Tensor no_workspace;
@@ -652,6 +687,7 @@ std::tuple<at::Tensor, at::Tensor> rnn_recurrence_cpu(const at::Tensor& gates_x,
   }
   at::Tensor gates_h = at::empty({B, H}, gx.options());  // h_{t-1} W_hh^T of a step
   at::Tensor masked_h = mask.defined() ? at::empty({B, H}, gx.options()) : at::Tensor();  // h_{t-1} * mask
+  at::Tensor h_prev = keep_h_t.defined() ? at::empty({B, H}, gx.options()) : at::Tensor();  // zoneout: h_{t-1}
   AT_DISPATCH_FLOATING_TYPES(acc, "rnnfused_rnn_cpu", [&] {
     using T = scalar_t;
     const auto& kernels = pointwise_kernels<T>();
@@ -659,6 +695,7 @@ std::tuple<at::Tensor, at::Tensor> rnn_recurrence_cpu(const at::Tensor& gates_x,
     T* hs = h_state.data_ptr<T>();
     T* out = output.data_ptr<T>();
     T* gh = gates_h.data_ptr<T>();
+    const KeepRows<T> keep_h(keep_h_t, H);
     RnnForwardStep<T> step;
     step.hidden = H;
     step.gates_h = gh;
@@ -671,7 +708,9 @@ std::tuple<at::Tensor, at::Tensor> rnn_recurrence_cpu(const at::Tensor& gates_x,
       recurrent.multiply(rows, masked_previous(rows * H, hs, mask, masked_h), H, T(0), gh, H);
       step.rows = rows;
       step.gates_x = gx.data_ptr<T>() + off * H;
+      if (keep_h) std::memcpy(h_prev.data_ptr<T>(), hs, rows * H * sizeof(T));
       pass(step);
+      if (keep_h) zoneout_blend(rows * H, keep_h.at(off), keep_h.stride, h_prev.data_ptr<T>(), hs, hs);
       round_to_storage(dtype, hs, rows * H);
       std::memcpy(out + off * H, hs, rows * H * sizeof(T));
     }
@@ -683,7 +722,8 @@ template <Activation act>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_recurrence_backward_cpu(
     const c10::optional<at::Tensor>& grad_output, const c10::optional<at::Tensor>& grad_h_n, const at::Tensor& w_hh,
     const at::Tensor& h0, const at::Tensor& output, const c10::optional<at::Tensor>& batch_sizes, bool reverse,
-    const c10::optional<at::Tensor>& recurrent_mask) {
+    const c10::optional<at::Tensor>& recurrent_mask, const c10::optional<at::Tensor>& zoneout,
+    const c10::optional<at::Tensor>& gates_x, const c10::optional<at::Tensor>& b_hh) {
   const char* op = act == Activation::Tanh ? kRnnTanhBackwardOp : kRnnReluBackwardOp;
   TORCH_CHECK(output.dim() == 2, op, ": output must be 2-D, got ", output.dim(), "-D");
   const int64_t H = output.size(1);
@@ -705,7 +745,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_recurrence_backwa
 
   const at::Tensor h0_c = compute_view(h0, acc);
   const at::Tensor mask = recurrent_mask_view(op, recurrent_mask, h0, acc);
-  const bool regularized = mask.defined();
+  const at::Tensor keep_h_t = zoneout_view(op, "zoneout", zoneout, plan.rows, H, output, acc);
+  const bool regularized = mask.defined() || keep_h_t.defined();
+  // With zoneout the output rows are not act(pre): the candidates h~ are recomputed from the
+  // forward's gates_x and b_hh, step by step as the forward computed them.
+  at::Tensor candidates, gx, bias;
+  if (keep_h_t.defined()) {
+    TORCH_CHECK(present(gates_x), op, ": with zoneout, the backward needs the forward's gates_x");
+    check_matrix(op, "gates_x", *gates_x, output, plan.rows, H);
+    if (present(b_hh)) check_vector(op, "b_hh", *b_hh, output, H);
+    gx = compute_view(*gates_x, acc);
+    bias = bias_or_zeros(b_hh, H, output, acc);
+    candidates = at::empty({plan.rows, H}, options);
+  }
   if (use_engine(false, regularized, B)) {
     AT_DISPATCH_FLOATING_TYPES(acc, "rnnfused_rnn_backward_cpu", [&] {
       engine_kernels<scalar_t>().backward(backward_problem<scalar_t>(
@@ -719,6 +771,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_recurrence_backwa
     const auto pass = act == Activation::Tanh ? kernels.rnn_tanh_backward : kernels.rnn_relu_backward;
     const T* go_p = ptr_or_null<T>(go);
     T* dh = dh_state.data_ptr<T>();
+    const KeepRows<T> keep_h(keep_h_t, H);
+    at::Tensor dh_kept;  // zoneout: k dL/dh_t of a step, which flows straight to step t-1
+    if (keep_h) {
+      dh_kept = at::empty({B, H}, options);
+      recompute_candidates<T, act>(plan, B, H, gx, whh, bias, previous_h(plan, out, h0_c), mask, candidates);
+    }
     RnnBackwardStep<T> step;
     step.hidden = H;
     step.dh_state = dh;
@@ -727,12 +785,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_recurrence_backwa
       const int64_t t = plan.step_at(s);
       const int64_t rows = plan.batch_sizes[t], off = plan.offsets[t];
       step.rows = rows;
-      step.h = out.data_ptr<T>() + off * H;
+      step.h = (keep_h ? candidates : out).data_ptr<T>() + off * H;
       step.grad_output = go_p ? go_p + off * H : nullptr;
       step.grad_gates = grad_gates.data_ptr<T>() + off * H;
+      if (keep_h) {
+        zoneout_split(rows * H, keep_h.at(off), keep_h.stride, dh, step.grad_output, dh_kept.data_ptr<T>());
+        step.grad_output = nullptr;
+      }
       pass(step);
       recurrent.multiply(rows, step.grad_gates, H, T(0), dh, H);
       if (mask.defined()) multiply_by_mask(rows * H, dh, mask.data_ptr<T>(), dh);
+      if (keep_h) add_into(rows * H, dh_kept.data_ptr<T>(), dh);
     }
   });
   }

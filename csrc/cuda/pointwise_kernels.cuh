@@ -319,17 +319,23 @@ struct RnnForwardArgs {
   dptr<const T> gates_x = nullptr;  // [rows, H]
   dptr<const T> gates_h = nullptr;  // [rows, H]  h_{t-1} W_hh^T
   dptr<const T> bias = nullptr;     // [H]        b_hh (zeros for a layer without bias)
-  dptr<T> h_state = nullptr;        // [rows, H]  out: h_t (rounded to `storage`)
+  dptr<T> h_state = nullptr;        // [rows, H]  out: h_t (rounded to `storage`); in: h_{t-1} with zoneout
   dptr<T> h_copy = nullptr;         // [rows, H]  the step's output rows
   Storage storage = Storage::Same;
   LowpCopy h_lowp;                  // [rows, H]  h_t in the storage dtype
+  dptr<const T> keep_h = nullptr;   // [rows, H] or one value (stride 0): zoneout (standard path only)
+  int64_t keep_h_stride = 1;
 };
 
 // One element (row, j) of an Elman RNN step, given the recurrent sum gh = (h_{t-1} W_hh^T)[row, j].
 template <typename T, Activation act>
 __device__ __forceinline__ void rnn_forward_element(const RnnForwardArgs<T>& a, int64_t row, int64_t j, T gh) {
   const int64_t idx = row * a.hidden + j;
-  const T h = round_to_storage(rnnfused::rnn_forward<act, T>(a.gates_x[idx] + gh + a.bias[j]), a.storage);
+  const T candidate = rnnfused::rnn_forward<act, T>(a.gates_x[idx] + gh + a.bias[j]);
+  const T h = round_to_storage(
+      a.keep_h ? rnnfused::zoneout(a.keep_h[idx * a.keep_h_stride], static_cast<T>(a.h_state[idx]), candidate)
+               : candidate,
+      a.storage);
   a.h_state[idx] = h;
   a.h_copy[idx] = h;
   store_lowp(a.h_lowp, idx, h);
@@ -346,10 +352,15 @@ __global__ void __launch_bounds__(kThreads) rnn_forward_kernel(const RnnForwardA
 template <typename T>
 struct RnnBackwardArgs {
   int64_t rows = 0, hidden = 0;
-  dptr<const T> h = nullptr;            // [rows, H]  h_t (the step's output rows)
+  dptr<const T> h = nullptr;            // [rows, H]  h_t (the step's output rows); the candidates with zoneout
   dptr<const T> grad_output = nullptr;  // [rows, H]  may be null
   dptr<const T> dh_state = nullptr;     // [rows, H]  dL/dh_t from later steps
   dptr<T> grad_gates = nullptr;         // [rows, H]  dL/d pre-activation
+  // Zoneout (standard path only): the (1 - k) part of dL/dh_t is the candidate's; k dL/dh_t is
+  // written to dh_kept (aliasing dh_state: the GEMM of dL/dh_{t-1} then adds to it).
+  dptr<const T> keep_h = nullptr;
+  int64_t keep_h_stride = 1;
+  dptr<T> dh_kept = nullptr;
 };
 
 // One element (row, j) of an Elman RNN backward step.
@@ -358,6 +369,11 @@ __device__ __forceinline__ void rnn_backward_element(const RnnBackwardArgs<T>& a
   const int64_t idx = row * a.hidden + j;
   T dh = a.dh_state[idx];
   if (a.grad_output) dh = dh + a.grad_output[idx];
+  if (a.keep_h) {
+    const T keep = a.keep_h[idx * a.keep_h_stride];
+    a.dh_kept[idx] = keep * dh;
+    dh = (T(1) - keep) * dh;
+  }
   a.grad_gates[idx] = rnnfused::rnn_backward<act, T>(a.h[idx], dh);
 }
 

@@ -240,11 +240,13 @@ class RecurrentProduct {
   // w_hh: the caller's [G*H, P]; h0 [B, P] in the caller's dtype; h_state [B, P] in the compute
   // dtype, updated by the step kernels.
   // mask: the recurrent dropout mask [B, P] in the compute dtype, or undefined. With one, every
-  // dtype multiplies in the compute dtype (the masked h_{t-1} is not a 16-bit value).
+  // dtype multiplies in the compute dtype (the masked h_{t-1} is not a 16-bit value), as it does
+  // with `compute_dtype_product` (the Elman RNN with zoneout, whose backward recomputes the
+  // products in the compute dtype).
   RecurrentProduct(const at::Tensor& w_hh, const at::Tensor& h0, const at::Tensor& h_state,
-                   const at::Tensor& mask = at::Tensor())
+                   const at::Tensor& mask = at::Tensor(), bool compute_dtype_product = false)
       : h_state_(h_state), mask_(mask) {
-    if (storage_of(w_hh.scalar_type()) != Storage::Same && !mask.defined()) {
+    if (storage_of(w_hh.scalar_type()) != Storage::Same && !mask.defined() && !compute_dtype_product) {
       w_ = w_hh.contiguous();
       h_lowp_ = state_copy(h0, h0.scalar_type());
     } else {
@@ -1047,10 +1049,11 @@ template <Activation act>
 std::tuple<at::Tensor, at::Tensor> rnn_recurrence_cuda(const at::Tensor& gates_x, const at::Tensor& w_hh,
                                                         const c10::optional<at::Tensor>& b_hh, const at::Tensor& h0,
                                                         const c10::optional<at::Tensor>& batch_sizes, bool reverse,
-    const c10::optional<at::Tensor>& recurrent_mask) {
+    const c10::optional<at::Tensor>& recurrent_mask, const c10::optional<at::Tensor>& zoneout) {
   const char* op = act == Activation::Tanh ? kRnnTanhOp : kRnnReluOp;
   check_devices(op, named("gates_x", gates_x),
-                {named("w_hh", w_hh), named("b_hh", b_hh), named("h0", h0), named("recurrent_mask", recurrent_mask)},
+                {named("w_hh", w_hh), named("b_hh", b_hh), named("h0", h0), named("recurrent_mask", recurrent_mask),
+                 named("zoneout", zoneout)},
                 batch_sizes);
   const DeviceGuard device_guard(gates_x.device());
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
@@ -1067,8 +1070,9 @@ std::tuple<at::Tensor, at::Tensor> rnn_recurrence_cuda(const at::Tensor& gates_x
   at::Tensor output = at::empty({plan.rows, H}, gates_x.options().dtype(acc));
   at::Tensor gates_h = at::empty({B, H}, gx.options());
   const at::Tensor mask = recurrent_mask_view(op, recurrent_mask, h0, acc);
-  const bool regularized = mask.defined();
-  const RecurrentProduct recurrent_product(w_hh, h0, h_state, mask);
+  const at::Tensor keep_h = zoneout_view(op, "zoneout", zoneout, plan.rows, H, gates_x, acc);
+  const bool regularized = mask.defined() || keep_h.defined();
+  const RecurrentProduct recurrent_product(w_hh, h0, h_state, mask, /*compute_dtype_product=*/keep_h.defined());
   const Launcher launch;
 
   AT_DISPATCH_FLOATING_TYPES(acc, "rnnfused_rnn_cuda", [&] {
@@ -1107,6 +1111,8 @@ std::tuple<at::Tensor, at::Tensor> rnn_recurrence_cuda(const at::Tensor& gates_x
       args.rows = rows;
       args.gates_x = gx.data_ptr<T>() + off * H;
       args.h_copy = out + off * H;
+      args.keep_h = keep_rows<T>(keep_h, off, H);
+      args.keep_h_stride = keep_stride(keep_h);
       launch("rnn_forward", rnn_forward_kernel<T, act>, rows * H, args);
     }
   });
@@ -1117,11 +1123,13 @@ template <Activation act>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_recurrence_backward_cuda(
     const c10::optional<at::Tensor>& grad_output, const c10::optional<at::Tensor>& grad_h_n, const at::Tensor& w_hh,
     const at::Tensor& h0, const at::Tensor& output, const c10::optional<at::Tensor>& batch_sizes, bool reverse,
-    const c10::optional<at::Tensor>& recurrent_mask) {
+    const c10::optional<at::Tensor>& recurrent_mask, const c10::optional<at::Tensor>& zoneout,
+    const c10::optional<at::Tensor>& gates_x, const c10::optional<at::Tensor>& b_hh) {
   const char* op = act == Activation::Tanh ? kRnnTanhBackwardOp : kRnnReluBackwardOp;
   check_devices(op, named("output", output),
                 {named("grad_output", grad_output), named("grad_h_n", grad_h_n), named("w_hh", w_hh),
-                 named("h0", h0), named("recurrent_mask", recurrent_mask)},
+                 named("h0", h0), named("recurrent_mask", recurrent_mask), named("zoneout", zoneout),
+                 named("gates_x", gates_x), named("b_hh", b_hh)},
                 batch_sizes);
   const DeviceGuard device_guard(output.device());
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
@@ -1143,8 +1151,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_recurrence_backwa
   at::Tensor dh_state = present(grad_h_n) ? state_copy(*grad_h_n, acc) : at::zeros({B, H}, options);
   at::Tensor grad_gates = at::empty({plan.rows, H}, options);
   const at::Tensor mask = recurrent_mask_view(op, recurrent_mask, h0, acc);
-  const bool regularized = mask.defined();
+  const at::Tensor keep_h = zoneout_view(op, "zoneout", zoneout, plan.rows, H, output, acc);
+  const bool regularized = mask.defined() || keep_h.defined();
   const Launcher launch;
+  // With zoneout the output rows are not act(pre): the candidates h~ are recomputed from the
+  // forward's gates_x and b_hh with the forward's per-step products and kernel (the same values).
+  at::Tensor candidates, product;
+  if (keep_h.defined()) {
+    TORCH_CHECK(present(gates_x), op, ": with zoneout, the backward needs the forward's gates_x");
+    check_matrix(op, "gates_x", *gates_x, output, plan.rows, H);
+    if (present(b_hh)) check_vector(op, "b_hh", *b_hh, output, H);
+    candidates = at::empty({plan.rows, H}, options);
+    if (mask.defined()) product = at::empty({B, H}, options);
+  }
 
   AT_DISPATCH_FLOATING_TYPES(acc, "rnnfused_rnn_backward_cuda", [&] {
     using T = scalar_t;
@@ -1162,20 +1181,58 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_recurrence_backwa
       return;
     }
     const T* go_p = ptr_or_null<T>(go);
+    if (keep_h.defined() && plan.rows > 0) {
+      const at::Tensor gx = compute_view(*gates_x, acc);
+      const at::Tensor bias = bias_or_zeros(b_hh, H, output, acc);
+      const at::Tensor hprev = previous_h(plan, out, compute_view(h0, acc), launch);
+      at::Tensor gates_h = at::empty({B, H}, options);
+      at::Tensor masked_h = mask.defined() ? at::empty({B, H}, options) : at::Tensor();
+      RnnForwardArgs<T> forward;
+      forward.hidden = H;
+      forward.gates_h = gates_h.data_ptr<T>();
+      forward.bias = bias.data_ptr<T>();
+      for (const auto s : c10::irange(plan.steps())) {
+        const int64_t t = plan.step_at(s);
+        const int64_t rows = plan.batch_sizes[t], off = plan.offsets[t];
+        const T* h_prev = hprev.data_ptr<T>() + off * H;
+        if (mask.defined()) {
+          apply_mask<T>(launch, rows * H, h_prev, mask, masked_h.data_ptr<T>(), false);
+          h_prev = masked_h.data_ptr<T>();
+        }
+        gemm_nt<T>(rows, H, H, h_prev, whh.data_ptr<T>(), gates_h.data_ptr<T>(), T(0));
+        forward.rows = rows;
+        forward.gates_x = gx.data_ptr<T>() + off * H;
+        forward.h_state = candidates.data_ptr<T>() + off * H;
+        forward.h_copy = candidates.data_ptr<T>() + off * H;
+        launch("rnn_candidates", rnn_forward_kernel<T, act>, rows * H, forward);
+      }
+    }
     RnnBackwardArgs<T> args;
     args.hidden = H;
     args.dh_state = dh_state.data_ptr<T>();
+    args.keep_h_stride = keep_stride(keep_h);
+    args.dh_kept = keep_h.defined() ? dh_state.data_ptr<T>() : nullptr;  // k dL/dh_t, which the GEMM adds to
     for (int64_t s = plan.steps() - 1; s >= 0; --s) {
       const int64_t t = plan.step_at(s);
       const int64_t rows = plan.batch_sizes[t], off = plan.offsets[t];
       args.rows = rows;
-      args.h = out.data_ptr<T>() + off * H;
+      args.h = (keep_h.defined() ? candidates : out).data_ptr<T>() + off * H;
       args.grad_output = go_p ? go_p + off * H : nullptr;
       args.grad_gates = grad_gates.data_ptr<T>() + off * H;
+      args.keep_h = keep_rows<T>(keep_h, off, H);
       launch("rnn_backward", rnn_backward_kernel<T, act>, rows * H, args);
-      gemm_nn<T>(rows, H, H, grad_gates.data_ptr<T>() + off * H, whh.data_ptr<T>(), dh_state.data_ptr<T>(),
-                 T(0));
-      if (mask.defined()) apply_mask<T>(launch, rows * H, dh_state.data_ptr<T>(), mask, dh_state.data_ptr<T>(), false);
+      const T* dg = grad_gates.data_ptr<T>() + off * H;
+      if (!keep_h.defined()) {
+        gemm_nn<T>(rows, H, H, dg, whh.data_ptr<T>(), dh_state.data_ptr<T>(), T(0));
+        if (mask.defined()) {
+          apply_mask<T>(launch, rows * H, dh_state.data_ptr<T>(), mask, dh_state.data_ptr<T>(), false);
+        }
+      } else if (!mask.defined()) {
+        gemm_nn<T>(rows, H, H, dg, whh.data_ptr<T>(), dh_state.data_ptr<T>(), T(1));  // onto k dL/dh_t
+      } else {
+        gemm_nn<T>(rows, H, H, dg, whh.data_ptr<T>(), product.data_ptr<T>(), T(0));
+        apply_mask<T>(launch, rows * H, product.data_ptr<T>(), mask, dh_state.data_ptr<T>(), true);
+      }
     }
   });
   const at::Tensor hprev = masked_rows(plan, previous_h(plan, out, compute_view(h0, acc), launch), mask);
