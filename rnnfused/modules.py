@@ -182,7 +182,7 @@ class _FusedStack:
         # Made on the caller's stream and read on the side one, here and by the reverse direction's
         # backward (autograd saves them): their memory must not be reused before the side stream
         # is done with them, whenever they are freed.
-        for tensor in (layer_input, h0, c0):
+        for tensor in (layer_input, h0, c0, *draws[1]):
             if tensor is not None:
                 tensor.record_stream(side)
         with torch.cuda.stream(side):
