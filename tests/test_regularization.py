@@ -1,6 +1,7 @@
-"""Recurrent dropout and DropConnect (README "Regularization"): the fused ops against a plain
-PyTorch loop over the steps written here, the modules' draws, eval mode, defaults, gradcheck,
-opcheck, torch.compile / torch.export, and the errors."""
+"""Recurrent dropout, DropConnect and zoneout (README "Regularization beyond torch.nn"): the fused
+ops against a plain PyTorch loop over the steps written here, the modules' and cells' draws, eval
+mode, defaults, gradcheck, opcheck, torch.compile / torch.export, the CUDA time loops on the
+simulator, and the errors."""
 import contextlib
 
 import pytest
