@@ -25,10 +25,11 @@ import rnnfused
 
 from . import timing
 
-CELLS = ("lstm", "gru")
+CELLS = ("lstm", "gru", "rnn_tanh")
 OPTIONS = {
     "lstm": ("recurrent_dropout", "dropconnect", "zoneout", "cell_zoneout", "all"),
     "gru": ("recurrent_dropout", "dropconnect", "zoneout", "all"),
+    "rnn_tanh": ("recurrent_dropout", "dropconnect", "zoneout", "all"),
 }
 # The probabilities of the options when on (typical values of the literature).
 VALUES = {"recurrent_dropout": 0.25, "dropconnect": 0.5, "zoneout": 0.1, "cell_zoneout": 0.05}
@@ -87,6 +88,8 @@ def loop_layer(cell, module, x, kwargs):
                 keep = (torch.rand_like(c) < kwargs["cell_zoneout"]).to(c.dtype)
                 c_new = keep * c + (1 - keep) * c_new
             c = c_new
+        elif cell == "rnn_tanh":
+            h_new = torch.tanh(gates_x[t] + gates_h)
         else:
             x_r, x_z, x_n = gates_x[t].chunk(3, 1)
             h_r, h_z, h_n = gates_h.chunk(3, 1)
@@ -116,7 +119,8 @@ def measure(cells, shapes, modes, min_run_time, rounds):
     for shape in shapes:
         for cell in cells:
             torch.manual_seed(0)
-            classes = {"lstm": (rnnfused.LSTM, torch.nn.LSTM), "gru": (rnnfused.GRU, torch.nn.GRU)}
+            classes = {"lstm": (rnnfused.LSTM, torch.nn.LSTM), "gru": (rnnfused.GRU, torch.nn.GRU),
+                       "rnn_tanh": (rnnfused.RNN, torch.nn.RNN)}
             ours_cls, ref_cls = classes[cell]
             reference = ref_cls(shape.input_size, shape.hidden)
             for mode in modes:
@@ -160,7 +164,7 @@ def main(argv):
                     "rnnfused against a per-step PyTorch loop with the same option (CPU, float32, training mode).",
     )
     parser.add_argument("--preset", choices=sorted(SHAPES), default="quick")
-    parser.add_argument("--cell", default=",".join(CELLS), help="comma list of lstm, gru")
+    parser.add_argument("--cell", default=",".join(CELLS), help="comma list of lstm, gru, rnn_tanh")
     parser.add_argument("--mode", default="fwd,fwdbwd", help="comma list of fwd, fwdbwd")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--min-run-time", type=float, default=1.0, help="seconds per side and case")

@@ -906,9 +906,10 @@ def test_regularization_benchmark_plumbing(tmp_path):
         sys.path.insert(0, root)
     from benchmarks import regularization
 
-    rows = regularization.measure(["lstm", "gru"], regularization.SHAPES["tiny"], ["fwd", "fwdbwd"], 0.01, 1)
+    rows = regularization.measure(["lstm", "gru", "rnn_tanh"], regularization.SHAPES["tiny"], ["fwd", "fwdbwd"], 0.01,
+                                  1)
     options = {(r["cell"], r["option"]) for r in rows}
-    assert ("lstm", "cell_zoneout") in options and ("gru", "zoneout") in options and ("gru", "all") in options
+    assert ("lstm", "cell_zoneout") in options and ("gru", "zoneout") in options and ("rnn_tanh", "all") in options
     for r in rows:
         assert r["rnnfused_ms"] > 0 and r["loop_ms"] > 0
         if r["option"] == "plain":
