@@ -168,14 +168,6 @@ void zoned_previous_cells(const StepPlan& plan, int64_t H, const T* ws, const T*
   }
 }
 
-// The Elman RNN's candidates h~ = act(gates_x + (m * h_{t-1}) W_hh^T + b_hh) of every row, with the
-// forward's own per-step products and pass (so the same values): hprev [N, H] holds the h_{t-1}
-// each row read.
-template <typename T, Activation act>
-void recompute_candidates(const StepPlan& plan, int64_t B, int64_t H, const at::Tensor& gx, const at::Tensor& whh,
-                          const at::Tensor& bias, const at::Tensor& hprev, const at::Tensor& mask,
-                          at::Tensor& candidates);
-
 // What a step multiplies by W_hh: the state rows, or their masked copy in `buffer`.
 template <typename T>
 const T* masked_previous(int64_t count, const T* state, const at::Tensor& mask, const at::Tensor& buffer) {
@@ -184,6 +176,9 @@ const T* masked_previous(int64_t count, const T* state, const at::Tensor& mask, 
   return buffer.data_ptr<T>();
 }
 
+// The Elman RNN's candidates h~ = act(gates_x + (m * h_{t-1}) W_hh^T + b_hh) of every row, with the
+// forward's own per-step products and pass (so the same values): hprev [N, H] holds the h_{t-1}
+// each row read.
 template <typename T, Activation act>
 void recompute_candidates(const StepPlan& plan, int64_t B, int64_t H, const at::Tensor& gx, const at::Tensor& whh,
                           const at::Tensor& bias, const at::Tensor& hprev, const at::Tensor& mask,
