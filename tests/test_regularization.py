@@ -257,7 +257,12 @@ def _op_call(mode, with_mask=True, packed=False):
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("packed", [False, True])
 def test_gradcheck_and_gradgradcheck_with_mask(mode, packed):
-    op, args = _op_call(mode, packed=packed)
+    assert_gradcheck_and_gradgradcheck(mode, *_op_call(mode, packed=packed))
+
+
+def assert_gradcheck_and_gradgradcheck(mode, op, args):
+    """gradcheck and gradgradcheck of a forward op with respect to every input that requires grad,
+    through its output, h_n (and c_n)."""
     tensor_at = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.requires_grad]
 
     def fn(*tensors):
@@ -604,19 +609,7 @@ def _zoneout_op_call(mode, packed, kind):
 @pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("kind", ["weights", "scalar"])
 def test_zoneout_gradcheck_and_gradgradcheck(mode, packed, kind):
-    op, args = _zoneout_op_call(mode, packed, kind)
-    tensor_at = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.requires_grad]
-
-    def fn(*tensors):
-        full = list(args)
-        for i, t in zip(tensor_at, tensors):
-            full[i] = t
-        result = op(*full)
-        return result[:3] if mode == "lstm" else result[:2]
-
-    inputs = tuple(args[i] for i in tensor_at)
-    assert torch.autograd.gradcheck(fn, inputs)
-    assert torch.autograd.gradgradcheck(fn, inputs)
+    assert_gradcheck_and_gradgradcheck(mode, *_zoneout_op_call(mode, packed, kind))
 
 
 @pytest.mark.parametrize("mode", MODES)
