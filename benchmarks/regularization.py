@@ -3,7 +3,8 @@
 For each cell and shape, side by side in one run (measure_interleaved, training mode, float32):
   plain      rnnfused's layer without options
   <option>   the same layer with one option on (recurrent_dropout, dropconnect, zoneout, and for the
-             LSTM cell_zoneout; "all" turns every option of the cell on)
+             LSTM cell_zoneout; "all" turns every option of the cell on); "layer_norm" is
+             rnnfused.LayerNormLSTM / LayerNormGRU without options
   loop       what a user writes without rnnfused: a per-step Python loop of torch operations with
              the same option (torch.nn has none of them), one step = one F.linear of h and the
              cell's pointwise math; for "plain" it is torch.nn's own layer instead
@@ -27,8 +28,8 @@ from . import timing
 
 CELLS = ("lstm", "gru", "rnn_tanh")
 OPTIONS = {
-    "lstm": ("recurrent_dropout", "dropconnect", "zoneout", "cell_zoneout", "all"),
-    "gru": ("recurrent_dropout", "dropconnect", "zoneout", "all"),
+    "lstm": ("recurrent_dropout", "dropconnect", "zoneout", "cell_zoneout", "all", "layer_norm"),
+    "gru": ("recurrent_dropout", "dropconnect", "zoneout", "all", "layer_norm"),
     "rnn_tanh": ("recurrent_dropout", "dropconnect", "zoneout", "all"),
 }
 # The probabilities of the options when on (typical values of the literature).
@@ -52,9 +53,9 @@ SHAPES = {
 
 
 def option_kwargs(cell, option):
-    if option == "plain":
+    if option in ("plain", "layer_norm"):
         return {}
-    names = OPTIONS[cell][:-1] if option == "all" else (option,)
+    names = [name for name in OPTIONS[cell] if name in VALUES] if option == "all" else (option,)
     return {name: VALUES[name] for name in names}
 
 
@@ -64,10 +65,10 @@ def dropout_mask(like, p):
     return (torch.rand_like(like) >= p).to(like.dtype) / (1 - p)
 
 
-def loop_layer(cell, module, x, kwargs):
+def loop_layer(cell, module, x, kwargs, layer_norm=False):
     """The per-step loop a user writes: x [T, B, I] -> output [T, B, H], with the module's weights
     and the options in ``kwargs`` (drawn as rnnfused draws them; the loop is the baseline's cost, not
-    a bit-exact twin)."""
+    a bit-exact twin). ``layer_norm``: the LayerNorm cell, with the module's gains and biases."""
     steps, batch = x.shape[0], x.shape[1]
     hidden = module.hidden_size
     w_ih, w_hh, b_ih, b_hh = module.weight_ih_l0, module.weight_hh_l0, module.bias_ih_l0, module.bias_hh_l0
@@ -76,14 +77,26 @@ def loop_layer(cell, module, x, kwargs):
     h = x.new_zeros(batch, hidden)
     c = x.new_zeros(batch, hidden)
     mask = dropout_mask(h, kwargs["recurrent_dropout"]) if kwargs.get("recurrent_dropout") else None
-    gates_x = F.linear(x, w_ih, b_ih)
+    width = w_hh.shape[0]
+    if layer_norm:
+        gates_x = F.layer_norm(F.linear(x, w_ih), (width,), module.layer_norm_ih_weight_l0,
+                               module.layer_norm_ih_bias_l0) + b_ih
+    else:
+        gates_x = F.linear(x, w_ih, b_ih)
     outputs = []
     for t in range(steps):
-        gates_h = F.linear(h if mask is None else h * mask, w_hh, b_hh)
+        if layer_norm:
+            gates_h = F.layer_norm(F.linear(h if mask is None else h * mask, w_hh), (width,),
+                                   module.layer_norm_hh_weight_l0, module.layer_norm_hh_bias_l0) + b_hh
+        else:
+            gates_h = F.linear(h if mask is None else h * mask, w_hh, b_hh)
         if cell == "lstm":
             i, f, g, o = (gates_x[t] + gates_h).chunk(4, 1)
             c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-            h_new = torch.sigmoid(o) * torch.tanh(c_new)
+            c_out = c_new
+            if layer_norm:
+                c_out = F.layer_norm(c_new, (hidden,), module.layer_norm_cell_weight_l0, module.layer_norm_cell_bias_l0)
+            h_new = torch.sigmoid(o) * torch.tanh(c_out)
             if kwargs.get("cell_zoneout"):
                 keep = (torch.rand_like(c) < kwargs["cell_zoneout"]).to(c.dtype)
                 c_new = keep * c + (1 - keep) * c_new
@@ -121,19 +134,23 @@ def measure(cells, shapes, modes, min_run_time, rounds):
             torch.manual_seed(0)
             classes = {"lstm": (rnnfused.LSTM, torch.nn.LSTM), "gru": (rnnfused.GRU, torch.nn.GRU),
                        "rnn_tanh": (rnnfused.RNN, torch.nn.RNN)}
+            layer_norm_classes = {"lstm": rnnfused.LayerNormLSTM, "gru": rnnfused.LayerNormGRU}
             ours_cls, ref_cls = classes[cell]
             reference = ref_cls(shape.input_size, shape.hidden)
             for mode in modes:
                 x = torch.randn(shape.steps, shape.batch, shape.input_size, requires_grad=mode == "fwdbwd")
                 for option in ("plain",) + OPTIONS[cell]:
                     kwargs = option_kwargs(cell, option)
-                    module = ours_cls(shape.input_size, shape.hidden, **kwargs)
-                    module.load_state_dict(reference.state_dict())
+                    cls = layer_norm_classes[cell] if option == "layer_norm" else ours_cls
+                    module = cls(shape.input_size, shape.hidden, **kwargs)
+                    # torch.nn's weights; a LayerNorm cell keeps its own gains (1) and biases (0).
+                    module.load_state_dict(reference.state_dict(), strict=option != "layer_norm")
                     fused = make_step(lambda v, m=module: m(v)[0], x, mode)
                     if option == "plain":
                         loop = make_step(lambda v: reference(v)[0], x, mode)
                     else:
-                        loop = make_step(lambda v, m=module, k=kwargs: loop_layer(cell, m, v, k), x, mode)
+                        loop = make_step(lambda v, m=module, k=kwargs, n=option == "layer_norm":
+                                         loop_layer(cell, m, v, k, n), x, mode)
                     timing.warm_up(fused, "cpu", calls=2)
                     timing.warm_up(loop, "cpu", calls=2)
                     times = timing.measure_interleaved({"rnnfused": fused, "loop": loop}, min_run_time, rounds)

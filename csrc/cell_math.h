@@ -178,4 +178,36 @@ C10_HOST_DEVICE inline V zoneout(V keep, V previous, V candidate) {
   return keep * previous + (V(1) - keep) * candidate;
 }
 
+// ---------------------------------------------------------------------------------------------
+// Layer normalization (LayerNormLSTM / LayerNormGRU, Ba et al. 2016) of one row of width W:
+//   mean = sum(x) / W   var = sum((x - mean)^2) / W   rstd = 1 / sqrt(var + eps)
+//   xhat = (x - mean) rstd   y = gain xhat + bias
+// The row sums are per device (a loop on the CPU, a block reduction on CUDA); the per-element
+// pieces are these. With dxhat = dy gain, the input's gradient is
+//   dx = rstd (dxhat - mean(dxhat) - xhat mean(dxhat xhat)).
+// ---------------------------------------------------------------------------------------------
+template <typename V>
+C10_HOST_DEVICE inline V layer_norm_input_grad(V rstd, V dxhat, V xhat, V mean_dxhat, V mean_dxhat_xhat) {
+  return rstd * (dxhat - mean_dxhat - xhat * mean_dxhat_xhat);
+}
+
+// LayerNorm LSTM: the gates and c~ = f c_prev + i g are lstm_forward's; the output reads the
+// normalized cell state, h~ = o tanh(c^), c^ = gain_c LN(c~) + bias_c. Its backward:
+//   pre_o = dh tanh(c^) o (1 - o)     dc^ = dh o (1 - tanh(c^)^2)
+// and, with dc~ (the cell state's total gradient, LN's part included), the other three gates
+// and dc_prev are lstm_backward's with dr = 0.
+template <typename V>
+struct LstmOutputGradients {
+  V pre_o, c_hat;
+};
+
+template <typename V>
+C10_HOST_DEVICE inline LstmOutputGradients<V> layer_norm_lstm_output_backward(V o, V tanh_c_hat, V dh) {
+  LstmOutputGradients<V> d;
+  const V one(1);
+  d.pre_o = dh * tanh_c_hat * o * (one - o);
+  d.c_hat = dh * o * (one - tanh_c_hat * tanh_c_hat);
+  return d;
+}
+
 }  // namespace rnnfused

@@ -30,6 +30,18 @@ constexpr const char* kRnnReluBackwardOp = "rnnfused::rnn_relu_recurrence_backwa
 constexpr int64_t kLstmWorkspaceGates = 5;  // i, f, g, o, c
 constexpr int64_t kGruWorkspaceGates = 4;   // r, z, n, W_hn h + b_hn
 
+// LayerNorm LSTM / GRU (csrc/cpu/layer_norm_cpu.cpp) workspace columns per row, in order:
+//   LSTM 10 H + 2: i f g o (4H) | xhat of h_{t-1} W_hh^T (4H) | c_t, the carried cell state (H) |
+//                  xhat of c~_t (H) | rstd of the first normalization | rstd of the second
+//   GRU   7 H + 1: r z n (3H) | xhat of h_{t-1} W_hh^T (3H) | hh_n = gain xhat + bias + b_hh of the
+//                  n gate (H) | rstd
+constexpr int64_t layer_norm_lstm_workspace_width(int64_t hidden) { return 10 * hidden + 2; }
+constexpr int64_t layer_norm_gru_workspace_width(int64_t hidden) { return 7 * hidden + 1; }
+constexpr const char* kLayerNormLstmOp = "rnnfused::layer_norm_lstm_recurrence";
+constexpr const char* kLayerNormLstmBackwardOp = "rnnfused::layer_norm_lstm_recurrence_backward";
+constexpr const char* kLayerNormGruOp = "rnnfused::layer_norm_gru_recurrence";
+constexpr const char* kLayerNormGruBackwardOp = "rnnfused::layer_norm_gru_recurrence_backward";
+
 // The workspace of a forward call: [N, gates * H] in the compute dtype when the call records
 // for backward, else an empty [0].
 inline at::Tensor empty_workspace(const at::Tensor& gates_x, bool training, int64_t gates, int64_t hidden) {

@@ -21,7 +21,10 @@
 #include "cpu/pointwise.h"
 #include "op_schemas.h"
 
-TORCH_LIBRARY(rnnfused, m) { rnnfused::define_recurrence_ops(m); }
+TORCH_LIBRARY(rnnfused, m) {
+  rnnfused::define_recurrence_ops(m);
+  rnnfused::define_layer_norm_ops(m);
+}
 
 namespace rnnfused {
 #ifdef RNNFUSED_WITH_CUDA

@@ -1,5 +1,6 @@
 """The regularization of recurrent models that torch.nn lacks, fused: recurrent dropout, DropConnect
-and zoneout on rnnfused.LSTM, against the plain LSTM, on the same data from the same seed.
+and zoneout on rnnfused.LSTM, and rnnfused.LayerNormLSTM (alone and with recurrent dropout), against
+the plain LSTM, on the same data from the same seed.
 
 Data and model as in text_classification.py (synthetic sentiment reviews of 8 to 40 words, packed
 batches, Embedding -> bidirectional LSTM -> Linear), on half of its training set (2,000 reviews),
@@ -30,14 +31,18 @@ VARIANTS = {
     "recurrent_dropout=0.3": {"recurrent_dropout": 0.3},
     "zoneout=0.15": {"zoneout": 0.15, "cell_zoneout": 0.05},
     "dropconnect=0.5": {"dropconnect": 0.5},
+    "LayerNormLSTM": {"layer_norm": True},
+    "LayerNormLSTM+rec_drop=0.3": {"layer_norm": True, "recurrent_dropout": 0.3},
 }
 
 
 class Classifier(nn.Module):
     def __init__(self, embedding_dim, hidden_size, options):
         super().__init__()
+        options = dict(options)
+        rnn_class = rnnfused.LayerNormLSTM if options.pop("layer_norm", False) else rnnfused.LSTM
         self.embedding = nn.Embedding(len(VOCAB), embedding_dim, padding_idx=0)
-        self.rnn = rnnfused.LSTM(embedding_dim, hidden_size, batch_first=True, bidirectional=True, **options)
+        self.rnn = rnn_class(embedding_dim, hidden_size, batch_first=True, bidirectional=True, **options)
         self.head = nn.Linear(2 * hidden_size, 1)
 
     def forward(self, tokens, lengths):
@@ -65,7 +70,7 @@ def main():
     train_tokens, train_labels = train_tokens.to(device), train_labels.to(device)
     test_tokens, test_labels = test_tokens.to(device), test_labels.to(device)
     common.print_header(
-        "Recurrent dropout, zoneout and DropConnect on rnnfused.LSTM",
+        "Recurrent dropout, zoneout, DropConnect and LayerNorm LSTM (rnnfused)",
         device,
         [f"data: {args.train_size} training / 1000 test reviews of {MIN_LENGTH}-{MAX_LENGTH} words",
          f"model: Embedding -> bidirectional rnnfused.LSTM({args.embedding}, {args.hidden}) -> Linear",

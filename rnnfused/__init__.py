@@ -2,18 +2,19 @@
 
 ``rnnfused.LSTM``, ``GRU``, ``RNN``, ``LSTMCell``, ``GRUCell`` and ``RNNCell`` are drop-in
 replacements for their torch.nn namesakes: same constructor, parameters, state_dict, outputs and
-errors, computed by rnnfused's own C++ (CPU) and CUDA (GPU) kernels.
+errors, computed by rnnfused's own C++ (CPU) and CUDA (GPU) kernels. ``rnnfused.LayerNormLSTM`` and
+``LayerNormGRU`` add layer normalization (CPU kernels).
 """
 import torch  # noqa: F401  (loads libtorch, which the extension links against, first)
 
 from . import _C, _ops, functional  # noqa: F401
-from .modules import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell
+from .modules import GRU, LSTM, RNN, GRUCell, LayerNormGRU, LayerNormLSTM, LSTMCell, RNNCell
 from .convert import convert
 from . import _autocast  # noqa: F401  (autocast rules of the recurrence ops)
 
 __version__ = "0.1.0"
 
-__all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "convert", "functional", "cuda_built", "build_info"]
+__all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "LayerNormLSTM", "LayerNormGRU", "convert", "functional", "cuda_built", "build_info"]
 
 
 def cuda_built():

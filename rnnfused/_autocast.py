@@ -16,6 +16,7 @@ The dtype follows torch.nn under the same autocast:
   in it).
 * CPU, GRU: the widest floating dtype among the inputs, i.e. float32 for a float32 model
   (torch.nn.GRU's CPU cell promotes its new state to the float32 hidden state).
+* CPU, LayerNorm LSTM / GRU: the widest, as for the GRU (autocast's layer_norm is float32).
 
 float64 tensors are never cast, as in torch's own autocast. The kernel reads the autocast dtype
 of the region at call time, so ``torch.autocast(..., dtype=torch.float16)`` and ``bfloat16`` both
@@ -37,6 +38,10 @@ AUTOCAST_POLICY = {
         "gru_recurrence": PROMOTE,
         "rnn_tanh_recurrence": LOWER,
         "rnn_relu_recurrence": LOWER,
+        # LayerNorm cells: torch's autocast runs layer_norm in float32, so the normalized input
+        # projection arrives in float32; the op follows it (torch.nn has no such layer to follow).
+        "layer_norm_lstm_recurrence": PROMOTE,
+        "layer_norm_gru_recurrence": PROMOTE,
     },
     "cuda": {
         "lstm_recurrence": LOWER,

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from . import _C  # noqa: F401  (loads the library that defines the ops)
 from . import _reference_backward as reference
+from . import _reference_layer_norm as reference_layer_norm
 
 # Columns per row of the workspace (see csrc/recurrence.h).
 LSTM_WORKSPACE_GATES = 5
@@ -326,6 +327,130 @@ def register(namespace):
                                         _make_rnn_backward_backward(_act), setup_context=_save_inputs)
 
 
+def register_layer_norm(namespace):
+    """Fake kernels and autograd of the LayerNorm LSTM / GRU ops ``<namespace>::layer_norm_*``.
+
+    First derivatives run the fused backward ops. A backward that builds a graph
+    (``create_graph=True``, hence grad mode on inside it) instead differentiates the same recurrence
+    written with PyTorch operations (rnnfused/_reference_layer_norm.py) from the saved inputs, so
+    second and higher derivatives are exact."""
+    _ops = getattr(torch.ops, namespace)
+
+    def _workspace(gates_x, training, width):
+        return gates_x.new_empty((gates_x.shape[0], width) if training else (0,), dtype=compute_dtype(gates_x.dtype))
+
+    @torch.library.register_fake(f"{namespace}::layer_norm_lstm_recurrence")
+    def _lstm_fake(gates_x, w_hh, b_hh, hh_gain, hh_bias, cell_gain, cell_bias, h0, c0, batch_sizes, reverse, training,
+                   eps, recurrent_mask=None, zoneout=None, cell_zoneout=None):
+        hidden = gates_x.shape[1] // 4
+        return (gates_x.new_empty((gates_x.shape[0], hidden)), torch.empty_like(h0, memory_format=torch.contiguous_format),
+                torch.empty_like(c0, memory_format=torch.contiguous_format),
+                _workspace(gates_x, training, 10 * hidden + 2))
+
+    @torch.library.register_fake(f"{namespace}::layer_norm_lstm_recurrence_backward")
+    def _lstm_backward_fake(grad_output, grad_h_n, grad_c_n, w_hh, hh_gain, cell_gain, cell_bias, h0, c0, output,
+                            workspace, batch_sizes, reverse, recurrent_mask=None, zoneout=None, cell_zoneout=None):
+        return (output.new_empty((output.shape[0], w_hh.shape[0])), output.new_empty(w_hh.shape),
+                output.new_empty(hh_gain.shape), output.new_empty(hh_gain.shape), output.new_empty(hh_gain.shape),
+                output.new_empty(cell_gain.shape), output.new_empty(cell_gain.shape), output.new_empty(h0.shape),
+                output.new_empty(c0.shape))
+
+    @torch.library.register_fake(f"{namespace}::layer_norm_gru_recurrence")
+    def _gru_fake(gates_x, w_hh, b_hh, hh_gain, hh_bias, h0, batch_sizes, reverse, training, eps, recurrent_mask=None,
+                  zoneout=None):
+        hidden = gates_x.shape[1] // 3
+        return (gates_x.new_empty((gates_x.shape[0], hidden)), torch.empty_like(h0, memory_format=torch.contiguous_format),
+                _workspace(gates_x, training, 7 * hidden + 1))
+
+    @torch.library.register_fake(f"{namespace}::layer_norm_gru_recurrence_backward")
+    def _gru_backward_fake(grad_output, grad_h_n, w_hh, hh_gain, h0, output, workspace, batch_sizes, reverse,
+                           recurrent_mask=None, zoneout=None):
+        return (output.new_empty((output.shape[0], w_hh.shape[0])), output.new_empty(w_hh.shape),
+                output.new_empty(hh_gain.shape), output.new_empty(hh_gain.shape), output.new_empty(hh_gain.shape),
+                output.new_empty(h0.shape))
+
+    def _differentiate_reference(ctx, run, inputs, outputs_grads):
+        """The gradients of every input that needs one, through the PyTorch form of the recurrence
+        (``run(inputs)`` -> outputs), as a graph of its own (a backward with create_graph=True)."""
+        wanted = [i for i, t in enumerate(inputs) if isinstance(t, torch.Tensor) and ctx.needs_input_grad[i]]
+        result = [None] * len(ctx.needs_input_grad)
+        outputs = run(inputs)
+        pairs = [(o, g) for o, g in zip(outputs, outputs_grads) if g is not None and o is not None and o.requires_grad]
+        if not wanted or not pairs:
+            return tuple(result)
+        values = torch.autograd.grad([o for o, _ in pairs], [inputs[i] for i in wanted], [g for _, g in pairs],
+                                     create_graph=True, allow_unused=True)
+        for i, value in zip(wanted, values):
+            result[i] = value
+        return tuple(result)
+
+    def _lstm_setup_context(ctx, inputs, output):
+        (gates_x, w_hh, b_hh, hh_gain, hh_bias, cell_gain, cell_bias, h0, c0, batch_sizes, reverse, training,
+         eps) = inputs[:13]
+        extras = (_at(inputs, 13), _at(inputs, 14), _at(inputs, 15))
+        out, _, _, workspace = output
+        ctx.reverse, ctx.recorded, ctx.eps = reverse, training, eps
+        ctx.mark_non_differentiable(workspace)  # the backward reads it; nothing is computed from it
+        ctx.save_for_backward(gates_x, w_hh, b_hh, hh_gain, hh_bias, cell_gain, cell_bias, h0, c0, batch_sizes, out,
+                              workspace, *extras)
+        ctx.set_materialize_grads(False)
+
+    def _lstm_backward(ctx, grad_output, grad_h_n, grad_c_n, grad_workspace):
+        (gates_x, w_hh, b_hh, hh_gain, hh_bias, cell_gain, cell_bias, h0, c0, batch_sizes, out, workspace, mask, k_h,
+         k_c) = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            inputs = (gates_x, w_hh, b_hh, hh_gain, hh_bias, cell_gain, cell_bias, h0, c0)
+
+            def run(a):
+                return reference_layer_norm.layer_norm_lstm_forward(*a, batch_sizes, ctx.reverse, ctx.eps, mask, k_h,
+                                                                    k_c)
+
+            return _differentiate_reference(ctx, run, inputs, (grad_output, grad_h_n, grad_c_n))
+        if not ctx.recorded:
+            out, _, _, workspace = _ops.layer_norm_lstm_recurrence(
+                gates_x, w_hh, b_hh, hh_gain, hh_bias, cell_gain, cell_bias, h0, c0, batch_sizes, ctx.reverse, True,
+                ctx.eps, mask, k_h, k_c)
+        grads = _ops.layer_norm_lstm_recurrence_backward(grad_output, grad_h_n, grad_c_n, w_hh, hh_gain, cell_gain,
+                                                         cell_bias, h0, c0, out, workspace, batch_sizes, ctx.reverse,
+                                                         mask, k_h, k_c)
+        d_gx, d_w_hh, d_b_hh, d_gain, d_beta, d_cgain, d_cbeta, d_h0, d_c0 = grads
+        return (d_gx, d_w_hh, d_b_hh if b_hh is not None else None, d_gain, d_beta, d_cgain, d_cbeta, d_h0, d_c0,
+                None, None, None, None, None, None, None)
+
+    torch.library.register_autograd(f"{namespace}::layer_norm_lstm_recurrence", _lstm_backward,
+                                    setup_context=_lstm_setup_context)
+
+    def _gru_setup_context(ctx, inputs, output):
+        gates_x, w_hh, b_hh, hh_gain, hh_bias, h0, batch_sizes, reverse, training, eps = inputs[:10]
+        extras = (_at(inputs, 10), _at(inputs, 11))
+        out, _, workspace = output
+        ctx.reverse, ctx.recorded, ctx.eps = reverse, training, eps
+        ctx.mark_non_differentiable(workspace)  # the backward reads it; nothing is computed from it
+        ctx.save_for_backward(gates_x, w_hh, b_hh, hh_gain, hh_bias, h0, batch_sizes, out, workspace, *extras)
+        ctx.set_materialize_grads(False)
+
+    def _gru_backward(ctx, grad_output, grad_h_n, grad_workspace):
+        gates_x, w_hh, b_hh, hh_gain, hh_bias, h0, batch_sizes, out, workspace, mask, k_h = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            inputs = (gates_x, w_hh, b_hh, hh_gain, hh_bias, h0)
+
+            def run(a):
+                return reference_layer_norm.layer_norm_gru_forward(*a, batch_sizes, ctx.reverse, ctx.eps, mask, k_h)
+
+            return _differentiate_reference(ctx, run, inputs, (grad_output, grad_h_n))
+        if not ctx.recorded:
+            out, _, workspace = _ops.layer_norm_gru_recurrence(gates_x, w_hh, b_hh, hh_gain, hh_bias, h0, batch_sizes,
+                                                               ctx.reverse, True, ctx.eps, mask, k_h)
+        grads = _ops.layer_norm_gru_recurrence_backward(grad_output, grad_h_n, w_hh, hh_gain, h0, out, workspace,
+                                                        batch_sizes, ctx.reverse, mask, k_h)
+        d_gx, d_w_hh, d_b_hh, d_gain, d_beta, d_h0 = grads
+        return (d_gx, d_w_hh, d_b_hh if b_hh is not None else None, d_gain, d_beta, d_h0, None, None, None, None, None,
+                None)
+
+    torch.library.register_autograd(f"{namespace}::layer_norm_gru_recurrence", _gru_backward,
+                                    setup_context=_gru_setup_context)
+
+
 _THIRD_ORDER_MESSAGE = (
     "rnnfused: derivatives of third or higher order through a recurrence are not supported "
     "(second derivatives are exact); call the second backward without create_graph=True"
@@ -342,3 +467,4 @@ def _has_grad(grad):
 
 
 register("rnnfused")
+register_layer_norm("rnnfused")

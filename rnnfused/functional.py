@@ -27,7 +27,8 @@ import torch.nn.functional as F
 
 from . import _C, _ops  # noqa: F401  (registers the ops, their fake kernels and autograd)
 
-__all__ = ["lstm_layer", "gru_layer", "rnn_tanh_layer", "rnn_relu_layer", "supported_device"]
+__all__ = ["lstm_layer", "gru_layer", "rnn_tanh_layer", "rnn_relu_layer", "layer_norm_lstm_layer", "layer_norm_gru_layer",
+           "supported_device"]
 
 # The library whose recurrence ops the layers call. rnnfused._sim swaps in rnnfused_sim (the CUDA
 # path on the CUDA simulator) for the tests; nothing else changes it.
@@ -107,3 +108,52 @@ def rnn_relu_layer(input, w_ih, w_hh, b_ih, b_hh, h0, batch_sizes=None, reverse=
     """Elman RNN layer with ReLU. Returns ``output, h_n``."""
     return _ops_ns.rnn_relu_recurrence(_project(input, w_ih, b_ih), w_hh, b_hh, h0, batch_sizes, reverse,
                                        recurrent_mask, zoneout)
+
+
+# ---------------------------------------------------------------------------------------------------
+# LayerNorm LSTM and GRU (Ba et al. 2016). Shapes as above (no projection: P = H), plus the gains and
+# biases of the normalizations: ih_gain, ih_bias, hh_gain, hh_bias [G*H]; cell_gain, cell_bias [H].
+#   gates_x = LN(x W_ih^T) ih_gain + ih_bias + b_ih                   (here, one op for all steps)
+#   hh_t    = LN(h_{t-1} W_hh^T) hh_gain + hh_bias + b_hh             (in the fused op, every step)
+# then the cell's gates from gates_x and hh_t as in torch.nn, and for the LSTM
+#   c~_t = f c_{t-1} + i g,   h~_t = o tanh(LN(c~_t) cell_gain + cell_bias).
+# LN normalizes each row over its G*H (or H) values: (v - mean) / sqrt(var + eps), biased variance.
+# ---------------------------------------------------------------------------------------------------
+
+
+def _check_layer_norm_device(input, name):
+    _check_device(input)
+    if input.device.type == "cuda":
+        raise RuntimeError(
+            f"rnnfused.{name} has CPU kernels only in this version (its CUDA kernels are not written yet); "
+            "run it on the CPU, or use rnnfused.LSTM / GRU with recurrent_dropout or zoneout on the GPU"
+        )
+
+
+def _normalized_input_projection(input, w_ih, b_ih, ih_gain, ih_bias, eps):
+    gates_x = F.layer_norm(F.linear(input, w_ih), (w_ih.shape[0],), ih_gain, ih_bias, eps)
+    return gates_x if b_ih is None else gates_x + b_ih
+
+
+def layer_norm_lstm_layer(input, w_ih, w_hh, b_ih, b_hh, ih_gain, ih_bias, hh_gain, hh_bias, cell_gain, cell_bias, h0,
+                          c0, batch_sizes=None, reverse=False, training=True, eps=1e-5, recurrent_mask=None,
+                          zoneout=None, cell_zoneout=None):
+    """LayerNorm LSTM layer. Returns ``output, h_n, c_n``. ``training`` as for :func:`lstm_layer`."""
+    _check_layer_norm_device(input, "LayerNormLSTM")
+    gates_x = _normalized_input_projection(input, w_ih, b_ih, ih_gain, ih_bias, eps)
+    training = _records_workspace(training, gates_x, w_hh, b_hh, hh_gain, hh_bias, cell_gain, cell_bias, h0, c0)
+    output, h_n, c_n, _ = _ops_ns.layer_norm_lstm_recurrence(gates_x, w_hh, b_hh, hh_gain, hh_bias, cell_gain, cell_bias,
+                                                             h0, c0, batch_sizes, reverse, training, eps,
+                                                             recurrent_mask, zoneout, cell_zoneout)
+    return output, h_n, c_n
+
+
+def layer_norm_gru_layer(input, w_ih, w_hh, b_ih, b_hh, ih_gain, ih_bias, hh_gain, hh_bias, h0, batch_sizes=None,
+                         reverse=False, training=True, eps=1e-5, recurrent_mask=None, zoneout=None):
+    """LayerNorm GRU layer. Returns ``output, h_n``."""
+    _check_layer_norm_device(input, "LayerNormGRU")
+    gates_x = _normalized_input_projection(input, w_ih, b_ih, ih_gain, ih_bias, eps)
+    training = _records_workspace(training, gates_x, w_hh, b_hh, hh_gain, hh_bias, h0)
+    output, h_n, _ = _ops_ns.layer_norm_gru_recurrence(gates_x, w_hh, b_hh, hh_gain, hh_bias, h0, batch_sizes, reverse,
+                                                       training, eps, recurrent_mask, zoneout)
+    return output, h_n

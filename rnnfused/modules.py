@@ -18,7 +18,7 @@ from torch.nn.utils.rnn import PackedSequence
 
 from . import functional as rf
 
-__all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell"]
+__all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "LayerNormLSTM", "LayerNormGRU"]
 
 _ZERO_LENGTH_MESSAGE = "Expected sequence length to be larger than 0 in RNN"
 
@@ -496,6 +496,126 @@ class LSTM(_FusedStack, nn.RNNBase):
             output = output.squeeze(batch_dim)
             hidden = (hidden[0].squeeze(1), hidden[1].squeeze(1))
         return output, self.permute_hidden(hidden, unsorted_indices)
+
+
+class _LayerNorm:
+    """The layer normalization of LayerNormLSTM / LayerNormGRU (Ba et al. 2016): per layer and
+    direction, a gain (starting at 1) and a bias (starting at 0), as in torch.nn.LayerNorm, for
+    each normalized quantity: ``layer_norm_ih_{weight,bias}_l{k}[_reverse]`` of x W_ih^T and
+    ``layer_norm_hh_...`` of h_{t-1} W_hh^T ([G * hidden_size], over all gates of a row), and for the
+    LSTM ``layer_norm_cell_...`` of the cell state ([hidden_size]). torch.nn's parameters keep
+    their names and meaning (bias_ih / bias_hh add after the normalization)."""
+
+    _NORMALIZED = ("ih", "hh")
+
+    def _init_layer_norm(self, kwargs):
+        eps = kwargs.pop("layer_norm_eps", 1e-5)
+        if isinstance(eps, bool) or not isinstance(eps, numbers.Number) or not eps >= 0:
+            raise ValueError(f"layer_norm_eps must be a non-negative number, got {eps!r}")
+        return float(eps)
+
+    def _make_layer_norm_parameters(self, eps, device, dtype):
+        self.layer_norm_eps = eps
+        gates = {"LSTM": 4, "GRU": 3}[self.mode]
+        width = {"ih": gates * self.hidden_size, "hh": gates * self.hidden_size, "cell": self.hidden_size}
+        names = []
+        for layer in range(self.num_layers):
+            for suffix in ("", "_reverse")[: 2 if self.bidirectional else 1]:
+                for what in self._NORMALIZED:
+                    for kind in ("weight", "bias"):
+                        name = f"layer_norm_{what}_{kind}_l{layer}{suffix}"
+                        setattr(self, name, nn.Parameter(torch.empty(width[what], device=device, dtype=dtype)))
+                        names.append(name)
+        self._layer_norm_names = names
+        self._reset_layer_norm()
+
+    def _reset_layer_norm(self):
+        with torch.no_grad():
+            for name in getattr(self, "_layer_norm_names", ()):
+                getattr(self, name).fill_(1.0 if "_weight_" in name else 0.0)
+
+    def reset_parameters(self):
+        nn.RNNBase.reset_parameters(self)  # every parameter uniform, as torch.nn's
+        self._reset_layer_norm()  # then the normalizations' gains 1 and biases 0
+
+    def extra_repr(self):
+        text = _FusedStack.extra_repr(self)
+        if self.layer_norm_eps != 1e-5:
+            text += f", layer_norm_eps={self.layer_norm_eps}"
+        return text
+
+    def _layer_norm_parameters(self, index):
+        """(gain, bias) pairs of layer-direction ``index``, in the order of _NORMALIZED, flattened."""
+        directions = 2 if self.bidirectional else 1
+        layer, suffix = index // directions, ("", "_reverse")[index % directions]
+        return [getattr(self, f"layer_norm_{what}_{kind}_l{layer}{suffix}") for what in self._NORMALIZED
+                for kind in ("weight", "bias")]
+
+    def __prepare_scriptable__(self):
+        raise RuntimeError(
+            f"rnnfused.{type(self).__name__} cannot be compiled by torch.jit.script (TorchScript has no form of it); "
+            "use torch.compile or torch.export"
+        )
+
+    def forward(self, input, hx=None):
+        if _exporting_to_onnx():
+            raise RuntimeError(
+                f"rnnfused.{type(self).__name__} cannot be exported to ONNX: ONNX has no LayerNorm recurrent operator "
+                "(torch.export can capture it)"
+            )
+        return super().forward(input, hx)
+
+
+class LayerNormLSTM(_LayerNorm, LSTM):
+    """LSTM with layer normalization (Ba et al. 2016): rnnfused.LSTM's constructor and forward, plus
+    keyword-only ``layer_norm_eps`` (1e-5). Per layer and direction, with LN(v) = (v - mean(v)) /
+    sqrt(var(v) + eps) over a row's values:
+
+        gates = LN(x W_ih^T) g_ih + b'_ih + b_ih + LN(h_{t-1} W_hh^T) g_hh + b'_hh + b_hh
+        i, f, g, o as torch.nn.LSTM's from gates;   c_t = f c_{t-1} + i g
+        h_t = o tanh(LN(c_t) g_cell + b'_cell)
+
+    (g, b': the ``layer_norm_*_weight`` / ``_bias`` parameters). proj_size is not supported."""
+
+    _NORMALIZED = ("ih", "hh", "cell")
+
+    def __init__(self, *args, **kwargs):
+        eps = self._init_layer_norm(kwargs)
+        super().__init__(*args, **kwargs)
+        if self.proj_size > 0:
+            raise ValueError("LayerNormLSTM does not support proj_size (the normalized cell has no projection)")
+        self._make_layer_norm_parameters(eps, self.weight_ih_l0.device, self.weight_ih_l0.dtype)
+
+    def _run_layer(self, layer_input, index, h0, c0, batch_sizes, reverse, draws=(None, None, None, None)):
+        w_ih, w_hh, b_ih, b_hh, _ = self._layer_parameters(index)
+        dropped_w_hh, mask, keep_h, keep_c = draws
+        if dropped_w_hh is not None:
+            w_hh = dropped_w_hh
+        return rf.layer_norm_lstm_layer(layer_input, w_ih, w_hh, b_ih, b_hh, *self._layer_norm_parameters(index), h0,
+                                        c0, batch_sizes, reverse, training=self.training, eps=self.layer_norm_eps,
+                                        recurrent_mask=mask, zoneout=keep_h, cell_zoneout=keep_c)
+
+
+class LayerNormGRU(_LayerNorm, GRU):
+    """GRU with layer normalization (Ba et al. 2016): rnnfused.GRU's constructor and forward, plus
+    keyword-only ``layer_norm_eps`` (1e-5). Per layer and direction:
+
+        xg = LN(x W_ih^T) g_ih + b'_ih + b_ih          hh = LN(h_{t-1} W_hh^T) g_hh + b'_hh + b_hh
+        r, z, n, h_t from xg and hh as torch.nn.GRU's (n = tanh(xg_n + r hh_n))"""
+
+    def __init__(self, *args, **kwargs):
+        eps = self._init_layer_norm(kwargs)
+        super().__init__(*args, **kwargs)
+        self._make_layer_norm_parameters(eps, self.weight_ih_l0.device, self.weight_ih_l0.dtype)
+
+    def _run_layer(self, layer_input, index, h0, c0, batch_sizes, reverse, draws=(None, None, None, None)):
+        w_ih, w_hh, b_ih, b_hh, _ = self._layer_parameters(index)
+        dropped_w_hh, mask, keep_h, _ = draws
+        if dropped_w_hh is not None:
+            w_hh = dropped_w_hh
+        return rf.layer_norm_gru_layer(layer_input, w_ih, w_hh, b_ih, b_hh, *self._layer_norm_parameters(index), h0,
+                                       batch_sizes, reverse, training=self.training, eps=self.layer_norm_eps,
+                                       recurrent_mask=mask, zoneout=keep_h)
 
 
 def _check_two_states(hx):

@@ -18,47 +18,11 @@
 #include "../recurrence.h"
 #include "blas.h"
 #include "engine.h"
+#include "op_helpers.h"
 #include "pointwise.h"
 
 namespace rnnfused::cpu {
 namespace {
-
-// A fresh, contiguous copy in `dtype` (the states are updated in place and must never alias a
-// caller's tensor).
-at::Tensor state_copy(const at::Tensor& t, at::ScalarType dtype) {
-  return at::empty(t.sizes(), t.options().dtype(dtype)).copy_(t);
-}
-
-// Contiguous view or copy in `dtype` (no copy when it already is).
-at::Tensor compute_view(const at::Tensor& t, at::ScalarType dtype) { return t.to(dtype).contiguous(); }
-
-at::Tensor optional_compute_view(const c10::optional<at::Tensor>& t, at::ScalarType dtype) {
-  return present(t) ? compute_view(*t, dtype) : at::Tensor();
-}
-
-// b_hh in the compute dtype, or zeros for a layer without bias (one add per gate is cheaper
-// than a second copy of every pass).
-at::Tensor bias_or_zeros(const c10::optional<at::Tensor>& b_hh, int64_t size, const at::Tensor& like,
-                         at::ScalarType dtype) {
-  return present(b_hh) ? compute_view(*b_hh, dtype) : at::zeros({size}, like.options().dtype(dtype));
-}
-
-template <typename T>
-const T* ptr_or_null(const at::Tensor& t) {
-  return t.defined() ? t.data_ptr<T>() : nullptr;
-}
-
-// Rounds a float state to `storage` (bfloat16 / float16) in place; no-op for float32/float64.
-template <typename T>
-void round_to_storage(at::ScalarType storage, T* data, int64_t count) {
-  if constexpr (std::is_same_v<T, float>) {
-    if (storage == at::kBFloat16) {
-      for (int64_t i = 0; i < count; ++i) data[i] = static_cast<float>(static_cast<at::BFloat16>(data[i]));
-    } else if (storage == at::kHalf) {
-      for (int64_t i = 0; i < count; ++i) data[i] = static_cast<float>(static_cast<at::Half>(data[i]));
-    }
-  }
-}
 
 // hprev [N, P]: row r holds the h_{t-1} that the row's step read: the previous step's output row
 // for rows that continue, h0 for rows that start at this step. Feeds dW_hh = dG^T hprev.
@@ -110,17 +74,6 @@ void add_masked(int64_t count, const T* product, const T* mask, T* state) {
 // (h, and the LSTM's c with cell_zoneout). k is [N, width] (one per row and unit: Bernoulli(p)
 // draws in training) or a scalar (p, in eval mode).
 // ---------------------------------------------------------------------------------------------
-
-// Rows of keep weights: `at(row)` points at a row's first weight; `stride` is 0 for a scalar.
-template <typename T>
-struct KeepRows {
-  const T* data = nullptr;
-  int64_t width = 0, stride = 0;
-  KeepRows(const at::Tensor& keep, int64_t width_)
-      : data(keep.defined() ? keep.data_ptr<T>() : nullptr), width(width_), stride(keep.dim() == 0 ? 0 : 1) {}
-  explicit operator bool() const { return data != nullptr; }
-  const T* at(int64_t row) const { return data + row * width * stride; }
-};
 
 // out = k * prev + (1 - k) * candidate over `count` elements of consecutive rows; `out` may be
 // `prev` or `candidate`.
@@ -257,8 +210,6 @@ BackwardProblem<T> backward_problem(CellKind cell, const StepPlan& plan, int64_t
   return p;
 }
 
-// Gradients leave in the dtype of the tensors they belong to.
-at::Tensor to_dtype(const at::Tensor& t, at::ScalarType dtype) { return t.to(dtype); }
 
 // ---------------------------------------------------------------------------------------------
 // LSTM
