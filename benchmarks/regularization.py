@@ -127,7 +127,7 @@ def make_step(run, x, mode):
     return step
 
 
-def measure(cells, shapes, modes, min_run_time, rounds):
+def measure(cells, shapes, modes, min_run_time, rounds, options=None):
     rows = []
     for shape in shapes:
         for cell in cells:
@@ -139,7 +139,7 @@ def measure(cells, shapes, modes, min_run_time, rounds):
             reference = ref_cls(shape.input_size, shape.hidden)
             for mode in modes:
                 x = torch.randn(shape.steps, shape.batch, shape.input_size, requires_grad=mode == "fwdbwd")
-                for option in ("plain",) + OPTIONS[cell]:
+                for option in ("plain",) + tuple(o for o in OPTIONS[cell] if options is None or o in options):
                     kwargs = option_kwargs(cell, option)
                     cls = layer_norm_classes[cell] if option == "layer_norm" else ours_cls
                     module = cls(shape.input_size, shape.hidden, **kwargs)
@@ -183,6 +183,8 @@ def main(argv):
     parser.add_argument("--preset", choices=sorted(SHAPES), default="quick")
     parser.add_argument("--cell", default=",".join(CELLS), help="comma list of lstm, gru, rnn_tanh")
     parser.add_argument("--mode", default="fwd,fwdbwd", help="comma list of fwd, fwdbwd")
+    parser.add_argument("--option", default=None,
+                        help="comma list of the options to time besides plain (default: every option of the cell)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--min-run-time", type=float, default=1.0, help="seconds per side and case")
     parser.add_argument("--rounds", type=int, default=2)
@@ -203,7 +205,12 @@ def main(argv):
         "machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
         "torch": torch.__version__, "rnnfused": rnnfused.build_info(), "load": os.getloadavg()[0],
     }
-    rows = measure(cells, SHAPES[args.preset], modes, args.min_run_time, args.rounds)
+    options = [o for o in args.option.split(",") if o] if args.option else None
+    known = {o for cell in cells for o in OPTIONS[cell]}
+    for option in options or ():
+        if option not in known:
+            parser.error(f"--option: {option!r} is not one of {', '.join(sorted(known))}")
+    rows = measure(cells, SHAPES[args.preset], modes, args.min_run_time, args.rounds, options)
     print(f"{header['date']}, {header['threads']} threads, torch {header['torch']}, rnnfused CPU "
           f"{header['rnnfused']['cpu_isa']} / {header['rnnfused']['cpu_path']}, load {header['load']:.2f}")
     print(markdown(rows))

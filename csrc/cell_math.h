@@ -28,6 +28,7 @@ template <>
 struct CellOps<float> {
   static C10_HOST_DEVICE inline float exp(float x) { return ::expf(x); }
   static C10_HOST_DEVICE inline float tanh(float x) { return ::tanhf(x); }
+  static C10_HOST_DEVICE inline float sqrt(float x) { return ::sqrtf(x); }
   // x < 0 is false for NaN, so NaN propagates as in torch.relu.
   static C10_HOST_DEVICE inline float relu(float x) { return x < 0.f ? 0.f : x; }
   // `grad` where `out` > 0, else 0 (the derivative of ReLU written through its output).
@@ -40,6 +41,7 @@ template <>
 struct CellOps<double> {
   static C10_HOST_DEVICE inline double exp(double x) { return ::exp(x); }
   static C10_HOST_DEVICE inline double tanh(double x) { return ::tanh(x); }
+  static C10_HOST_DEVICE inline double sqrt(double x) { return ::sqrt(x); }
   static C10_HOST_DEVICE inline double relu(double x) { return x < 0. ? 0. : x; }
   static C10_HOST_DEVICE inline double where_positive(double out, double grad) {
     return out > 0. ? grad : 0.;
@@ -67,14 +69,22 @@ struct LstmActivations {
   V i, f, g, o, c, r;
 };
 
+// The gates and the new cell state c (r left unset): shared with the LayerNorm LSTM, whose output
+// reads a normalized c.
 template <typename V>
-C10_HOST_DEVICE inline LstmActivations<V> lstm_forward(V pre_i, V pre_f, V pre_g, V pre_o, V c_prev) {
+C10_HOST_DEVICE inline LstmActivations<V> lstm_gates(V pre_i, V pre_f, V pre_g, V pre_o, V c_prev) {
   LstmActivations<V> a;
   a.i = sigmoid(pre_i);
   a.f = sigmoid(pre_f);
   a.g = tanh_act(pre_g);
   a.o = sigmoid(pre_o);
   a.c = a.f * c_prev + a.i * a.g;
+  return a;
+}
+
+template <typename V>
+C10_HOST_DEVICE inline LstmActivations<V> lstm_forward(V pre_i, V pre_f, V pre_g, V pre_o, V c_prev) {
+  LstmActivations<V> a = lstm_gates(pre_i, pre_f, pre_g, pre_o, c_prev);
   a.r = a.o * tanh_act(a.c);
   return a;
 }
@@ -88,17 +98,26 @@ struct LstmGradients {
 
 // dr: gradient of r = o tanh(c) (equal to dh without projection); dc: gradient of c_t arriving
 // from step t+1 (or from c_n).
+// The input, forget and cell gates' pre-activation gradients and dc_{t-1} from dc_total, the whole
+// gradient of c_t (shared with the LayerNorm LSTM); pre_o, r are left unset.
 template <typename V>
-C10_HOST_DEVICE inline LstmGradients<V> lstm_backward(V i, V f, V g, V o, V c, V c_prev, V dr, V dc) {
+C10_HOST_DEVICE inline LstmGradients<V> lstm_cell_backward(V i, V f, V g, V c_prev, V dc_total) {
   LstmGradients<V> d;
   const V one(1);
-  const V tc = tanh_act(c);
-  const V dc_total = dc + dr * o * (one - tc * tc);
   d.pre_i = dc_total * g * i * (one - i);
   d.pre_f = dc_total * c_prev * f * (one - f);
   d.pre_g = dc_total * i * (one - g * g);
-  d.pre_o = dr * tc * o * (one - o);
   d.c_prev = dc_total * f;
+  return d;
+}
+
+template <typename V>
+C10_HOST_DEVICE inline LstmGradients<V> lstm_backward(V i, V f, V g, V o, V c, V c_prev, V dr, V dc) {
+  const V one(1);
+  const V tc = tanh_act(c);
+  const V dc_total = dc + dr * o * (one - tc * tc);
+  LstmGradients<V> d = lstm_cell_backward(i, f, g, c_prev, dc_total);
+  d.pre_o = dr * tc * o * (one - o);
   d.r = o * tc;
   return d;
 }

@@ -3,7 +3,7 @@
 ``rnnfused.LSTM``, ``GRU``, ``RNN``, ``LSTMCell``, ``GRUCell`` and ``RNNCell`` are drop-in
 replacements for their torch.nn namesakes: same constructor, parameters, state_dict, outputs and
 errors, computed by rnnfused's own C++ (CPU) and CUDA (GPU) kernels. ``rnnfused.LayerNormLSTM`` and
-``LayerNormGRU`` add layer normalization (CPU kernels).
+``LayerNormGRU`` add layer normalization.
 """
 import torch  # noqa: F401  (loads libtorch, which the extension links against, first)
 

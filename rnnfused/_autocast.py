@@ -16,7 +16,8 @@ The dtype follows torch.nn under the same autocast:
   in it).
 * CPU, GRU: the widest floating dtype among the inputs, i.e. float32 for a float32 model
   (torch.nn.GRU's CPU cell promotes its new state to the float32 hidden state).
-* CPU, LayerNorm LSTM / GRU: the widest, as for the GRU (autocast's layer_norm is float32).
+* LayerNorm LSTM / GRU, both devices: the widest, as for the CPU GRU (autocast's layer_norm, which
+  makes their input projection, is float32; torch.nn has no such layer to follow).
 
 float64 tensors are never cast, as in torch's own autocast. The kernel reads the autocast dtype
 of the region at call time, so ``torch.autocast(..., dtype=torch.float16)`` and ``bfloat16`` both
@@ -48,6 +49,8 @@ AUTOCAST_POLICY = {
         "gru_recurrence": LOWER,
         "rnn_tanh_recurrence": LOWER,
         "rnn_relu_recurrence": LOWER,
+        "layer_norm_lstm_recurrence": PROMOTE,  # as on the CPU
+        "layer_norm_gru_recurrence": PROMOTE,
     },
 }
 

@@ -28,6 +28,7 @@ def available():
 
 if _sim_C is not None:
     _ops.register("rnnfused_sim")
+    _ops.register_layer_norm("rnnfused_sim")
     ops = torch.ops.rnnfused_sim
     configure = _sim_C.configure
     selftest = _sim_C.selftest

@@ -121,16 +121,8 @@ def rnn_relu_layer(input, w_ih, w_hh, b_ih, b_hh, h0, batch_sizes=None, reverse=
 # ---------------------------------------------------------------------------------------------------
 
 
-def _check_layer_norm_device(input, name):
-    _check_device(input)
-    if input.device.type == "cuda":
-        raise RuntimeError(
-            f"rnnfused.{name} has CPU kernels only in this version (its CUDA kernels are not written yet); "
-            "run it on the CPU, or use rnnfused.LSTM / GRU with recurrent_dropout or zoneout on the GPU"
-        )
-
-
 def _normalized_input_projection(input, w_ih, b_ih, ih_gain, ih_bias, eps):
+    _check_device(input)
     gates_x = F.layer_norm(F.linear(input, w_ih), (w_ih.shape[0],), ih_gain, ih_bias, eps)
     return gates_x if b_ih is None else gates_x + b_ih
 
@@ -139,7 +131,6 @@ def layer_norm_lstm_layer(input, w_ih, w_hh, b_ih, b_hh, ih_gain, ih_bias, hh_ga
                           c0, batch_sizes=None, reverse=False, training=True, eps=1e-5, recurrent_mask=None,
                           zoneout=None, cell_zoneout=None):
     """LayerNorm LSTM layer. Returns ``output, h_n, c_n``. ``training`` as for :func:`lstm_layer`."""
-    _check_layer_norm_device(input, "LayerNormLSTM")
     gates_x = _normalized_input_projection(input, w_ih, b_ih, ih_gain, ih_bias, eps)
     training = _records_workspace(training, gates_x, w_hh, b_hh, hh_gain, hh_bias, cell_gain, cell_bias, h0, c0)
     output, h_n, c_n, _ = _ops_ns.layer_norm_lstm_recurrence(gates_x, w_hh, b_hh, hh_gain, hh_bias, cell_gain, cell_bias,
@@ -151,7 +142,6 @@ def layer_norm_lstm_layer(input, w_ih, w_hh, b_ih, b_hh, ih_gain, ih_bias, hh_ga
 def layer_norm_gru_layer(input, w_ih, w_hh, b_ih, b_hh, ih_gain, ih_bias, hh_gain, hh_bias, h0, batch_sizes=None,
                          reverse=False, training=True, eps=1e-5, recurrent_mask=None, zoneout=None):
     """LayerNorm GRU layer. Returns ``output, h_n``."""
-    _check_layer_norm_device(input, "LayerNormGRU")
     gates_x = _normalized_input_projection(input, w_ih, b_ih, ih_gain, ih_bias, eps)
     training = _records_workspace(training, gates_x, w_hh, b_hh, hh_gain, hh_bias, h0)
     output, h_n, _ = _ops_ns.layer_norm_gru_recurrence(gates_x, w_hh, b_hh, hh_gain, hh_bias, h0, batch_sizes, reverse,

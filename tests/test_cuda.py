@@ -578,3 +578,61 @@ def test_regularized_modules_train_on_the_gpu():
         assert torch.equal(a, b)
         module.eval()
         assert torch.equal(module(x)[0], module(x)[0])
+
+
+# ----------------------------------------------------------------------------------------------
+# LayerNormLSTM / LayerNormGRU (tests/test_layer_norm.py's reference loop, on the GPU)
+# ----------------------------------------------------------------------------------------------
+
+from test_layer_norm import compare as compare_layer_norm  # noqa: E402
+from test_layer_norm import make_params as make_layer_norm_params  # noqa: E402
+from test_layer_norm import run_fused_layer as run_layer_norm_layer  # noqa: E402
+
+
+class _OnGpu:
+    """Runs the fused layer of tests/test_layer_norm.py's compare() on the GPU: its tensors move
+    there and the results come back (the reference stays on the CPU)."""
+
+    def __enter__(self):
+        import rnnfused.functional as rf
+
+        self.saved = (rf.layer_norm_lstm_layer, rf.layer_norm_gru_layer)
+
+        def moved(layer):
+            def run(*args, **kwargs):
+                to = lambda v: v.to(CUDA) if isinstance(v, torch.Tensor) and v.dtype.is_floating_point else v  # noqa: E731
+                outs = layer(*[to(a) for a in args], **{k: to(v) for k, v in kwargs.items()})
+                return tuple(o.cpu() for o in outs)
+
+            return run
+
+        rf.layer_norm_lstm_layer, rf.layer_norm_gru_layer = moved(self.saved[0]), moved(self.saved[1])
+        return self
+
+    def __exit__(self, *exc):
+        import rnnfused.functional as rf
+
+        rf.layer_norm_lstm_layer, rf.layer_norm_gru_layer = self.saved
+        return False
+
+
+@pytest.mark.parametrize("mode,options", [("lstm", ()), ("lstm", ("mask", "zoneout", "cell_zoneout")),
+                                          ("gru", ()), ("gru", ("mask", "zoneout")), ("gru", ("eval", "zoneout"))])
+@pytest.mark.parametrize("lengths,reverse", [(None, False), ([6, 4, 4, 1], True)])
+def test_layer_norm_ops_match_reference(mode, options, lengths, reverse, no_tf32):
+    """The LayerNorm ops on the GPU: forward and every gradient equal the step loop's in float64."""
+    compare_layer_norm(mode, 4, 5, lengths, reverse, options, context=_OnGpu)
+    compare_layer_norm(mode, 3, 300, [6, 2, 1], False, options, context=_OnGpu)
+
+
+@pytest.mark.parametrize("mode", ["lstm", "gru"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_layer_norm_modules_match_cpu(mode, dtype, no_tf32):
+    cls = rnnfused.LayerNormLSTM if mode == "lstm" else rnnfused.LayerNormGRU
+    torch.manual_seed(0)
+    module = cls(16, 64, num_layers=2, bidirectional=True).to(dtype)
+    x = torch.randn(9, 5, 16, dtype=dtype)
+    out, _ = module(x)
+    gpu_out, _ = module.to(CUDA)(x.to(CUDA))
+    tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=0.05, atol=0.05)
+    torch.testing.assert_close(gpu_out.cpu().float(), out.float(), **tol)

@@ -2,6 +2,8 @@
 and the modules against a plain PyTorch loop over the steps written here, with and without the
 regularization options; gradcheck, gradgradcheck, opcheck; parameters, state_dict and init;
 torch.compile / torch.export; eval mode, low precision, and the errors."""
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -111,7 +113,7 @@ def steps_to_rows(keep, lengths, steps, batch):
 
 
 def compare(mode, batch, hidden, lengths, reverse, options, dtype=torch.float64, rtol=1e-10, atol=1e-12,
-            bias=True, training=True):
+            bias=True, training=True, context=None):
     steps, input_size = 6, 5
     torch.manual_seed(3)
     p = make_params(mode, input_size, hidden, dtype, bias)
@@ -128,7 +130,9 @@ def compare(mode, batch, hidden, lengths, reverse, options, dtype=torch.float64,
     def rows(keep):
         return keep if keep is None or keep.dim() == 0 else steps_to_rows(keep, lengths, steps, batch)
 
-    out, h_n, c_n = run_fused_layer(mode, x, p, h0, c0, lengths, reverse, mask, rows(keep_h), rows(keep_c), training)
+    with context() if context is not None else contextlib.nullcontext():
+        out, h_n, c_n = run_fused_layer(mode, x, p, h0, c0, lengths, reverse, mask, rows(keep_h), rows(keep_c),
+                                        training)
     ref_out, ref_h, ref_c = reference_layer(mode, x, p, h0, c0, lengths, reverse, mask, keep_h, keep_c)
     torch.testing.assert_close(out, ref_out, rtol=rtol, atol=atol)
     torch.testing.assert_close(h_n, ref_h, rtol=rtol, atol=atol)
@@ -141,7 +145,8 @@ def compare(mode, batch, hidden, lengths, reverse, options, dtype=torch.float64,
         total = (o * weights).sum() + (h * h).sum()
         return total + (c.sin().sum() if c is not None else 0)
 
-    ours = torch.autograd.grad(loss(out, h_n, c_n), leaves)
+    with context() if context is not None else contextlib.nullcontext():
+        ours = torch.autograd.grad(loss(out, h_n, c_n), leaves)
     theirs = torch.autograd.grad(loss(ref_out, ref_h, ref_c), leaves)
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a, b, rtol=rtol * 10, atol=atol * 10)
@@ -528,3 +533,97 @@ def test_convert_leaves_layer_norm_modules_alone():
     with pytest.warns(UserWarning, match="left 0"):
         rnnfused.convert(model, to="torch.nn")
     assert type(model[0]) is rnnfused.LayerNormLSTM
+
+
+def test_benchmark_layer_norm_rows_and_loop():
+    import os
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if root not in sys.path:  # benchmarks/ is a top-level package of the repository, not installed
+        sys.path.insert(0, root)
+    from benchmarks import regularization
+
+    # The benchmark's per-step loop computes the same LayerNorm cell (without options).
+    for cell in ("lstm", "gru"):
+        torch.manual_seed(0)
+        module = CLASSES[cell](5, 6, dtype=torch.float64)
+        randomize_layer_norm(module)
+        x = torch.randn(4, 3, 5, dtype=torch.float64)
+        torch.testing.assert_close(regularization.loop_layer(cell, module, x, {}, layer_norm=True), module(x)[0],
+                                   rtol=1e-10, atol=1e-12)
+    rows = regularization.measure(["lstm", "gru"], regularization.SHAPES["tiny"], ["fwdbwd"], 0.01, 1,
+                                  options=["layer_norm"])
+    assert {(r["cell"], r["option"]) for r in rows} == {(c, o) for c in ("lstm", "gru") for o in ("plain", "layer_norm")}
+    assert all(r["rnnfused_ms"] > 0 and r["loop_ms"] > 0 for r in rows)
+    with pytest.raises(SystemExit):
+        regularization.main(["--preset", "tiny", "--option", "batch_norm"])
+
+
+# ------------------------------------------------------------------------------------------------
+# The CUDA time loops and kernels, on the CUDA simulator (CPU tensors; the GPU tests are in
+# tests/test_cuda.py).
+# ------------------------------------------------------------------------------------------------
+
+
+def _simulator():
+    from rnnfused import _sim
+
+    if not _sim.available():
+        pytest.skip("the simulated CUDA build is not part of this install (RNNFUSED_BUILD_SIM=1)")
+    return _sim
+
+
+SIM_CASES = [("lstm", ()), ("lstm", ("mask", "zoneout", "cell_zoneout")), ("lstm", ("eval", "zoneout", "cell_zoneout")),
+             ("gru", ()), ("gru", ("mask", "zoneout")), ("gru", ("eval", "zoneout"))]
+
+
+@pytest.mark.parametrize("mode,options", SIM_CASES)
+@pytest.mark.parametrize("lengths,reverse", [(None, False), ([6, 4, 4, 1], True)])
+def test_cuda_kernels_on_the_simulator_match_reference(mode, options, lengths, reverse):
+    """The CUDA forward and backward loops (a block per row, shared-memory reductions; bounds,
+    barriers and races checked by the simulator) against the step loop in float64."""
+    sim = _simulator()
+    compare(mode, 4, 5, lengths, reverse, options, context=sim.simulated_cuda)
+
+
+@pytest.mark.parametrize("mode", ["lstm", "gru"])
+def test_cuda_kernels_on_the_simulator_wide_rows_and_inference(mode):
+    """More units than a block has threads (each thread then owns several), and a call that keeps
+    no workspace (its backward recomputes the forward)."""
+    sim = _simulator()
+    compare(mode, 2, 300, [6, 3], False, ("zoneout",), context=sim.simulated_cuda)
+    compare(mode, 3, 4, None, True, ("mask",), training=False, context=sim.simulated_cuda)
+
+
+@pytest.mark.parametrize("mode", ["lstm", "gru"])
+def test_cuda_kernels_on_the_simulator_bfloat16_match_cpu(mode):
+    sim = _simulator()
+    torch.manual_seed(0)
+    p = {k: (v.detach().to(torch.bfloat16) if v is not None else None)
+         for k, v in make_params(mode, 5, 8, torch.float32).items()}
+    x = torch.randn(6, 3, 5).to(torch.bfloat16)
+    h0, c0 = torch.randn(3, 8).to(torch.bfloat16), torch.randn(3, 8).to(torch.bfloat16)
+    cpu = run_fused_layer(mode, x, p, h0, c0, [6, 5, 2], False)
+    with sim.simulated_cuda():
+        simulated = run_fused_layer(mode, x, p, h0, c0, [6, 5, 2], False)
+    for a, b in zip(simulated, cpu):
+        if b is not None:
+            assert a.dtype == torch.bfloat16
+            torch.testing.assert_close(a.float(), b.float(), rtol=0.02, atol=0.02)
+
+
+def test_module_on_the_simulator():
+    sim = _simulator()
+    torch.manual_seed(0)
+    module = rnnfused.LayerNormLSTM(4, 6, num_layers=2, bidirectional=True, zoneout=0.2, recurrent_dropout=0.2,
+                                    dtype=torch.float64)
+    randomize_layer_norm(module)
+    x = torch.randn(5, 3, 4, dtype=torch.float64)
+    torch.manual_seed(2)
+    out, (h_n, c_n) = module(x)
+    with sim.simulated_cuda():
+        torch.manual_seed(2)
+        sim_out, (sim_h, sim_c) = module(x)
+    for a, b in ((sim_out, out), (sim_h, h_n), (sim_c, c_n)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)

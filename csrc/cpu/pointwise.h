@@ -76,6 +76,49 @@ struct RnnBackwardStep {
   T* grad_gates = nullptr;         // [rows, H]
 };
 
+// LayerNorm LSTM / GRU (layer_norm_cpu.cpp): one row of one step per call (a row's normalization
+// is a reduction over all its gates). Workspace rows as in csrc/recurrence.h. Keep weights of
+// zoneout: null when off, else [H] with keep_stride 1, or one scalar with keep_stride 0.
+template <typename T>
+struct LayerNormRowForward {
+  int64_t hidden = 0;
+  T eps = 0;
+  const T* gates_x = nullptr;    // [G*H]  LN(x W_ih^T) ih_gain + ih_bias + b_ih
+  const T* product = nullptr;    // [G*H]  (m h_{t-1}) W_hh^T
+  const T* gain = nullptr;       // [G*H]  hh_gain
+  const T* shift = nullptr;      // [G*H]  hh_bias + b_hh
+  const T* cell_gain = nullptr;  // [H]    LSTM
+  const T* cell_bias = nullptr;  // [H]    LSTM
+  const T* keep_h = nullptr;
+  const T* keep_c = nullptr;     // LSTM
+  int64_t keep_h_stride = 0, keep_c_stride = 0;
+  T* h_state = nullptr;          // [H]    in: h_{t-1}; out: h_t
+  T* c_state = nullptr;          // [H]    LSTM; in: c_{t-1}; out: c_t
+  T* workspace = nullptr;        // [10H + 2] (LSTM) / [7H + 1] (GRU)
+};
+
+template <typename T>
+struct LayerNormRowBackward {
+  int64_t hidden = 0;
+  const T* workspace = nullptr;    // this row's
+  const T* h_prev = nullptr;       // [H]    GRU: h_{t-1}
+  const T* c_prev = nullptr;       // [H]    LSTM: c_{t-1}
+  const T* gain = nullptr;         // [G*H]  hh_gain
+  const T* cell_gain = nullptr;    // [H]    LSTM
+  const T* cell_bias = nullptr;    // [H]    LSTM
+  const T* keep_h = nullptr;
+  const T* keep_c = nullptr;
+  int64_t keep_h_stride = 0, keep_c_stride = 0;
+  const T* grad_output = nullptr;  // [H]    may be null
+  T* dh_state = nullptr;           // [H]    in: dL/dh_t from later steps; out: the direct part of dL/dh_{t-1}
+  T* dc_state = nullptr;           // [H]    LSTM; in: dL/dc_t; out: dL/dc_{t-1}
+  T* grad_gates_x = nullptr;       // [G*H]  dL/dgates_x
+  T* grad_hh = nullptr;            // [G*H]  dL/dhh, hh = gain xhat + shift (for the gains and biases)
+  T* grad_c_hat = nullptr;         // [H]    LSTM: dL/d(LN(c~) cell_gain + cell_bias)
+  T* grad_product = nullptr;       // [G*H]  dL/d((m h_{t-1}) W_hh^T)
+  T* scratch = nullptr;            // [2H + G*H]
+};
+
 template <typename T>
 struct PointwiseKernels {
   const char* isa;
@@ -87,6 +130,10 @@ struct PointwiseKernels {
   void (*rnn_relu_forward)(const RnnForwardStep<T>&);
   void (*rnn_tanh_backward)(const RnnBackwardStep<T>&);
   void (*rnn_relu_backward)(const RnnBackwardStep<T>&);
+  void (*layer_norm_lstm_forward)(const LayerNormRowForward<T>&);
+  void (*layer_norm_lstm_backward)(const LayerNormRowBackward<T>&);
+  void (*layer_norm_gru_forward)(const LayerNormRowForward<T>&);
+  void (*layer_norm_gru_backward)(const LayerNormRowBackward<T>&);
 };
 
 // The best set for this processor (AVX2 + FMA when present), chosen once.

@@ -16,6 +16,7 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
+#include <cmath>
 #include <type_traits>
 
 #include "../cell_math.h"
@@ -244,6 +245,193 @@ void rnn_backward_step(const RnnBackwardStep<T>& a) {
   });
 }
 
+// ---------------------------------------------------------------------------------------------
+// LayerNorm LSTM / GRU, one row (see pointwise.h; math in cell_math.h).
+// ---------------------------------------------------------------------------------------------
+
+// Sum over [0, width) of f(vector at j) for full vectors, plus tail(j) for the last elements
+// (a partial vector's zero-filled lanes would not be zero in every summand).
+template <typename T, typename F, typename Tail>
+inline T row_sum(int64_t width, const F& f, const Tail& tail) {
+  using Vec = at::vec::Vectorized<T>;
+  Vec acc(T(0));
+  int64_t j = 0;
+  for (; j + Vec::size() <= width; j += Vec::size()) acc = acc + f(j);
+  alignas(64) T lanes[Vec::size()];
+  acc.store(lanes);
+  T sum = 0;
+  for (int64_t k = 0; k < Vec::size(); ++k) sum += lanes[k];
+  for (; j < width; ++j) sum += tail(j);
+  return sum;
+}
+
+// xhat = (x - mean) rstd over one row; returns rstd (torch.nn.LayerNorm's biased variance).
+template <typename T>
+inline T normalize_row(int64_t width, const T* x, T eps, T* xhat) {
+  using Vec = at::vec::Vectorized<T>;
+  const T mean =
+      row_sum<T>(width, [&](int64_t j) { return Vec::loadu(x + j); }, [&](int64_t j) { return x[j]; }) / T(width);
+  const Vec mean_v(mean);
+  const T var = row_sum<T>(
+                    width,
+                    [&](int64_t j) {
+                      const Vec d = Vec::loadu(x + j) - mean_v;
+                      return d * d;
+                    },
+                    [&](int64_t j) { return (x[j] - mean) * (x[j] - mean); }) /
+                T(width);
+  const T rstd = T(1) / std::sqrt(var + eps);
+  const Vec rstd_v(rstd);
+  for_each_vector<T>(0, width, [&](int64_t j, Lanes<T> l) { l.store(xhat + j, (l.load(x + j) - mean_v) * rstd_v); });
+  return rstd;
+}
+
+// dx = rstd (dxhat - mean(dxhat) - xhat mean(dxhat xhat)) over one row (dx may be dxhat).
+template <typename T>
+inline void normalize_row_backward(int64_t width, T rstd, const T* xhat, const T* dxhat, T* dx) {
+  using Vec = at::vec::Vectorized<T>;
+  const T mean_d = row_sum<T>(width, [&](int64_t j) { return Vec::loadu(dxhat + j); },
+                              [&](int64_t j) { return dxhat[j]; }) / T(width);
+  const T mean_dx = row_sum<T>(width, [&](int64_t j) { return Vec::loadu(dxhat + j) * Vec::loadu(xhat + j); },
+                               [&](int64_t j) { return dxhat[j] * xhat[j]; }) / T(width);
+  const Vec r(rstd), m1(mean_d), m2(mean_dx);
+  for_each_vector<T>(0, width, [&](int64_t j, Lanes<T> l) {
+    l.store(dx + j, rnnfused::layer_norm_input_grad(r, l.load(dxhat + j), l.load(xhat + j), m1, m2));
+  });
+}
+
+// Zoneout keep weights at j: a row of them, or the eval-mode scalar.
+template <typename T>
+inline at::vec::Vectorized<T> keep_at(const T* keep, int64_t stride, int64_t j, Lanes<T> l) {
+  return stride ? l.load(keep + j) : at::vec::Vectorized<T>(keep[0]);
+}
+
+template <typename T>
+void layer_norm_lstm_forward_row(const LayerNormRowForward<T>& a) {
+  using Vec = at::vec::Vectorized<T>;
+  const int64_t H = a.hidden, GH = 4 * H;
+  T* ws = a.workspace;
+  T *xh = ws + GH, *c_out = ws + 2 * GH, *xc = ws + 2 * GH + H;
+  ws[2 * GH + 2 * H] = normalize_row(GH, a.product, a.eps, xh);
+  for_each_vector<T>(0, H, [&](int64_t j, Lanes<T> l) {
+    auto pre = [&](int64_t gate) {
+      const int64_t k = gate * H + j;
+      return l.load(a.gates_x + k) + at::vec::fmadd(l.load(a.gain + k), l.load(xh + k), l.load(a.shift + k));
+    };
+    const auto s = rnnfused::lstm_gates(pre(0), pre(1), pre(2), pre(3), l.load(a.c_state + j));
+    l.store(ws + j, s.i);
+    l.store(ws + H + j, s.f);
+    l.store(ws + 2 * H + j, s.g);
+    l.store(ws + 3 * H + j, s.o);
+    l.store(c_out + j, s.c);  // c~ until the second pass
+  });
+  ws[2 * GH + 2 * H + 1] = normalize_row(H, c_out, a.eps, xc);
+  for_each_vector<T>(0, H, [&](int64_t j, Lanes<T> l) {
+    const Vec c_hat = at::vec::fmadd(l.load(a.cell_gain + j), l.load(xc + j), l.load(a.cell_bias + j));
+    Vec h = l.load(ws + 3 * H + j) * CellOps<Vec>::tanh(c_hat);
+    Vec c = l.load(c_out + j);
+    if (a.keep_c) c = rnnfused::zoneout(keep_at(a.keep_c, a.keep_c_stride, j, l), l.load(a.c_state + j), c);
+    if (a.keep_h) h = rnnfused::zoneout(keep_at(a.keep_h, a.keep_h_stride, j, l), l.load(a.h_state + j), h);
+    l.store(c_out + j, c);
+    l.store(a.c_state + j, c);
+    l.store(a.h_state + j, h);
+  });
+}
+
+template <typename T>
+void layer_norm_lstm_backward_row(const LayerNormRowBackward<T>& a) {
+  using Vec = at::vec::Vectorized<T>;
+  const int64_t H = a.hidden, GH = 4 * H;
+  const T* ws = a.workspace;
+  const T *xh = ws + GH, *xc = ws + 2 * GH + H;
+  const T rstd_hh = ws[2 * GH + 2 * H], rstd_c = ws[2 * GH + 2 * H + 1];
+  T *d_xc = a.scratch, *dc_cand = a.scratch + H, *d_xhat = a.scratch + 2 * H;
+  T* d = a.grad_gates_x;
+  const Vec one(T(1));
+  for_each_vector<T>(0, H, [&](int64_t j, Lanes<T> l) {
+    Vec dh = l.load(a.dh_state + j);
+    if (a.grad_output) dh = dh + l.load(a.grad_output + j);
+    const Vec kh = a.keep_h ? keep_at(a.keep_h, a.keep_h_stride, j, l) : Vec(T(0));
+    const Vec kc = a.keep_c ? keep_at(a.keep_c, a.keep_c_stride, j, l) : Vec(T(0));
+    const Vec cg = l.load(a.cell_gain + j);
+    const Vec tanh_c_hat = CellOps<Vec>::tanh(at::vec::fmadd(cg, l.load(xc + j), l.load(a.cell_bias + j)));
+    const auto od = rnnfused::layer_norm_lstm_output_backward(l.load(ws + 3 * H + j), tanh_c_hat, (one - kh) * dh);
+    const Vec dc = l.load(a.dc_state + j);
+    l.store(d + 3 * H + j, od.pre_o);
+    l.store(a.grad_c_hat + j, od.c_hat);
+    l.store(d_xc + j, od.c_hat * cg);
+    l.store(a.dh_state + j, kh * dh);       // the kept part of dL/dh_t goes to h_{t-1}
+    l.store(dc_cand + j, (one - kc) * dc);  // the candidate's share of dL/dc_t
+    l.store(a.dc_state + j, kc * dc);
+  });
+  normalize_row_backward(H, rstd_c, xc, d_xc, d_xc);
+  for_each_vector<T>(0, H, [&](int64_t j, Lanes<T> l) {
+    const auto g = rnnfused::lstm_cell_backward(l.load(ws + j), l.load(ws + H + j), l.load(ws + 2 * H + j),
+                                                l.load(a.c_prev + j), l.load(dc_cand + j) + l.load(d_xc + j));
+    l.store(d + j, g.pre_i);
+    l.store(d + H + j, g.pre_f);
+    l.store(d + 2 * H + j, g.pre_g);
+    l.store(a.dc_state + j, l.load(a.dc_state + j) + g.c_prev);
+  });
+  for_each_vector<T>(0, GH, [&](int64_t j, Lanes<T> l) {
+    const Vec dj = l.load(d + j);
+    l.store(a.grad_hh + j, dj);  // hh enters the pre-activations as is
+    l.store(d_xhat + j, dj * l.load(a.gain + j));
+  });
+  normalize_row_backward(GH, rstd_hh, xh, d_xhat, a.grad_product);
+}
+
+template <typename T>
+void layer_norm_gru_forward_row(const LayerNormRowForward<T>& a) {
+  const int64_t H = a.hidden, GH = 3 * H;
+  T* ws = a.workspace;
+  T *xh = ws + GH, *hh_n = ws + 2 * GH;
+  ws[2 * GH + H] = normalize_row(GH, a.product, a.eps, xh);
+  for_each_vector<T>(0, H, [&](int64_t j, Lanes<T> l) {
+    auto hh = [&](int64_t gate) {
+      const int64_t k = gate * H + j;
+      return at::vec::fmadd(l.load(a.gain + k), l.load(xh + k), l.load(a.shift + k));
+    };
+    const auto h_prev = l.load(a.h_state + j);
+    const auto hn = hh(2);
+    const auto s = rnnfused::gru_forward(l.load(a.gates_x + j), l.load(a.gates_x + H + j),
+                                         l.load(a.gates_x + 2 * H + j), hh(0), hh(1), hn, h_prev);
+    l.store(ws + j, s.r);
+    l.store(ws + H + j, s.z);
+    l.store(ws + 2 * H + j, s.n);
+    l.store(hh_n + j, hn);
+    l.store(a.h_state + j, a.keep_h ? rnnfused::zoneout(keep_at(a.keep_h, a.keep_h_stride, j, l), h_prev, s.h) : s.h);
+  });
+}
+
+template <typename T>
+void layer_norm_gru_backward_row(const LayerNormRowBackward<T>& a) {
+  using Vec = at::vec::Vectorized<T>;
+  const int64_t H = a.hidden, GH = 3 * H;
+  const T* ws = a.workspace;
+  const T *xh = ws + GH, *hh_n = ws + 2 * GH;
+  const T rstd = ws[2 * GH + H];
+  T* d_xhat = a.scratch + 2 * H;
+  T *d = a.grad_gates_x, *dhh = a.grad_hh;
+  const Vec one(T(1));
+  for_each_vector<T>(0, H, [&](int64_t j, Lanes<T> l) {
+    Vec dh = l.load(a.dh_state + j);
+    if (a.grad_output) dh = dh + l.load(a.grad_output + j);
+    const Vec kh = a.keep_h ? keep_at(a.keep_h, a.keep_h_stride, j, l) : Vec(T(0));
+    const auto g = rnnfused::gru_backward(l.load(ws + j), l.load(ws + H + j), l.load(ws + 2 * H + j),
+                                          l.load(hh_n + j), l.load(a.h_prev + j), (one - kh) * dh);
+    l.store(d + j, g.x_r);
+    l.store(d + H + j, g.x_z);
+    l.store(d + 2 * H + j, g.x_n);
+    l.store(dhh + j, g.x_r);
+    l.store(dhh + H + j, g.x_z);
+    l.store(dhh + 2 * H + j, g.hh_n);
+    l.store(a.dh_state + j, kh * dh + g.h_prev);
+  });
+  for_each_vector<T>(0, GH, [&](int64_t j, Lanes<T> l) { l.store(d_xhat + j, l.load(dhh + j) * l.load(a.gain + j)); });
+  normalize_row_backward(GH, rstd, xh, d_xhat, a.grad_product);
+}
+
 template <typename T>
 PointwiseKernels<T> make_kernels() {
   return PointwiseKernels<T>{RNNFUSED_ISA_NAME,
@@ -254,7 +442,11 @@ PointwiseKernels<T> make_kernels() {
                              &rnn_forward_step<T, Activation::Tanh>,
                              &rnn_forward_step<T, Activation::Relu>,
                              &rnn_backward_step<T, Activation::Tanh>,
-                             &rnn_backward_step<T, Activation::Relu>};
+                             &rnn_backward_step<T, Activation::Relu>,
+                             &layer_norm_lstm_forward_row<T>,
+                             &layer_norm_lstm_backward_row<T>,
+                             &layer_norm_gru_forward_row<T>,
+                             &layer_norm_gru_backward_row<T>};
 }
 
 }  // namespace cpu::RNNFUSED_ISA

@@ -38,6 +38,7 @@
 #include "../cell_math.h"
 #include "../recurrence.h"
 #include "host.h"
+#include "layer_norm_kernels.cuh"
 #include "persistent_kernels.cuh"
 #include "pointwise_kernels.cuh"
 
@@ -1242,6 +1243,320 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_recurrence_backwa
           to_dtype(dh_state, dtype)};
 }
 
+// ---------------------------------------------------------------------------------------------
+// LayerNorm LSTM and GRU (csrc/cpu/layer_norm_cpu.cpp defines the semantics): per step one GEMM in
+// the compute dtype and one kernel with a block per row (layer_norm_kernels.cuh); the backward's
+// dW_hh and the gains' and biases' gradients are one GEMM / reduction each after the loop.
+// ---------------------------------------------------------------------------------------------
+
+// kernel<<<rows, kThreads>>>(args) on the current stream (one block per row); nothing for 0 rows.
+template <typename Args>
+void launch_per_row(const char* name, void (*kernel)(Args), int64_t rows, const Args& args) {
+  if (rows <= 0) return;
+  launch_kernel(name, kernel, dim3(static_cast<unsigned int>(rows)), dim3(kThreads), 0, current_stream(), args);
+}
+
+// hh_bias + b_hh: the two add at the same place (after the gain), so the kernels add their sum.
+at::Tensor layer_norm_shift(const at::Tensor& hh_bias, const c10::optional<at::Tensor>& b_hh, at::ScalarType acc) {
+  const at::Tensor beta = compute_view(hh_bias, acc);
+  return present(b_hh) ? (beta + compute_view(*b_hh, acc)).contiguous() : beta;
+}
+
+// The forward time loop of both cells (G = 4: LSTM, with c_state / cell_*; G = 3: GRU).
+template <typename T>
+void layer_norm_forward_loop(const StepPlan& plan, int64_t G, int64_t H, double eps, bool training,
+                             at::ScalarType storage, const at::Tensor& gx, const at::Tensor& w_hh, const at::Tensor& h0,
+                             const at::Tensor& gain, const at::Tensor& shift, const at::Tensor& cell_gain,
+                             const at::Tensor& cell_bias, const at::Tensor& mask, const at::Tensor& keep_h,
+                             const at::Tensor& keep_c, at::Tensor& h_state, at::Tensor& c_state, at::Tensor& output,
+                             at::Tensor& workspace) {
+  const int64_t B = plan.batch, GH = G * H;
+  const int64_t W = G == 4 ? layer_norm_lstm_workspace_width(H) : layer_norm_gru_workspace_width(H);
+  const auto options = gx.options();
+  at::Tensor product = at::empty({B, GH}, options);
+  at::Tensor scratch = training ? at::Tensor() : at::empty({B, W}, options);
+  const Launcher launch;
+  // The masked h_{t-1} and the GEMM in the compute dtype for every dtype (the normalization follows).
+  const RecurrentProduct recurrent(w_hh, h0, h_state, mask, /*compute_dtype_product=*/true);
+  LayerNormForwardArgs<T> args;
+  args.hidden = H;
+  args.eps = static_cast<T>(eps);
+  args.product = product.data_ptr<T>();
+  args.gain = gain.data_ptr<T>();
+  args.shift = shift.data_ptr<T>();
+  args.cell_gain = ptr_or_null<T>(cell_gain);
+  args.cell_bias = ptr_or_null<T>(cell_bias);
+  args.keep_h_stride = keep_stride(keep_h);
+  args.keep_c_stride = keep_stride(keep_c);
+  args.h_state = h_state.data_ptr<T>();
+  args.c_state = c_state.defined() ? c_state.data_ptr<T>() : nullptr;
+  args.storage = storage_of(storage);
+  const auto kernel = G == 4 ? layer_norm_lstm_forward_kernel<T> : layer_norm_gru_forward_kernel<T>;
+  for (const auto s : c10::irange(plan.steps())) {
+    const int64_t t = plan.step_at(s);
+    const int64_t rows = plan.batch_sizes[t], off = plan.offsets[t];
+    recurrent.run<T>(product, rows, launch);
+    args.rows = rows;
+    args.gates_x = gx.data_ptr<T>() + off * GH;
+    args.keep_h = keep_rows<T>(keep_h, off, H);
+    args.keep_c = keep_rows<T>(keep_c, off, H);
+    args.h_copy = output.data_ptr<T>() + off * H;
+    args.workspace = training ? workspace.data_ptr<T>() + off * W : scratch.data_ptr<T>();
+    launch_per_row(G == 4 ? "layer_norm_lstm_forward" : "layer_norm_gru_forward", kernel, rows, args);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_lstm_cuda(
+    const at::Tensor& gates_x, const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_hh,
+    const at::Tensor& hh_gain, const at::Tensor& hh_bias, const at::Tensor& cell_gain, const at::Tensor& cell_bias,
+    const at::Tensor& h0, const at::Tensor& c0, const c10::optional<at::Tensor>& batch_sizes, bool reverse,
+    bool training, double eps, const c10::optional<at::Tensor>& recurrent_mask,
+    const c10::optional<at::Tensor>& zoneout, const c10::optional<at::Tensor>& cell_zoneout) {
+  const char* op = kLayerNormLstmOp;
+  check_devices(op, named("gates_x", gates_x),
+                {named("w_hh", w_hh), named("b_hh", b_hh), named("hh_gain", hh_gain), named("hh_bias", hh_bias),
+                 named("cell_gain", cell_gain), named("cell_bias", cell_bias), named("h0", h0), named("c0", c0),
+                 named("recurrent_mask", recurrent_mask), named("zoneout", zoneout),
+                 named("cell_zoneout", cell_zoneout)},
+                batch_sizes);
+  const DeviceGuard device_guard(gates_x.device());
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const int64_t H = check_recurrence_inputs(op, 4, gates_x, w_hh, b_hh, h0);
+  const int64_t GH = 4 * H;
+  TORCH_CHECK(w_hh.size(1) == H, op, ": w_hh must be [4 * hidden, hidden] = [", GH, ", ", H,
+              "] (the LayerNorm LSTM has no projection), got ", w_hh.sizes());
+  check_vector(op, "hh_gain", hh_gain, gates_x, GH);
+  check_vector(op, "hh_bias", hh_bias, gates_x, GH);
+  check_vector(op, "cell_gain", cell_gain, gates_x, H);
+  check_vector(op, "cell_bias", cell_bias, gates_x, H);
+  check_matrix(op, "c0", c0, gates_x, h0.size(0), H);
+  TORCH_CHECK(eps >= 0, op, ": eps must be non-negative, got ", eps);
+  const StepPlan plan = make_step_plan(op, gates_x.size(0), h0.size(0), batch_sizes, reverse);
+  const auto dtype = gates_x.scalar_type();
+  const auto acc = compute_dtype(dtype);
+  const auto options = gates_x.options().dtype(acc);
+  const at::Tensor gx = compute_view(gates_x, acc);
+  const at::Tensor mask = recurrent_mask_view(op, recurrent_mask, h0, acc);
+  const at::Tensor keep_h = zoneout_view(op, "zoneout", zoneout, plan.rows, H, gates_x, acc);
+  const at::Tensor keep_c = zoneout_view(op, "cell_zoneout", cell_zoneout, plan.rows, H, gates_x, acc);
+  at::Tensor h_state = state_copy(h0, acc), c_state = state_copy(c0, acc);
+  at::Tensor output = at::empty({plan.rows, H}, options);
+  at::Tensor workspace =
+      training ? at::empty({plan.rows, layer_norm_lstm_workspace_width(H)}, options) : at::empty({0}, options);
+  AT_DISPATCH_FLOATING_TYPES(acc, "rnnfused_layer_norm_lstm_cuda", [&] {
+    layer_norm_forward_loop<scalar_t>(plan, 4, H, eps, training, dtype, gx, w_hh, h0, compute_view(hh_gain, acc),
+                                      layer_norm_shift(hh_bias, b_hh, acc), compute_view(cell_gain, acc),
+                                      compute_view(cell_bias, acc), mask, keep_h, keep_c, h_state, c_state, output,
+                                      workspace);
+  });
+  return {to_dtype(output, dtype), to_dtype(h_state, dtype), to_dtype(c_state, dtype), workspace};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_gru_cuda(
+    const at::Tensor& gates_x, const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_hh,
+    const at::Tensor& hh_gain, const at::Tensor& hh_bias, const at::Tensor& h0,
+    const c10::optional<at::Tensor>& batch_sizes, bool reverse, bool training, double eps,
+    const c10::optional<at::Tensor>& recurrent_mask, const c10::optional<at::Tensor>& zoneout) {
+  const char* op = kLayerNormGruOp;
+  check_devices(op, named("gates_x", gates_x),
+                {named("w_hh", w_hh), named("b_hh", b_hh), named("hh_gain", hh_gain), named("hh_bias", hh_bias),
+                 named("h0", h0), named("recurrent_mask", recurrent_mask), named("zoneout", zoneout)},
+                batch_sizes);
+  const DeviceGuard device_guard(gates_x.device());
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const int64_t H = check_recurrence_inputs(op, 3, gates_x, w_hh, b_hh, h0);
+  const int64_t GH = 3 * H;
+  TORCH_CHECK(w_hh.size(1) == H, op, ": w_hh must be [3 * hidden, hidden] = [", GH, ", ", H, "], got ",
+              w_hh.sizes());
+  check_vector(op, "hh_gain", hh_gain, gates_x, GH);
+  check_vector(op, "hh_bias", hh_bias, gates_x, GH);
+  TORCH_CHECK(eps >= 0, op, ": eps must be non-negative, got ", eps);
+  const StepPlan plan = make_step_plan(op, gates_x.size(0), h0.size(0), batch_sizes, reverse);
+  const auto dtype = gates_x.scalar_type();
+  const auto acc = compute_dtype(dtype);
+  const auto options = gates_x.options().dtype(acc);
+  const at::Tensor gx = compute_view(gates_x, acc);
+  const at::Tensor mask = recurrent_mask_view(op, recurrent_mask, h0, acc);
+  const at::Tensor keep_h = zoneout_view(op, "zoneout", zoneout, plan.rows, H, gates_x, acc);
+  at::Tensor h_state = state_copy(h0, acc), no_cells;
+  at::Tensor output = at::empty({plan.rows, H}, options);
+  at::Tensor workspace =
+      training ? at::empty({plan.rows, layer_norm_gru_workspace_width(H)}, options) : at::empty({0}, options);
+  AT_DISPATCH_FLOATING_TYPES(acc, "rnnfused_layer_norm_gru_cuda", [&] {
+    layer_norm_forward_loop<scalar_t>(plan, 3, H, eps, training, dtype, gx, w_hh, h0, compute_view(hh_gain, acc),
+                                      layer_norm_shift(hh_bias, b_hh, acc), at::Tensor(), at::Tensor(), mask, keep_h,
+                                      at::Tensor(), h_state, no_cells, output, workspace);
+  });
+  return {to_dtype(output, dtype), to_dtype(h_state, dtype), workspace};
+}
+
+// The backward time loop of both cells. Returns nothing: fills grad_gx, grad_hh, grad_product,
+// grad_c_hat (LSTM), dh_state and dc_state (LSTM); dW_hh and the gains' gradients follow from them.
+template <typename T>
+void layer_norm_backward_loop(const StepPlan& plan, int64_t G, int64_t H, const at::Tensor& ws, const at::Tensor& hprev,
+                              const at::Tensor& cprev, const at::Tensor& whh, const at::Tensor& gain,
+                              const at::Tensor& cell_gain, const at::Tensor& cell_bias, const at::Tensor& go,
+                              const at::Tensor& mask, const at::Tensor& keep_h, const at::Tensor& keep_c,
+                              at::Tensor& dh_state, at::Tensor& dc_state, at::Tensor& grad_gx, at::Tensor& grad_hh,
+                              at::Tensor& grad_product, at::Tensor& grad_c_hat) {
+  const int64_t B = plan.batch, GH = G * H;
+  const int64_t W = G == 4 ? layer_norm_lstm_workspace_width(H) : layer_norm_gru_workspace_width(H);
+  const auto options = grad_gx.options();
+  const Launcher launch;
+  at::Tensor scratch = G == 4 ? at::empty({B, 2 * H}, options) : at::Tensor();
+  at::Tensor product = mask.defined() ? at::empty({B, H}, options) : at::Tensor();  // dP W_hh before the mask
+  LayerNormBackwardArgs<T> args;
+  args.hidden = H;
+  args.gain = gain.data_ptr<T>();
+  args.cell_gain = ptr_or_null<T>(cell_gain);
+  args.cell_bias = ptr_or_null<T>(cell_bias);
+  args.keep_h_stride = keep_stride(keep_h);
+  args.keep_c_stride = keep_stride(keep_c);
+  args.dh_state = dh_state.data_ptr<T>();
+  args.dc_state = dc_state.defined() ? dc_state.data_ptr<T>() : nullptr;
+  args.scratch = scratch.defined() ? scratch.data_ptr<T>() : nullptr;
+  const T* go_p = ptr_or_null<T>(go);
+  const auto kernel = G == 4 ? layer_norm_lstm_backward_kernel<T> : layer_norm_gru_backward_kernel<T>;
+  for (int64_t s = plan.steps() - 1; s >= 0; --s) {
+    const int64_t t = plan.step_at(s);
+    const int64_t rows = plan.batch_sizes[t], off = plan.offsets[t];
+    args.rows = rows;
+    args.workspace = ws.data_ptr<T>() + off * W;
+    args.h_prev = hprev.data_ptr<T>() + off * H;
+    args.c_prev = cprev.defined() ? cprev.data_ptr<T>() + off * H : nullptr;
+    args.keep_h = keep_rows<T>(keep_h, off, H);
+    args.keep_c = keep_rows<T>(keep_c, off, H);
+    args.grad_output = go_p ? go_p + off * H : nullptr;
+    args.grad_gates_x = grad_gx.data_ptr<T>() + off * GH;
+    args.grad_hh = grad_hh.data_ptr<T>() + off * GH;
+    args.grad_c_hat = grad_c_hat.defined() ? grad_c_hat.data_ptr<T>() + off * H : nullptr;
+    args.grad_product = grad_product.data_ptr<T>() + off * GH;
+    launch_per_row(G == 4 ? "layer_norm_lstm_backward" : "layer_norm_gru_backward", kernel, rows, args);
+    // dL/dh_{t-1} = (its direct part, left in the state rows) + (dP W_hh) * mask.
+    const T* dp = grad_product.data_ptr<T>() + off * GH;
+    if (mask.defined()) {
+      gemm_nn<T>(rows, H, GH, dp, whh.data_ptr<T>(), product.data_ptr<T>(), T(0));
+      apply_mask<T>(launch, rows * H, product.data_ptr<T>(), mask, dh_state.data_ptr<T>(), true);
+    } else {
+      gemm_nn<T>(rows, H, GH, dp, whh.data_ptr<T>(), dh_state.data_ptr<T>(), T(1));
+    }
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+layer_norm_lstm_backward_cuda(const c10::optional<at::Tensor>& grad_output, const c10::optional<at::Tensor>& grad_h_n,
+                              const c10::optional<at::Tensor>& grad_c_n, const at::Tensor& w_hh,
+                              const at::Tensor& hh_gain, const at::Tensor& cell_gain, const at::Tensor& cell_bias,
+                              const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& output,
+                              const at::Tensor& workspace, const c10::optional<at::Tensor>& batch_sizes, bool reverse,
+                              const c10::optional<at::Tensor>& recurrent_mask,
+                              const c10::optional<at::Tensor>& zoneout, const c10::optional<at::Tensor>& cell_zoneout) {
+  const char* op = kLayerNormLstmBackwardOp;
+  check_devices(op, named("output", output),
+                {named("grad_output", grad_output), named("grad_h_n", grad_h_n), named("grad_c_n", grad_c_n),
+                 named("w_hh", w_hh), named("hh_gain", hh_gain), named("cell_gain", cell_gain),
+                 named("cell_bias", cell_bias), named("h0", h0), named("c0", c0), named("workspace", workspace),
+                 named("recurrent_mask", recurrent_mask), named("zoneout", zoneout),
+                 named("cell_zoneout", cell_zoneout)},
+                batch_sizes);
+  const DeviceGuard device_guard(output.device());
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
+  TORCH_CHECK(output.dim() == 2, op, ": output must be 2-D, got ", output.dim(), "-D");
+  const int64_t H = output.size(1), GH = 4 * H, W = layer_norm_lstm_workspace_width(H);
+  check_matrix(op, "w_hh", w_hh, output, GH, H);
+  check_vector(op, "hh_gain", hh_gain, output, GH);
+  check_vector(op, "cell_gain", cell_gain, output, H);
+  check_vector(op, "cell_bias", cell_bias, output, H);
+  check_matrix(op, "h0", h0, output, -1, H);
+  const int64_t B = h0.size(0);
+  check_matrix(op, "c0", c0, output, B, H);
+  check_optional_grad(op, "grad_output", grad_output, output);
+  check_optional_grad(op, "grad_h_n", grad_h_n, h0);
+  check_optional_grad(op, "grad_c_n", grad_c_n, c0);
+  check_workspace(op, workspace, output, 1, W);
+  const StepPlan plan = make_step_plan(op, output.size(0), B, batch_sizes, reverse);
+  const auto dtype = output.scalar_type();
+  const auto acc = compute_dtype(dtype);
+  const auto options = output.options().dtype(acc);
+  const Launcher launch;
+  const at::Tensor ws = workspace.contiguous();
+  const at::Tensor hprev = previous_h(plan, compute_view(output, acc), compute_view(h0, acc), launch);
+  // c_{t-1} of every row: the carried cell states (the workspace's c_t column) of the previous step.
+  const at::Tensor cprev =
+      previous_h(plan, ws.narrow(1, 2 * GH, H).contiguous(), compute_view(c0, acc), launch);
+  const at::Tensor mask = recurrent_mask_view(op, recurrent_mask, h0, acc);
+  const at::Tensor keep_h = zoneout_view(op, "zoneout", zoneout, plan.rows, H, output, acc);
+  const at::Tensor keep_c = zoneout_view(op, "cell_zoneout", cell_zoneout, plan.rows, H, output, acc);
+  const at::Tensor whh = compute_view(w_hh, acc);
+  at::Tensor dh_state = present(grad_h_n) ? state_copy(*grad_h_n, acc) : at::zeros({B, H}, options);
+  at::Tensor dc_state = present(grad_c_n) ? state_copy(*grad_c_n, acc) : at::zeros({B, H}, options);
+  at::Tensor grad_gx = at::empty({plan.rows, GH}, options), grad_hh = at::empty({plan.rows, GH}, options);
+  at::Tensor grad_product = at::empty({plan.rows, GH}, options), grad_c_hat = at::empty({plan.rows, H}, options);
+  AT_DISPATCH_FLOATING_TYPES(acc, "rnnfused_layer_norm_lstm_backward_cuda", [&] {
+    layer_norm_backward_loop<scalar_t>(plan, 4, H, ws, hprev, cprev, whh, compute_view(hh_gain, acc),
+                                       compute_view(cell_gain, acc), compute_view(cell_bias, acc),
+                                       optional_compute_view(grad_output, acc), mask, keep_h, keep_c, dh_state,
+                                       dc_state, grad_gx, grad_hh, grad_product, grad_c_hat);
+  });
+  at::Tensor grad_w_hh = grad_product.t().mm(masked_rows(plan, hprev, mask));
+  at::Tensor grad_gain = (grad_hh * ws.narrow(1, GH, GH)).sum(0);
+  at::Tensor grad_bias = grad_hh.sum(0);  // of hh_bias and of b_hh alike
+  at::Tensor grad_cell_gain = (grad_c_hat * ws.narrow(1, 2 * GH + H, H)).sum(0);
+  at::Tensor grad_cell_bias = grad_c_hat.sum(0);
+  return {to_dtype(grad_gx, dtype),        to_dtype(grad_w_hh, dtype),  to_dtype(grad_bias, dtype),
+          to_dtype(grad_gain, dtype),      to_dtype(grad_bias, dtype),  to_dtype(grad_cell_gain, dtype),
+          to_dtype(grad_cell_bias, dtype), to_dtype(dh_state, dtype),   to_dtype(dc_state, dtype)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_gru_backward_cuda(
+    const c10::optional<at::Tensor>& grad_output, const c10::optional<at::Tensor>& grad_h_n, const at::Tensor& w_hh,
+    const at::Tensor& hh_gain, const at::Tensor& h0, const at::Tensor& output, const at::Tensor& workspace,
+    const c10::optional<at::Tensor>& batch_sizes, bool reverse, const c10::optional<at::Tensor>& recurrent_mask,
+    const c10::optional<at::Tensor>& zoneout) {
+  const char* op = kLayerNormGruBackwardOp;
+  check_devices(op, named("output", output),
+                {named("grad_output", grad_output), named("grad_h_n", grad_h_n), named("w_hh", w_hh),
+                 named("hh_gain", hh_gain), named("h0", h0), named("workspace", workspace),
+                 named("recurrent_mask", recurrent_mask), named("zoneout", zoneout)},
+                batch_sizes);
+  const DeviceGuard device_guard(output.device());
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
+  TORCH_CHECK(output.dim() == 2, op, ": output must be 2-D, got ", output.dim(), "-D");
+  const int64_t H = output.size(1), GH = 3 * H;
+  check_matrix(op, "w_hh", w_hh, output, GH, H);
+  check_vector(op, "hh_gain", hh_gain, output, GH);
+  check_matrix(op, "h0", h0, output, -1, H);
+  const int64_t B = h0.size(0);
+  check_optional_grad(op, "grad_output", grad_output, output);
+  check_optional_grad(op, "grad_h_n", grad_h_n, h0);
+  check_workspace(op, workspace, output, 1, layer_norm_gru_workspace_width(H));
+  const StepPlan plan = make_step_plan(op, output.size(0), B, batch_sizes, reverse);
+  const auto dtype = output.scalar_type();
+  const auto acc = compute_dtype(dtype);
+  const auto options = output.options().dtype(acc);
+  const Launcher launch;
+  const at::Tensor ws = workspace.contiguous();
+  const at::Tensor hprev = previous_h(plan, compute_view(output, acc), compute_view(h0, acc), launch);
+  const at::Tensor mask = recurrent_mask_view(op, recurrent_mask, h0, acc);
+  const at::Tensor keep_h = zoneout_view(op, "zoneout", zoneout, plan.rows, H, output, acc);
+  const at::Tensor whh = compute_view(w_hh, acc);
+  at::Tensor dh_state = present(grad_h_n) ? state_copy(*grad_h_n, acc) : at::zeros({B, H}, options);
+  at::Tensor no_cells, no_c_hat;
+  at::Tensor grad_gx = at::empty({plan.rows, GH}, options), grad_hh = at::empty({plan.rows, GH}, options);
+  at::Tensor grad_product = at::empty({plan.rows, GH}, options);
+  AT_DISPATCH_FLOATING_TYPES(acc, "rnnfused_layer_norm_gru_backward_cuda", [&] {
+    layer_norm_backward_loop<scalar_t>(plan, 3, H, ws, hprev, at::Tensor(), whh, compute_view(hh_gain, acc),
+                                       at::Tensor(), at::Tensor(), optional_compute_view(grad_output, acc), mask,
+                                       keep_h, at::Tensor(), dh_state, no_cells, grad_gx, grad_hh, grad_product,
+                                       no_c_hat);
+  });
+  at::Tensor grad_w_hh = grad_product.t().mm(masked_rows(plan, hprev, mask));
+  at::Tensor grad_gain = (grad_hh * ws.narrow(1, GH, GH)).sum(0);
+  at::Tensor grad_bias = grad_hh.sum(0);
+  return {to_dtype(grad_gx, dtype),   to_dtype(grad_w_hh, dtype),  to_dtype(grad_bias, dtype),
+          to_dtype(grad_gain, dtype), to_dtype(grad_bias, dtype),  to_dtype(dh_state, dtype)};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(RNNFUSED_CUDA_OPS_NAMESPACE, RNNFUSED_CUDA_DISPATCH_KEY, m) {
@@ -1253,6 +1568,10 @@ TORCH_LIBRARY_IMPL(RNNFUSED_CUDA_OPS_NAMESPACE, RNNFUSED_CUDA_DISPATCH_KEY, m) {
   m.impl("rnn_relu_recurrence", &rnn_recurrence_cuda<Activation::Relu>);
   m.impl("rnn_tanh_recurrence_backward", &rnn_recurrence_backward_cuda<Activation::Tanh>);
   m.impl("rnn_relu_recurrence_backward", &rnn_recurrence_backward_cuda<Activation::Relu>);
+  m.impl("layer_norm_lstm_recurrence", &layer_norm_lstm_cuda);
+  m.impl("layer_norm_lstm_recurrence_backward", &layer_norm_lstm_backward_cuda);
+  m.impl("layer_norm_gru_recurrence", &layer_norm_gru_cuda);
+  m.impl("layer_norm_gru_recurrence_backward", &layer_norm_gru_backward_cuda);
 }
 
 }  // namespace rnnfused::cuda

@@ -11,7 +11,10 @@
 #include "../selftest_kernels.cuh"
 #include "runtime.h"
 
-TORCH_LIBRARY(rnnfused_sim, m) { rnnfused::define_recurrence_ops(m); }
+TORCH_LIBRARY(rnnfused_sim, m) {
+  rnnfused::define_recurrence_ops(m);
+  rnnfused::define_layer_norm_ops(m);
+}
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   namespace sim = rnnfused::sim;
