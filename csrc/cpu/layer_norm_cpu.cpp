@@ -7,7 +7,8 @@
 // per-slice split of the hidden units.
 //
 // Backward mirrors the loop in reverse: per step one pass per row (the gates' gradients, both
-// normalizations' backward), one GEMM for dh_{t-1} and one accumulating dW_hh.
+// normalizations' backward) and one GEMM for dh_{t-1}; dW_hh and the gains' and biases' gradients
+// are one GEMM / reduction each over all rows, after the loop.
 //
 // float32 and float64 run in their own type; bfloat16 and float16 run the float32 loop on float
 // copies, rounding h_t to the input dtype every step, as the plain ops do (recurrence_cpu.cpp).
@@ -29,10 +30,10 @@ namespace rnnfused::cpu {
 namespace {
 
 // Rows a pass hands to one thread: enough work per task to pay for the fork.
-int64_t row_grain(int64_t width) { return std::max<int64_t>(1, 4096 / std::max<int64_t>(1, width)); }
+int64_t row_grain(int64_t width) { return std::max<int64_t>(1, 2048 / std::max<int64_t>(1, width)); }
 
-// Sums over the step's rows of the gains' and biases' gradients: gain[j] += sum_b grad[b, j] xhat[b, j],
-// bias[j] += sum_b grad[b, j] (columns split across threads, rows in a fixed order).
+// The gains' and biases' gradients, summed over all rows: gain[j] = sum_b grad[b, j] xhat[b, j],
+// bias[j] = sum_b grad[b, j] (columns split across threads, rows in a fixed order).
 template <typename T>
 void accumulate_gain_grads(int64_t rows, int64_t width, const T* grad, int64_t grad_stride, const T* xhat,
                            int64_t xhat_stride, T* grad_gain, T* grad_bias) {
@@ -140,12 +141,13 @@ void run_backward(const StepPlan& plan, int64_t G, int64_t H, void (*row_kernel)
   const int64_t W = G == 4 ? layer_norm_lstm_workspace_width(H) : layer_norm_gru_workspace_width(H);
   const bool lstm = G == 4;
   const auto options = f.output.options();
-  // Per-step buffers: dL/dhh of the rows, dL/d(h W_hh^T), dL/dc^ (LSTM), the rows' scratch, the
-  // h_{t-1} the product saw (masked), and dL/dh_{t-1} through W_hh.
-  at::Tensor d_hh = at::empty({B, GH}, options), d_product = at::empty({B, GH}, options);
-  at::Tensor d_c_hat = lstm ? at::empty({B, H}, options) : at::Tensor();
-  at::Tensor scratch = at::empty({B, 2 * H + GH}, options);
-  at::Tensor h_seen = at::empty({B, H}, options), dh_product = at::empty({B, H}, options);
+  // Of every row: dL/dhh, dL/d(h W_hh^T), dL/dc^ (LSTM) and the h_{t-1} the product saw (masked),
+  // for the reductions after the loop. Per step: the rows' scratch and dL/dh_{t-1} through W_hh.
+  const int64_t N = plan.rows;
+  at::Tensor d_hh = at::empty({N, GH}, options), d_product = at::empty({N, GH}, options);
+  at::Tensor d_c_hat = lstm ? at::empty({N, H}, options) : at::Tensor();
+  at::Tensor h_seen = at::empty({N, H}, options);
+  at::Tensor scratch = at::empty({B, 2 * H + GH}, options), dh_product = at::empty({B, H}, options);
   const T* ws_all = f.workspace.data_ptr<T>();
   const T* o_all = f.output.data_ptr<T>();
   const T* h0 = f.h0.data_ptr<T>();
@@ -181,25 +183,25 @@ void run_backward(const StepPlan& plan, int64_t G, int64_t H, void (*row_kernel)
         r.dh_state = dhs + b * H;
         r.dc_state = dcs ? dcs + b * H : nullptr;
         r.grad_gates_x = f.grad_gx.data_ptr<T>() + row * GH;
-        r.grad_hh = dhh + b * GH;
-        r.grad_c_hat = dch ? dch + b * H : nullptr;
-        r.grad_product = dp + b * GH;
+        r.grad_hh = dhh + row * GH;
+        r.grad_c_hat = dch ? dch + row * H : nullptr;
+        r.grad_product = dp + row * GH;
         r.scratch = scratch.data_ptr<T>() + b * (2 * H + GH);
         row_kernel(r);
       }
     });
-    accumulate_gain_grads(rows, GH, dhh, GH, ws_all + off * W + GH, W, f.grad_gain.data_ptr<T>(),
-                          f.grad_bias.data_ptr<T>());
-    if (lstm) {
-      accumulate_gain_grads(rows, H, dch, H, ws_all + off * W + 2 * GH + H, W, f.grad_cell_gain.data_ptr<T>(),
-                            f.grad_cell_bias.data_ptr<T>());
-    }
-    // dL/dh_{t-1} += (dP W_hh) * mask;  dW_hh += dP^T (h_{t-1} * mask).
+    // dL/dh_{t-1} += (dP W_hh) * mask.
     T* dhp = dh_product.data_ptr<T>();
-    gemm<T>(false, false, rows, H, GH, T(1), dp, GH, f.whh.data_ptr<T>(), H, T(0), dhp, H);
+    gemm<T>(false, false, rows, H, GH, T(1), dp + off * GH, GH, f.whh.data_ptr<T>(), H, T(0), dhp, H);
     for (int64_t i = 0; i < rows * H; ++i) dhs[i] += m ? dhp[i] * m[i] : dhp[i];
-    seen_previous_h(rows, from_prev, H, o_all + prev_off * H, h0, m, h_seen.data_ptr<T>());
-    gemm<T>(true, false, GH, H, rows, T(1), dp, GH, h_seen.data_ptr<T>(), H, T(1), f.grad_whh.data_ptr<T>(), H);
+    seen_previous_h(rows, from_prev, H, o_all + prev_off * H, h0, m, h_seen.data_ptr<T>() + off * H);
+  }
+  // dW_hh = dP^T (h_{t-1} * mask) over all rows; the gains' and biases' sums.
+  gemm<T>(true, false, GH, H, N, T(1), dp, GH, h_seen.data_ptr<T>(), H, T(0), f.grad_whh.data_ptr<T>(), H);
+  accumulate_gain_grads(N, GH, dhh, GH, ws_all + GH, W, f.grad_gain.data_ptr<T>(), f.grad_bias.data_ptr<T>());
+  if (lstm) {
+    accumulate_gain_grads(N, H, dch, H, ws_all + 2 * GH + H, W, f.grad_cell_gain.data_ptr<T>(),
+                          f.grad_cell_bias.data_ptr<T>());
   }
 }
 
