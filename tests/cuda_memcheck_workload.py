@@ -14,7 +14,9 @@ padded and unsorted packed batches (steps whose batch shrinks and grows), the LS
 layers without bias, float32 / float64 / bfloat16 (the rounding path), training (workspace
 recorded) and eval (no workspace; backward recomputes the forward), a zero-length call, and the
 self-test kernels of csrc/cuda/selftest_kernels.cuh; all of it on the standard and on the persistent
-path (RNNFUSED_CUDA_PATH).
+path (RNNFUSED_CUDA_PATH). Then the regularization options (recurrent dropout, zoneout: the
+standard path's mask and zoneout kernels) and LayerNormLSTM / LayerNormGRU (their per-row kernels,
+also with more hidden units than a block has threads).
 """
 import os
 import sys
@@ -25,9 +27,9 @@ from torch.nn.utils.rnn import pack_padded_sequence
 import rnnfused
 
 
-def run_layer(cls, kwargs, dtype, packed, train):
+def run_layer(cls, kwargs, dtype, packed, train, hidden=8):
     torch.manual_seed(0)
-    layer = cls(6, 8, num_layers=2, bidirectional=True, dtype=dtype, **kwargs).cuda()
+    layer = cls(6, hidden, num_layers=2, bidirectional=True, dtype=dtype, **kwargs).cuda()
     layer.train(train)
     x = torch.randn(7, 5, 6, dtype=dtype, device="cuda", requires_grad=True)
     arg = pack_padded_sequence(x, torch.tensor([3, 7, 1, 5, 7]), enforce_sorted=False) if packed else x
@@ -92,6 +94,21 @@ def main(argv):
                     for train in modes:
                         run_layer(cls, kwargs, dtype, packed, train)
     os.environ.pop("RNNFUSED_CUDA_PATH")
+    regularized = [
+        (rnnfused.LSTM, {"recurrent_dropout": 0.3, "zoneout": 0.2, "cell_zoneout": 0.1}),
+        (rnnfused.GRU, {"recurrent_dropout": 0.3, "zoneout": 0.2}),
+        (rnnfused.RNN, {"zoneout": 0.2}),
+        (rnnfused.LayerNormLSTM, {}),
+        (rnnfused.LayerNormLSTM, {"recurrent_dropout": 0.3, "zoneout": 0.2, "cell_zoneout": 0.1}),
+        (rnnfused.LayerNormGRU, {"bias": False, "zoneout": 0.2}),
+    ]
+    for cls, kwargs in regularized:
+        for dtype in dtypes:
+            for packed in forms:
+                for train in modes:
+                    run_layer(cls, kwargs, dtype, packed, train)
+    for cls in (rnnfused.LayerNormLSTM, rnnfused.LayerNormGRU):
+        run_layer(cls, {}, torch.float32, True, True, hidden=300)
     run_empty()
     run_selftests()
     torch.cuda.synchronize()
