@@ -627,3 +627,35 @@ def test_module_on_the_simulator():
         sim_out, (sim_h, sim_c) = module(x)
     for a, b in ((sim_out, out), (sim_h, h_n), (sim_c, c_n)):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+ISA_SNIPPET = """
+import torch, rnnfused
+from test_layer_norm import compare
+print(rnnfused.build_info()["cpu_isa"])
+for threads in (1, 3):
+    torch.set_num_threads(threads)
+    for mode in ("lstm", "gru"):
+        compare(mode, 7, 37, [6, 6, 5, 3, 3, 2, 1], True, ("mask", "zoneout"))
+        compare(mode, 4, 21, None, False, ("eval", "zoneout"))
+        compare(mode, 5, 37, [6, 5, 5, 2, 1], False, ("mask",), dtype=torch.float32, rtol=1e-4, atol=1e-5)
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("isa", ["default", "avx2", "avx512"])
+def test_each_cpu_instruction_set(isa):
+    """The LayerNorm row kernels exist per instruction set; each one against the step loop (hidden
+    sizes that are not a multiple of the vector width, partial vectors in the row sums, float64 and
+    float32, one and three threads)."""
+    import os
+    import subprocess
+    import sys
+
+    best = rnnfused.build_info()["cpu_isa"]
+    if isa != "default" and (best == "default" or (isa == "avx512" and best != "avx512")):
+        pytest.skip(f"this CPU or build has no {isa} kernels")
+    result = subprocess.run([sys.executable, "-c", ISA_SNIPPET], env=dict(os.environ, RNNFUSED_CPU_ISA=isa),
+                            capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.split() == [isa, "ok"]
