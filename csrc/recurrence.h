@@ -102,4 +102,54 @@ inline at::Tensor zoneout_view(const char* op, const char* what, const c10::opti
   return keep->to(acc).contiguous();
 }
 
+// hh_bias + b_hh of a LayerNorm cell in the compute dtype: both add after the gain, so the loops add
+// their sum (b_hh may be absent).
+inline at::Tensor layer_norm_shift(const at::Tensor& hh_bias, const c10::optional<at::Tensor>& b_hh, at::ScalarType acc) {
+  const at::Tensor beta = hh_bias.to(acc).contiguous();
+  return present(b_hh) ? (beta + b_hh->to(acc)).contiguous() : beta;
+}
+
+// The checks of a LayerNorm recurrence forward (op_schemas.h), shared by the CPU and CUDA ops.
+// G = 4 (LSTM: cell_gain, cell_bias and c0 given) or 3 (GRU: nullptr). Returns H.
+inline int64_t check_layer_norm_inputs(const char* op, int64_t G, const at::Tensor& gates_x, const at::Tensor& w_hh,
+                                       const c10::optional<at::Tensor>& b_hh, const at::Tensor& hh_gain,
+                                       const at::Tensor& hh_bias, const at::Tensor* cell_gain,
+                                       const at::Tensor* cell_bias, const at::Tensor& h0, const at::Tensor* c0,
+                                       double eps) {
+  const int64_t H = check_recurrence_inputs(op, G, gates_x, w_hh, b_hh, h0);
+  TORCH_CHECK(w_hh.size(1) == H, op, ": w_hh must be [", G, " * hidden, hidden] = [", G * H, ", ", H,
+              "] (a LayerNorm cell has no projection), got ", w_hh.sizes());
+  check_vector(op, "hh_gain", hh_gain, gates_x, G * H);
+  check_vector(op, "hh_bias", hh_bias, gates_x, G * H);
+  if (cell_gain) check_vector(op, "cell_gain", *cell_gain, gates_x, H);
+  if (cell_bias) check_vector(op, "cell_bias", *cell_bias, gates_x, H);
+  if (c0) check_matrix(op, "c0", *c0, gates_x, h0.size(0), H);
+  TORCH_CHECK(eps >= 0, op, ": eps must be non-negative, got ", eps);
+  return H;
+}
+
+// The checks of a LayerNorm recurrence backward; cell_* / c0 / grad_c_n as above. Returns H.
+inline int64_t check_layer_norm_backward_inputs(const char* op, int64_t G, const at::Tensor& output,
+                                                const at::Tensor& w_hh, const at::Tensor& hh_gain,
+                                                const at::Tensor* cell_gain, const at::Tensor* cell_bias,
+                                                const at::Tensor& h0, const at::Tensor* c0,
+                                                const c10::optional<at::Tensor>& grad_output,
+                                                const c10::optional<at::Tensor>& grad_h_n,
+                                                const c10::optional<at::Tensor>* grad_c_n, const at::Tensor& workspace) {
+  TORCH_CHECK(output.dim() == 2, op, ": output must be 2-D, got ", output.dim(), "-D");
+  const int64_t H = output.size(1);
+  check_matrix(op, "w_hh", w_hh, output, G * H, H);
+  check_vector(op, "hh_gain", hh_gain, output, G * H);
+  if (cell_gain) check_vector(op, "cell_gain", *cell_gain, output, H);
+  if (cell_bias) check_vector(op, "cell_bias", *cell_bias, output, H);
+  check_matrix(op, "h0", h0, output, -1, H);
+  if (c0) check_matrix(op, "c0", *c0, output, h0.size(0), H);
+  check_optional_grad(op, "grad_output", grad_output, output);
+  check_optional_grad(op, "grad_h_n", grad_h_n, h0);
+  if (grad_c_n && c0) check_optional_grad(op, "grad_c_n", *grad_c_n, *c0);
+  check_workspace(op, workspace, output, 1,
+                  G == 4 ? layer_norm_lstm_workspace_width(H) : layer_norm_gru_workspace_width(H));
+  return H;
+}
+
 }  // namespace rnnfused

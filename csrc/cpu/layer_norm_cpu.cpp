@@ -59,10 +59,6 @@ void seen_previous_h(int64_t rows, int64_t from_prev, int64_t H, const T* prev_o
   }
 }
 
-void check_gain(const char* op, const char* what, const at::Tensor& t, const at::Tensor& gates_x, int64_t size) {
-  check_vector(op, what, t, gates_x, size);
-}
-
 // ---------------------------------------------------------------------------------------------
 // The time loops, shared by both cells (G gates; c_state / keep_c only for the LSTM).
 // ---------------------------------------------------------------------------------------------
@@ -205,12 +201,6 @@ void run_backward(const StepPlan& plan, int64_t G, int64_t H, void (*row_kernel)
   }
 }
 
-// hh_bias + b_hh: the two add at the same place (after the gain), so the loops add their sum.
-at::Tensor shift_of(const at::Tensor& hh_bias, const c10::optional<at::Tensor>& b_hh, at::ScalarType acc) {
-  const at::Tensor beta = compute_view(hh_bias, acc);
-  return present(b_hh) ? (beta + compute_view(*b_hh, acc)).contiguous() : beta;
-}
-
 // ---------------------------------------------------------------------------------------------
 // LSTM
 // ---------------------------------------------------------------------------------------------
@@ -222,16 +212,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_lstm_cpu(
     bool training, double eps, const c10::optional<at::Tensor>& recurrent_mask,
     const c10::optional<at::Tensor>& zoneout, const c10::optional<at::Tensor>& cell_zoneout) {
   const char* op = kLayerNormLstmOp;
-  const int64_t H = check_recurrence_inputs(op, 4, gates_x, w_hh, b_hh, h0);
-  const int64_t GH = 4 * H;
-  TORCH_CHECK(w_hh.size(1) == H, op, ": w_hh must be [4 * hidden, hidden] = [", GH, ", ", H,
-              "] (the LayerNorm LSTM has no projection), got ", w_hh.sizes());
-  check_gain(op, "hh_gain", hh_gain, gates_x, GH);
-  check_gain(op, "hh_bias", hh_bias, gates_x, GH);
-  check_gain(op, "cell_gain", cell_gain, gates_x, H);
-  check_gain(op, "cell_bias", cell_bias, gates_x, H);
-  check_matrix(op, "c0", c0, gates_x, h0.size(0), H);
-  TORCH_CHECK(eps >= 0, op, ": eps must be non-negative, got ", eps);
+  const int64_t H = check_layer_norm_inputs(op, 4, gates_x, w_hh, b_hh, hh_gain, hh_bias, &cell_gain, &cell_bias, h0,
+                                            &c0, eps);
   const StepPlan plan = make_step_plan(op, gates_x.size(0), h0.size(0), batch_sizes, reverse);
 
   const auto dtype = gates_x.scalar_type();
@@ -241,7 +223,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_lstm_cpu(
   f.gx = compute_view(gates_x, acc);
   f.whh = compute_view(w_hh, acc);
   f.gain = compute_view(hh_gain, acc);
-  f.shift = shift_of(hh_bias, b_hh, acc);
+  f.shift = layer_norm_shift(hh_bias, b_hh, acc);
   f.cell_gain = compute_view(cell_gain, acc);
   f.cell_bias = compute_view(cell_bias, acc);
   f.mask = recurrent_mask_view(op, recurrent_mask, h0, acc);
@@ -266,19 +248,9 @@ layer_norm_lstm_backward_cpu(const c10::optional<at::Tensor>& grad_output, const
                              const c10::optional<at::Tensor>& recurrent_mask, const c10::optional<at::Tensor>& zoneout,
                              const c10::optional<at::Tensor>& cell_zoneout) {
   const char* op = kLayerNormLstmBackwardOp;
-  TORCH_CHECK(output.dim() == 2, op, ": output must be 2-D, got ", output.dim(), "-D");
-  const int64_t H = output.size(1), GH = 4 * H;
-  check_matrix(op, "w_hh", w_hh, output, GH, H);
-  check_gain(op, "hh_gain", hh_gain, output, GH);
-  check_gain(op, "cell_gain", cell_gain, output, H);
-  check_gain(op, "cell_bias", cell_bias, output, H);
-  check_matrix(op, "h0", h0, output, -1, H);
-  const int64_t B = h0.size(0);
-  check_matrix(op, "c0", c0, output, B, H);
-  check_optional_grad(op, "grad_output", grad_output, output);
-  check_optional_grad(op, "grad_h_n", grad_h_n, h0);
-  check_optional_grad(op, "grad_c_n", grad_c_n, c0);
-  check_workspace(op, workspace, output, 1, layer_norm_lstm_workspace_width(H));
+  const int64_t H = check_layer_norm_backward_inputs(op, 4, output, w_hh, hh_gain, &cell_gain, &cell_bias, h0, &c0,
+                                                     grad_output, grad_h_n, &grad_c_n, workspace);
+  const int64_t GH = 4 * H, B = h0.size(0);
   const StepPlan plan = make_step_plan(op, output.size(0), B, batch_sizes, reverse);
 
   const auto dtype = output.scalar_type();
@@ -324,13 +296,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_gru_cpu(
     const c10::optional<at::Tensor>& batch_sizes, bool reverse, bool training, double eps,
     const c10::optional<at::Tensor>& recurrent_mask, const c10::optional<at::Tensor>& zoneout) {
   const char* op = kLayerNormGruOp;
-  const int64_t H = check_recurrence_inputs(op, 3, gates_x, w_hh, b_hh, h0);
-  const int64_t GH = 3 * H;
-  TORCH_CHECK(w_hh.size(1) == H, op, ": w_hh must be [3 * hidden, hidden] = [", GH, ", ", H, "], got ",
-              w_hh.sizes());
-  check_gain(op, "hh_gain", hh_gain, gates_x, GH);
-  check_gain(op, "hh_bias", hh_bias, gates_x, GH);
-  TORCH_CHECK(eps >= 0, op, ": eps must be non-negative, got ", eps);
+  const int64_t H = check_layer_norm_inputs(op, 3, gates_x, w_hh, b_hh, hh_gain, hh_bias, nullptr, nullptr, h0,
+                                            nullptr, eps);
   const StepPlan plan = make_step_plan(op, gates_x.size(0), h0.size(0), batch_sizes, reverse);
 
   const auto dtype = gates_x.scalar_type();
@@ -340,7 +307,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_gru_cpu(
   f.gx = compute_view(gates_x, acc);
   f.whh = compute_view(w_hh, acc);
   f.gain = compute_view(hh_gain, acc);
-  f.shift = shift_of(hh_bias, b_hh, acc);
+  f.shift = layer_norm_shift(hh_bias, b_hh, acc);
   f.mask = recurrent_mask_view(op, recurrent_mask, h0, acc);
   f.keep_h = zoneout_view(op, "zoneout", zoneout, plan.rows, H, gates_x, acc);
   f.h_state = state_copy(h0, acc);
@@ -358,15 +325,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const c10::optional<at::Tensor>& batch_sizes, bool reverse, const c10::optional<at::Tensor>& recurrent_mask,
     const c10::optional<at::Tensor>& zoneout) {
   const char* op = kLayerNormGruBackwardOp;
-  TORCH_CHECK(output.dim() == 2, op, ": output must be 2-D, got ", output.dim(), "-D");
-  const int64_t H = output.size(1), GH = 3 * H;
-  check_matrix(op, "w_hh", w_hh, output, GH, H);
-  check_gain(op, "hh_gain", hh_gain, output, GH);
-  check_matrix(op, "h0", h0, output, -1, H);
-  const int64_t B = h0.size(0);
-  check_optional_grad(op, "grad_output", grad_output, output);
-  check_optional_grad(op, "grad_h_n", grad_h_n, h0);
-  check_workspace(op, workspace, output, 1, layer_norm_gru_workspace_width(H));
+  const int64_t H = check_layer_norm_backward_inputs(op, 3, output, w_hh, hh_gain, nullptr, nullptr, h0, nullptr,
+                                                     grad_output, grad_h_n, nullptr, workspace);
+  const int64_t GH = 3 * H, B = h0.size(0);
   const StepPlan plan = make_step_plan(op, output.size(0), B, batch_sizes, reverse);
 
   const auto dtype = output.scalar_type();

@@ -1256,12 +1256,6 @@ void launch_per_row(const char* name, void (*kernel)(Args), int64_t rows, const 
   launch_kernel(name, kernel, dim3(static_cast<unsigned int>(rows)), dim3(kThreads), 0, current_stream(), args);
 }
 
-// hh_bias + b_hh: the two add at the same place (after the gain), so the kernels add their sum.
-at::Tensor layer_norm_shift(const at::Tensor& hh_bias, const c10::optional<at::Tensor>& b_hh, at::ScalarType acc) {
-  const at::Tensor beta = compute_view(hh_bias, acc);
-  return present(b_hh) ? (beta + compute_view(*b_hh, acc)).contiguous() : beta;
-}
-
 // The forward time loop of both cells (G = 4: LSTM, with c_state / cell_*; G = 3: GRU).
 template <typename T>
 void layer_norm_forward_loop(const StepPlan& plan, int64_t G, int64_t H, double eps, bool training,
@@ -1321,16 +1315,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_lstm_cuda(
                 batch_sizes);
   const DeviceGuard device_guard(gates_x.device());
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
-  const int64_t H = check_recurrence_inputs(op, 4, gates_x, w_hh, b_hh, h0);
-  const int64_t GH = 4 * H;
-  TORCH_CHECK(w_hh.size(1) == H, op, ": w_hh must be [4 * hidden, hidden] = [", GH, ", ", H,
-              "] (the LayerNorm LSTM has no projection), got ", w_hh.sizes());
-  check_vector(op, "hh_gain", hh_gain, gates_x, GH);
-  check_vector(op, "hh_bias", hh_bias, gates_x, GH);
-  check_vector(op, "cell_gain", cell_gain, gates_x, H);
-  check_vector(op, "cell_bias", cell_bias, gates_x, H);
-  check_matrix(op, "c0", c0, gates_x, h0.size(0), H);
-  TORCH_CHECK(eps >= 0, op, ": eps must be non-negative, got ", eps);
+  const int64_t H = check_layer_norm_inputs(op, 4, gates_x, w_hh, b_hh, hh_gain, hh_bias, &cell_gain, &cell_bias, h0,
+                                            &c0, eps);
   const StepPlan plan = make_step_plan(op, gates_x.size(0), h0.size(0), batch_sizes, reverse);
   const auto dtype = gates_x.scalar_type();
   const auto acc = compute_dtype(dtype);
@@ -1364,13 +1350,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_gru_cuda(
                 batch_sizes);
   const DeviceGuard device_guard(gates_x.device());
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
-  const int64_t H = check_recurrence_inputs(op, 3, gates_x, w_hh, b_hh, h0);
-  const int64_t GH = 3 * H;
-  TORCH_CHECK(w_hh.size(1) == H, op, ": w_hh must be [3 * hidden, hidden] = [", GH, ", ", H, "], got ",
-              w_hh.sizes());
-  check_vector(op, "hh_gain", hh_gain, gates_x, GH);
-  check_vector(op, "hh_bias", hh_bias, gates_x, GH);
-  TORCH_CHECK(eps >= 0, op, ": eps must be non-negative, got ", eps);
+  const int64_t H = check_layer_norm_inputs(op, 3, gates_x, w_hh, b_hh, hh_gain, hh_bias, nullptr, nullptr, h0,
+                                            nullptr, eps);
   const StepPlan plan = make_step_plan(op, gates_x.size(0), h0.size(0), batch_sizes, reverse);
   const auto dtype = gates_x.scalar_type();
   const auto acc = compute_dtype(dtype);
@@ -1461,19 +1442,9 @@ layer_norm_lstm_backward_cuda(const c10::optional<at::Tensor>& grad_output, cons
                 batch_sizes);
   const DeviceGuard device_guard(output.device());
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
-  TORCH_CHECK(output.dim() == 2, op, ": output must be 2-D, got ", output.dim(), "-D");
-  const int64_t H = output.size(1), GH = 4 * H, W = layer_norm_lstm_workspace_width(H);
-  check_matrix(op, "w_hh", w_hh, output, GH, H);
-  check_vector(op, "hh_gain", hh_gain, output, GH);
-  check_vector(op, "cell_gain", cell_gain, output, H);
-  check_vector(op, "cell_bias", cell_bias, output, H);
-  check_matrix(op, "h0", h0, output, -1, H);
-  const int64_t B = h0.size(0);
-  check_matrix(op, "c0", c0, output, B, H);
-  check_optional_grad(op, "grad_output", grad_output, output);
-  check_optional_grad(op, "grad_h_n", grad_h_n, h0);
-  check_optional_grad(op, "grad_c_n", grad_c_n, c0);
-  check_workspace(op, workspace, output, 1, W);
+  const int64_t H = check_layer_norm_backward_inputs(op, 4, output, w_hh, hh_gain, &cell_gain, &cell_bias, h0, &c0,
+                                                     grad_output, grad_h_n, &grad_c_n, workspace);
+  const int64_t GH = 4 * H, B = h0.size(0);
   const StepPlan plan = make_step_plan(op, output.size(0), B, batch_sizes, reverse);
   const auto dtype = output.scalar_type();
   const auto acc = compute_dtype(dtype);
@@ -1521,15 +1492,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                 batch_sizes);
   const DeviceGuard device_guard(output.device());
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
-  TORCH_CHECK(output.dim() == 2, op, ": output must be 2-D, got ", output.dim(), "-D");
-  const int64_t H = output.size(1), GH = 3 * H;
-  check_matrix(op, "w_hh", w_hh, output, GH, H);
-  check_vector(op, "hh_gain", hh_gain, output, GH);
-  check_matrix(op, "h0", h0, output, -1, H);
-  const int64_t B = h0.size(0);
-  check_optional_grad(op, "grad_output", grad_output, output);
-  check_optional_grad(op, "grad_h_n", grad_h_n, h0);
-  check_workspace(op, workspace, output, 1, layer_norm_gru_workspace_width(H));
+  const int64_t H = check_layer_norm_backward_inputs(op, 3, output, w_hh, hh_gain, nullptr, nullptr, h0, nullptr,
+                                                     grad_output, grad_h_n, nullptr, workspace);
+  const int64_t GH = 3 * H, B = h0.size(0);
   const StepPlan plan = make_step_plan(op, output.size(0), B, batch_sizes, reverse);
   const auto dtype = output.scalar_type();
   const auto acc = compute_dtype(dtype);
