@@ -57,20 +57,22 @@ inline void define_recurrence_ops(torch::Library& m) {
 // the recurrent projection over all gates of a row, hh = LN(h_{t-1} W_hh^T) hh_gain + hh_bias + b_hh
 // (hh_gain, hh_bias: [G*H]), and the LSTM also its cell state before the output tanh:
 // h~ = o tanh(LN(c~) cell_gain + cell_bias) (cell_gain, cell_bias: [H]); eps as torch.nn.LayerNorm's.
-// No projection (w_hh [G*H, H]). recurrent_mask, zoneout and cell_zoneout as above. The workspace is
-// [N, 10 H + 2] (LSTM) / [N, 7 H + 1] (GRU), see csrc/recurrence.h.
+// The LSTM's optional w_hr [P, H] projects h~ (then w_hh is [4H, P], h0 [B, P]; the backward returns
+// grad_w_hr, [0] without it). recurrent_mask, zoneout and cell_zoneout as above (zoneout after the
+// projection). The workspace is [N, 10 H + 2] (LSTM) / [N, 7 H + 1] (GRU), see csrc/recurrence.h.
 inline void define_layer_norm_ops(torch::Library& m) {
   m.def(
       "layer_norm_lstm_recurrence(Tensor gates_x, Tensor w_hh, Tensor? b_hh, Tensor hh_gain, Tensor hh_bias, "
       "Tensor cell_gain, Tensor cell_bias, Tensor h0, Tensor c0, Tensor? batch_sizes, bool reverse, bool training, "
-      "float eps, Tensor? recurrent_mask=None, Tensor? zoneout=None, Tensor? cell_zoneout=None) -> (Tensor output, "
-      "Tensor h_n, Tensor c_n, Tensor workspace)");
+      "float eps, Tensor? recurrent_mask=None, Tensor? zoneout=None, Tensor? cell_zoneout=None, Tensor? w_hr=None) -> "
+      "(Tensor output, Tensor h_n, Tensor c_n, Tensor workspace)");
   m.def(
       "layer_norm_lstm_recurrence_backward(Tensor? grad_output, Tensor? grad_h_n, Tensor? grad_c_n, Tensor w_hh, "
       "Tensor hh_gain, Tensor cell_gain, Tensor cell_bias, Tensor h0, Tensor c0, Tensor output, Tensor workspace, "
       "Tensor? batch_sizes, bool reverse, Tensor? recurrent_mask=None, Tensor? zoneout=None, "
-      "Tensor? cell_zoneout=None) -> (Tensor grad_gates_x, Tensor grad_w_hh, Tensor grad_b_hh, Tensor grad_hh_gain, "
-      "Tensor grad_hh_bias, Tensor grad_cell_gain, Tensor grad_cell_bias, Tensor grad_h0, Tensor grad_c0)");
+      "Tensor? cell_zoneout=None, Tensor? w_hr=None) -> (Tensor grad_gates_x, Tensor grad_w_hh, Tensor grad_b_hh, "
+      "Tensor grad_hh_gain, Tensor grad_hh_bias, Tensor grad_cell_gain, Tensor grad_cell_bias, Tensor grad_h0, "
+      "Tensor grad_c0, Tensor grad_w_hr)");
   m.def(
       "layer_norm_gru_recurrence(Tensor gates_x, Tensor w_hh, Tensor? b_hh, Tensor hh_gain, Tensor hh_bias, "
       "Tensor h0, Tensor? batch_sizes, bool reverse, bool training, float eps, Tensor? recurrent_mask=None, "

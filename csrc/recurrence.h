@@ -110,15 +110,21 @@ inline at::Tensor layer_norm_shift(const at::Tensor& hh_bias, const c10::optiona
 }
 
 // The checks of a LayerNorm recurrence forward (op_schemas.h), shared by the CPU and CUDA ops.
-// G = 4 (LSTM: cell_gain, cell_bias and c0 given) or 3 (GRU: nullptr). Returns H.
+// G = 4 (LSTM: cell_gain, cell_bias, c0 and the optional w_hr given) or 3 (GRU: nullptr). Returns H;
+// the width of h is w_hh.size(1) (P: proj_size with w_hr, else H).
 inline int64_t check_layer_norm_inputs(const char* op, int64_t G, const at::Tensor& gates_x, const at::Tensor& w_hh,
                                        const c10::optional<at::Tensor>& b_hh, const at::Tensor& hh_gain,
                                        const at::Tensor& hh_bias, const at::Tensor* cell_gain,
                                        const at::Tensor* cell_bias, const at::Tensor& h0, const at::Tensor* c0,
-                                       double eps) {
+                                       const c10::optional<at::Tensor>* w_hr, double eps) {
   const int64_t H = check_recurrence_inputs(op, G, gates_x, w_hh, b_hh, h0);
-  TORCH_CHECK(w_hh.size(1) == H, op, ": w_hh must be [", G, " * hidden, hidden] = [", G * H, ", ", H,
-              "] (a LayerNorm cell has no projection), got ", w_hh.sizes());
+  const int64_t P = w_hh.size(1);
+  if (w_hr && present(*w_hr)) {
+    check_matrix(op, "w_hr", **w_hr, gates_x, P, H);
+  } else {
+    TORCH_CHECK(P == H, op, ": without w_hr, w_hh must be [", G, " * hidden, hidden] = [", G * H, ", ", H,
+                "], got ", w_hh.sizes());
+  }
   check_vector(op, "hh_gain", hh_gain, gates_x, G * H);
   check_vector(op, "hh_bias", hh_bias, gates_x, G * H);
   if (cell_gain) check_vector(op, "cell_gain", *cell_gain, gates_x, H);
@@ -128,21 +134,29 @@ inline int64_t check_layer_norm_inputs(const char* op, int64_t G, const at::Tens
   return H;
 }
 
-// The checks of a LayerNorm recurrence backward; cell_* / c0 / grad_c_n as above. Returns H.
+// The checks of a LayerNorm recurrence backward; cell_* / c0 / grad_c_n / w_hr as above. Returns H.
 inline int64_t check_layer_norm_backward_inputs(const char* op, int64_t G, const at::Tensor& output,
                                                 const at::Tensor& w_hh, const at::Tensor& hh_gain,
                                                 const at::Tensor* cell_gain, const at::Tensor* cell_bias,
                                                 const at::Tensor& h0, const at::Tensor* c0,
                                                 const c10::optional<at::Tensor>& grad_output,
                                                 const c10::optional<at::Tensor>& grad_h_n,
-                                                const c10::optional<at::Tensor>* grad_c_n, const at::Tensor& workspace) {
+                                                const c10::optional<at::Tensor>* grad_c_n, const at::Tensor& workspace,
+                                                const c10::optional<at::Tensor>* w_hr) {
   TORCH_CHECK(output.dim() == 2, op, ": output must be 2-D, got ", output.dim(), "-D");
-  const int64_t H = output.size(1);
-  check_matrix(op, "w_hh", w_hh, output, G * H, H);
+  TORCH_CHECK(w_hh.dim() == 2 && w_hh.size(0) % G == 0 && w_hh.size(0) > 0, op, ": w_hh must be [", G,
+              " * hidden, width of h], got ", w_hh.sizes());
+  const int64_t H = w_hh.size(0) / G, P = output.size(1);
+  check_matrix(op, "w_hh", w_hh, output, G * H, P);
+  if (w_hr && present(*w_hr)) {
+    check_matrix(op, "w_hr", **w_hr, output, P, H);
+  } else {
+    TORCH_CHECK(P == H, op, ": without w_hr, output must have ", H, " columns, got ", P);
+  }
   check_vector(op, "hh_gain", hh_gain, output, G * H);
   if (cell_gain) check_vector(op, "cell_gain", *cell_gain, output, H);
   if (cell_bias) check_vector(op, "cell_bias", *cell_bias, output, H);
-  check_matrix(op, "h0", h0, output, -1, H);
+  check_matrix(op, "h0", h0, output, -1, P);
   if (c0) check_matrix(op, "c0", *c0, output, h0.size(0), H);
   check_optional_grad(op, "grad_output", grad_output, output);
   check_optional_grad(op, "grad_h_n", grad_h_n, h0);

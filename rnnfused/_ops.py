@@ -341,19 +341,20 @@ def register_layer_norm(namespace):
 
     @torch.library.register_fake(f"{namespace}::layer_norm_lstm_recurrence")
     def _lstm_fake(gates_x, w_hh, b_hh, hh_gain, hh_bias, cell_gain, cell_bias, h0, c0, batch_sizes, reverse, training,
-                   eps, recurrent_mask=None, zoneout=None, cell_zoneout=None):
+                   eps, recurrent_mask=None, zoneout=None, cell_zoneout=None, w_hr=None):
         hidden = gates_x.shape[1] // 4
-        return (gates_x.new_empty((gates_x.shape[0], hidden)), torch.empty_like(h0, memory_format=torch.contiguous_format),
+        return (gates_x.new_empty((gates_x.shape[0], w_hh.shape[1])), torch.empty_like(h0, memory_format=torch.contiguous_format),
                 torch.empty_like(c0, memory_format=torch.contiguous_format),
                 _workspace(gates_x, training, 10 * hidden + 2))
 
     @torch.library.register_fake(f"{namespace}::layer_norm_lstm_recurrence_backward")
     def _lstm_backward_fake(grad_output, grad_h_n, grad_c_n, w_hh, hh_gain, cell_gain, cell_bias, h0, c0, output,
-                            workspace, batch_sizes, reverse, recurrent_mask=None, zoneout=None, cell_zoneout=None):
+                            workspace, batch_sizes, reverse, recurrent_mask=None, zoneout=None, cell_zoneout=None,
+                            w_hr=None):
         return (output.new_empty((output.shape[0], w_hh.shape[0])), output.new_empty(w_hh.shape),
                 output.new_empty(hh_gain.shape), output.new_empty(hh_gain.shape), output.new_empty(hh_gain.shape),
                 output.new_empty(cell_gain.shape), output.new_empty(cell_gain.shape), output.new_empty(h0.shape),
-                output.new_empty(c0.shape))
+                output.new_empty(c0.shape), output.new_empty(w_hr.shape if w_hr is not None else (0,)))
 
     @torch.library.register_fake(f"{namespace}::layer_norm_gru_recurrence")
     def _gru_fake(gates_x, w_hh, b_hh, hh_gain, hh_bias, h0, batch_sizes, reverse, training, eps, recurrent_mask=None,
@@ -371,8 +372,9 @@ def register_layer_norm(namespace):
 
     def _differentiate_reference(ctx, run, inputs, outputs_grads):
         """The gradients of every input that needs one, through the PyTorch form of the recurrence
-        (``run(inputs)`` -> outputs), as a graph of its own (a backward with create_graph=True)."""
-        wanted = [i for i, t in enumerate(inputs) if isinstance(t, torch.Tensor) and ctx.needs_input_grad[i]]
+        (``run(inputs)`` -> outputs), as a graph of its own (a backward with create_graph=True).
+        ``inputs``: {position among the op's arguments: tensor or None}."""
+        wanted = [i for i, t in inputs.items() if isinstance(t, torch.Tensor) and ctx.needs_input_grad[i]]
         result = [None] * len(ctx.needs_input_grad)
         outputs = run(inputs)
         pairs = [(o, g) for o, g in zip(outputs, outputs_grads) if g is not None and o is not None and o.requires_grad]
@@ -387,7 +389,7 @@ def register_layer_norm(namespace):
     def _lstm_setup_context(ctx, inputs, output):
         (gates_x, w_hh, b_hh, hh_gain, hh_bias, cell_gain, cell_bias, h0, c0, batch_sizes, reverse, training,
          eps) = inputs[:13]
-        extras = (_at(inputs, 13), _at(inputs, 14), _at(inputs, 15))
+        extras = (_at(inputs, 13), _at(inputs, 14), _at(inputs, 15), _at(inputs, 16))  # mask, zoneout x2, w_hr
         out, _, _, workspace = output
         ctx.reverse, ctx.recorded, ctx.eps = reverse, training, eps
         ctx.mark_non_differentiable(workspace)  # the backward reads it; nothing is computed from it
@@ -397,25 +399,26 @@ def register_layer_norm(namespace):
 
     def _lstm_backward(ctx, grad_output, grad_h_n, grad_c_n, grad_workspace):
         (gates_x, w_hh, b_hh, hh_gain, hh_bias, cell_gain, cell_bias, h0, c0, batch_sizes, out, workspace, mask, k_h,
-         k_c) = ctx.saved_tensors
+         k_c, w_hr) = ctx.saved_tensors
         if torch.is_grad_enabled():
-            inputs = (gates_x, w_hh, b_hh, hh_gain, hh_bias, cell_gain, cell_bias, h0, c0)
+            inputs = dict(enumerate((gates_x, w_hh, b_hh, hh_gain, hh_bias, cell_gain, cell_bias, h0, c0)))
+            inputs[16] = w_hr
 
             def run(a):
-                return reference_layer_norm.layer_norm_lstm_forward(*a, batch_sizes, ctx.reverse, ctx.eps, mask, k_h,
-                                                                    k_c)
+                return reference_layer_norm.layer_norm_lstm_forward(*[a[i] for i in range(9)], batch_sizes, ctx.reverse,
+                                                                    ctx.eps, mask, k_h, k_c, a[16])
 
             return _differentiate_reference(ctx, run, inputs, (grad_output, grad_h_n, grad_c_n))
         if not ctx.recorded:
             out, _, _, workspace = _ops.layer_norm_lstm_recurrence(
                 gates_x, w_hh, b_hh, hh_gain, hh_bias, cell_gain, cell_bias, h0, c0, batch_sizes, ctx.reverse, True,
-                ctx.eps, mask, k_h, k_c)
+                ctx.eps, mask, k_h, k_c, w_hr)
         grads = _ops.layer_norm_lstm_recurrence_backward(grad_output, grad_h_n, grad_c_n, w_hh, hh_gain, cell_gain,
                                                          cell_bias, h0, c0, out, workspace, batch_sizes, ctx.reverse,
-                                                         mask, k_h, k_c)
-        d_gx, d_w_hh, d_b_hh, d_gain, d_beta, d_cgain, d_cbeta, d_h0, d_c0 = grads
+                                                         mask, k_h, k_c, w_hr)
+        d_gx, d_w_hh, d_b_hh, d_gain, d_beta, d_cgain, d_cbeta, d_h0, d_c0, d_w_hr = grads
         return (d_gx, d_w_hh, d_b_hh if b_hh is not None else None, d_gain, d_beta, d_cgain, d_cbeta, d_h0, d_c0,
-                None, None, None, None, None, None, None)
+                None, None, None, None, None, None, None, d_w_hr if w_hr is not None else None)
 
     torch.library.register_autograd(f"{namespace}::layer_norm_lstm_recurrence", _lstm_backward,
                                     setup_context=_lstm_setup_context)
@@ -432,10 +435,11 @@ def register_layer_norm(namespace):
     def _gru_backward(ctx, grad_output, grad_h_n, grad_workspace):
         gates_x, w_hh, b_hh, hh_gain, hh_bias, h0, batch_sizes, out, workspace, mask, k_h = ctx.saved_tensors
         if torch.is_grad_enabled():
-            inputs = (gates_x, w_hh, b_hh, hh_gain, hh_bias, h0)
+            inputs = dict(enumerate((gates_x, w_hh, b_hh, hh_gain, hh_bias, h0)))
 
             def run(a):
-                return reference_layer_norm.layer_norm_gru_forward(*a, batch_sizes, ctx.reverse, ctx.eps, mask, k_h)
+                return reference_layer_norm.layer_norm_gru_forward(*[a[i] for i in range(6)], batch_sizes, ctx.reverse,
+                                                                   ctx.eps, mask, k_h)
 
             return _differentiate_reference(ctx, run, inputs, (grad_output, grad_h_n))
         if not ctx.recorded:

@@ -31,13 +31,14 @@ def _zoned(keep, offset, rows, previous, candidate):
 
 
 def _run(cell, gates_x, w_hh, b_hh, hh_gain, hh_bias, cell_gain, cell_bias, h0, c0, batch_sizes, reverse, eps,
-         recurrent_mask, zoneout, cell_zoneout):
+         recurrent_mask, zoneout, cell_zoneout, w_hr=None):
     storage = gates_x.dtype
     dtype = _compute_dtype(storage)
     gx, w, bias, gain, beta = (_cast(t, dtype) for t in (gates_x, w_hh, b_hh, hh_gain, hh_bias))
     c_gain, c_beta, mask = _cast(cell_gain, dtype), _cast(cell_bias, dtype), _cast(recurrent_mask, dtype)
     k_h, k_c = _cast(zoneout, dtype), _cast(cell_zoneout, dtype)
-    hidden = h0.shape[1]
+    projection = _cast(w_hr, dtype)
+    hidden = w.shape[0] // (4 if cell == "lstm" else 3)
     width = w.shape[0]
     h = h0.to(dtype)
     c = c0.to(dtype) if c0 is not None else None
@@ -53,6 +54,8 @@ def _run(cell, gates_x, w_hh, b_hh, hh_gain, hh_bias, cell_gain, cell_bias, h0, 
             i, f, g, o = (x + hh).split(hidden, 1)
             c_cand = torch.sigmoid(f) * c_prev + torch.sigmoid(i) * torch.tanh(g)
             h_cand = torch.sigmoid(o) * torch.tanh(F.layer_norm(c_cand, (hidden,), c_gain, c_beta, eps))
+            if projection is not None:
+                h_cand = h_cand @ projection.t()
             c = _replace_leading_rows(c, _zoned(k_c, offset, rows, c_prev, c_cand))
         else:
             x_r, x_z, x_n = x.split(hidden, 1)
@@ -66,15 +69,15 @@ def _run(cell, gates_x, w_hh, b_hh, hh_gain, hh_bias, cell_gain, cell_bias, h0, 
         blocks.append((offset, h_t))
         h = _replace_leading_rows(h, h_t)
     blocks.sort(key=lambda block: block[0])
-    output = torch.cat([block for _, block in blocks], 0) if blocks else gx.new_zeros((0, hidden))
+    output = torch.cat([block for _, block in blocks], 0) if blocks else gx.new_zeros((0, h0.shape[1]))
     return output.to(storage), h.to(storage), (c.to(storage) if c is not None else None)
 
 
 def layer_norm_lstm_forward(gates_x, w_hh, b_hh, hh_gain, hh_bias, cell_gain, cell_bias, h0, c0, batch_sizes, reverse,
-                            eps, recurrent_mask=None, zoneout=None, cell_zoneout=None):
+                            eps, recurrent_mask=None, zoneout=None, cell_zoneout=None, w_hr=None):
     """output, h_n, c_n of rnnfused::layer_norm_lstm_recurrence."""
     return _run("lstm", gates_x, w_hh, b_hh, hh_gain, hh_bias, cell_gain, cell_bias, h0, c0, batch_sizes, reverse, eps,
-                recurrent_mask, zoneout, cell_zoneout)
+                recurrent_mask, zoneout, cell_zoneout, w_hr)
 
 
 def layer_norm_gru_forward(gates_x, w_hh, b_hh, hh_gain, hh_bias, h0, batch_sizes, reverse, eps, recurrent_mask=None,

@@ -111,12 +111,12 @@ def rnn_relu_layer(input, w_ih, w_hh, b_ih, b_hh, h0, batch_sizes=None, reverse=
 
 
 # ---------------------------------------------------------------------------------------------------
-# LayerNorm LSTM and GRU (Ba et al. 2016). Shapes as above (no projection: P = H), plus the gains and
+# LayerNorm LSTM and GRU (Ba et al. 2016). Shapes as above, plus the gains and
 # biases of the normalizations: ih_gain, ih_bias, hh_gain, hh_bias [G*H]; cell_gain, cell_bias [H].
 #   gates_x = LN(x W_ih^T) ih_gain + ih_bias + b_ih                   (here, one op for all steps)
 #   hh_t    = LN(h_{t-1} W_hh^T) hh_gain + hh_bias + b_hh             (in the fused op, every step)
 # then the cell's gates from gates_x and hh_t as in torch.nn, and for the LSTM
-#   c~_t = f c_{t-1} + i g,   h~_t = o tanh(LN(c~_t) cell_gain + cell_bias).
+#   c~_t = f c_{t-1} + i g,   h~_t = o tanh(LN(c~_t) cell_gain + cell_bias)   (times W_hr^T with a projection).
 # LN normalizes each row over its G*H (or H) values: (v - mean) / sqrt(var + eps), biased variance.
 # ---------------------------------------------------------------------------------------------------
 
@@ -129,13 +129,15 @@ def _normalized_input_projection(input, w_ih, b_ih, ih_gain, ih_bias, eps):
 
 def layer_norm_lstm_layer(input, w_ih, w_hh, b_ih, b_hh, ih_gain, ih_bias, hh_gain, hh_bias, cell_gain, cell_bias, h0,
                           c0, batch_sizes=None, reverse=False, training=True, eps=1e-5, recurrent_mask=None,
-                          zoneout=None, cell_zoneout=None):
-    """LayerNorm LSTM layer. Returns ``output, h_n, c_n``. ``training`` as for :func:`lstm_layer`."""
+                          zoneout=None, cell_zoneout=None, w_hr=None):
+    """LayerNorm LSTM layer (with a projection h_t = W_hr h~_t when ``w_hr`` [P, H] is given; then
+    w_hh is [4H, P] and h0 [B, P]). Returns ``output, h_n, c_n``. ``training`` as for
+    :func:`lstm_layer`."""
     gates_x = _normalized_input_projection(input, w_ih, b_ih, ih_gain, ih_bias, eps)
-    training = _records_workspace(training, gates_x, w_hh, b_hh, hh_gain, hh_bias, cell_gain, cell_bias, h0, c0)
+    training = _records_workspace(training, gates_x, w_hh, b_hh, hh_gain, hh_bias, cell_gain, cell_bias, h0, c0, w_hr)
     output, h_n, c_n, _ = _ops_ns.layer_norm_lstm_recurrence(gates_x, w_hh, b_hh, hh_gain, hh_bias, cell_gain, cell_bias,
                                                              h0, c0, batch_sizes, reverse, training, eps,
-                                                             recurrent_mask, zoneout, cell_zoneout)
+                                                             recurrent_mask, zoneout, cell_zoneout, w_hr)
     return output, h_n, c_n
 
 

@@ -508,11 +508,12 @@ class _LayerNorm:
 
     _NORMALIZED = ("ih", "hh")
 
-    def _init_layer_norm(self, kwargs):
+    def __init__(self, *args, **kwargs):
         eps = kwargs.pop("layer_norm_eps", 1e-5)
         if isinstance(eps, bool) or not isinstance(eps, numbers.Number) or not eps >= 0:
             raise ValueError(f"layer_norm_eps must be a non-negative number, got {eps!r}")
-        return float(eps)
+        super().__init__(*args, **kwargs)  # rnnfused.LSTM / GRU
+        self._make_layer_norm_parameters(float(eps), self.weight_ih_l0.device, self.weight_ih_l0.dtype)
 
     def _make_layer_norm_parameters(self, eps, device, dtype):
         self.layer_norm_eps = eps
@@ -573,27 +574,20 @@ class LayerNormLSTM(_LayerNorm, LSTM):
 
         gates = LN(x W_ih^T) g_ih + b'_ih + b_ih + LN(h_{t-1} W_hh^T) g_hh + b'_hh + b_hh
         i, f, g, o as torch.nn.LSTM's from gates;   c_t = f c_{t-1} + i g
-        h_t = o tanh(LN(c_t) g_cell + b'_cell)
+        h_t = o tanh(LN(c_t) g_cell + b'_cell)          (times W_hr^T with proj_size)
 
-    (g, b': the ``layer_norm_*_weight`` / ``_bias`` parameters). proj_size is not supported."""
+    (g, b': the ``layer_norm_*_weight`` / ``_bias`` parameters)."""
 
     _NORMALIZED = ("ih", "hh", "cell")
 
-    def __init__(self, *args, **kwargs):
-        eps = self._init_layer_norm(kwargs)
-        super().__init__(*args, **kwargs)
-        if self.proj_size > 0:
-            raise ValueError("LayerNormLSTM does not support proj_size (the normalized cell has no projection)")
-        self._make_layer_norm_parameters(eps, self.weight_ih_l0.device, self.weight_ih_l0.dtype)
-
     def _run_layer(self, layer_input, index, h0, c0, batch_sizes, reverse, draws=(None, None, None, None)):
-        w_ih, w_hh, b_ih, b_hh, _ = self._layer_parameters(index)
+        w_ih, w_hh, b_ih, b_hh, w_hr = self._layer_parameters(index)
         dropped_w_hh, mask, keep_h, keep_c = draws
         if dropped_w_hh is not None:
             w_hh = dropped_w_hh
         return rf.layer_norm_lstm_layer(layer_input, w_ih, w_hh, b_ih, b_hh, *self._layer_norm_parameters(index), h0,
                                         c0, batch_sizes, reverse, training=self.training, eps=self.layer_norm_eps,
-                                        recurrent_mask=mask, zoneout=keep_h, cell_zoneout=keep_c)
+                                        recurrent_mask=mask, zoneout=keep_h, cell_zoneout=keep_c, w_hr=w_hr)
 
 
 class LayerNormGRU(_LayerNorm, GRU):
@@ -602,11 +596,6 @@ class LayerNormGRU(_LayerNorm, GRU):
 
         xg = LN(x W_ih^T) g_ih + b'_ih + b_ih          hh = LN(h_{t-1} W_hh^T) g_hh + b'_hh + b_hh
         r, z, n, h_t from xg and hh as torch.nn.GRU's (n = tanh(xg_n + r hh_n))"""
-
-    def __init__(self, *args, **kwargs):
-        eps = self._init_layer_norm(kwargs)
-        super().__init__(*args, **kwargs)
-        self._make_layer_norm_parameters(eps, self.weight_ih_l0.device, self.weight_ih_l0.dtype)
 
     def _run_layer(self, layer_input, index, h0, c0, batch_sizes, reverse, draws=(None, None, None, None)):
         w_ih, w_hh, b_ih, b_hh, _ = self._layer_parameters(index)

@@ -100,6 +100,7 @@ def main(argv):
         (rnnfused.RNN, {"zoneout": 0.2}),
         (rnnfused.LayerNormLSTM, {}),
         (rnnfused.LayerNormLSTM, {"recurrent_dropout": 0.3, "zoneout": 0.2, "cell_zoneout": 0.1}),
+        (rnnfused.LayerNormLSTM, {"proj_size": 3, "zoneout": 0.2}),
         (rnnfused.LayerNormGRU, {"bias": False, "zoneout": 0.2}),
     ]
     for cls, kwargs in regularized:

@@ -623,6 +623,8 @@ def test_layer_norm_ops_match_reference(mode, options, lengths, reverse, no_tf32
     """The LayerNorm ops on the GPU: forward and every gradient equal the step loop's in float64."""
     compare_layer_norm(mode, 4, 5, lengths, reverse, options, context=_OnGpu)
     compare_layer_norm(mode, 3, 300, [6, 2, 1], False, options, context=_OnGpu)
+    if mode == "lstm":
+        compare_layer_norm(mode, 4, 5, lengths, reverse, options, context=_OnGpu, proj=3)
 
 
 @pytest.mark.parametrize("mode", ["lstm", "gru"])

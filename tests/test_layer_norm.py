@@ -26,16 +26,16 @@ EPS = 1e-5
 
 def reference_layer(mode, x, p, h0, c0=None, lengths=None, reverse=False, mask=None, keep_h=None, keep_c=None,
                     eps=EPS):
-    """x [T, B, I]; p: w_ih, w_hh, b_ih, b_hh, ih_w, ih_b, hh_w, hh_b (, cell_w, cell_b). Returns
-    output [T, B, H] (zeros past each length), h_n, c_n. mask [B, H]: recurrent dropout; keep_h,
-    keep_c [T, B, H] or scalars: zoneout."""
+    """x [T, B, I]; p: w_ih, w_hh, b_ih, b_hh, ih_w, ih_b, hh_w, hh_b (, cell_w, cell_b, w_hr). Returns
+    output [T, B, P] (zeros past each length), h_n, c_n. mask [B, P]: recurrent dropout; keep_h
+    [T, B, P], keep_c [T, B, H] or scalars: zoneout."""
 
     def keep_at(keep, t):
         return keep if keep.dim() == 0 else keep[t]
 
     steps, batch = x.shape[0], x.shape[1]
     width = p["w_hh"].shape[0]
-    hidden = h0.shape[1]
+    hidden = width // GATES[mode]
     lengths = lengths if lengths is not None else [steps] * batch
     h, c = h0, c0
     outputs = [None] * steps
@@ -49,6 +49,8 @@ def reference_layer(mode, x, p, h0, c0=None, lengths=None, reverse=False, mask=N
             i, f, g, o = (gx + gh).chunk(4, 1)
             c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
             h_new = torch.sigmoid(o) * torch.tanh(F.layer_norm(c_new, (hidden,), p["cell_w"], p["cell_b"], eps))
+            if p.get("w_hr") is not None:
+                h_new = h_new @ p["w_hr"].t()
             if keep_c is not None:
                 c_new = keep_at(keep_c, t) * c + (1 - keep_at(keep_c, t)) * c_new
             c = active * c_new + (1 - active) * c
@@ -65,18 +67,20 @@ def reference_layer(mode, x, p, h0, c0=None, lengths=None, reverse=False, mask=N
     return torch.stack(outputs), h, c
 
 
-def make_params(mode, input_size, hidden, dtype=torch.float64, bias=True, seed=0):
+def make_params(mode, input_size, hidden, dtype=torch.float64, bias=True, seed=0, proj=0):
     g = torch.Generator().manual_seed(seed)
 
     def rand(*shape, scale=1.0, shift=0.0):
         return ((torch.rand(shape, generator=g, dtype=torch.float64) * 2 - 1) * scale + shift).to(dtype).requires_grad_()
 
     G = GATES[mode] * hidden
-    p = dict(w_ih=rand(G, input_size), w_hh=rand(G, hidden), b_ih=rand(G) if bias else None,
+    p = dict(w_ih=rand(G, input_size), w_hh=rand(G, proj or hidden), b_ih=rand(G) if bias else None,
              b_hh=rand(G) if bias else None, ih_w=rand(G, scale=0.5, shift=1.0), ih_b=rand(G, scale=0.3),
              hh_w=rand(G, scale=0.5, shift=1.0), hh_b=rand(G, scale=0.3))
     if mode == "lstm":
         p.update(cell_w=rand(hidden, scale=0.5, shift=1.0), cell_b=rand(hidden, scale=0.3))
+        if proj:
+            p.update(w_hr=rand(proj, hidden))
     return p
 
 
@@ -94,7 +98,7 @@ def run_fused_layer(mode, x, p, h0, c0, lengths, reverse, mask=None, keep_h=None
     if mode == "lstm":
         out, h_n, c_n = rf.layer_norm_lstm_layer(*common, p["cell_w"], p["cell_b"], h0, c0, batch_sizes, reverse,
                                                  training=training, recurrent_mask=mask, zoneout=keep_h,
-                                                 cell_zoneout=keep_c)
+                                                 cell_zoneout=keep_c, w_hr=p.get("w_hr"))
     else:
         out, h_n = rf.layer_norm_gru_layer(*common, h0, batch_sizes, reverse, training=training, recurrent_mask=mask,
                                            zoneout=keep_h)
@@ -113,15 +117,16 @@ def steps_to_rows(keep, lengths, steps, batch):
 
 
 def compare(mode, batch, hidden, lengths, reverse, options, dtype=torch.float64, rtol=1e-10, atol=1e-12,
-            bias=True, training=True, context=None):
+            bias=True, training=True, context=None, proj=0):
     steps, input_size = 6, 5
     torch.manual_seed(3)
-    p = make_params(mode, input_size, hidden, dtype, bias)
+    p = make_params(mode, input_size, hidden, dtype, bias, proj=proj)
+    width = proj or hidden
     x = torch.randn(steps, batch, input_size, dtype=dtype, requires_grad=True)
-    h0 = torch.randn(batch, hidden, dtype=dtype, requires_grad=True)
+    h0 = torch.randn(batch, width, dtype=dtype, requires_grad=True)
     c0 = torch.randn(batch, hidden, dtype=dtype, requires_grad=True) if mode == "lstm" else None
-    mask = dropout_mask((batch, hidden), 0.3, dtype) if "mask" in options else None
-    keep_h = zoneout_draws((steps, batch, hidden), 0.4, dtype) if "zoneout" in options else None
+    mask = dropout_mask((batch, width), 0.3, dtype) if "mask" in options else None
+    keep_h = zoneout_draws((steps, batch, width), 0.4, dtype) if "zoneout" in options else None
     keep_c = zoneout_draws((steps, batch, hidden), 0.3, dtype) if "cell_zoneout" in options else None
     if "eval" in options:
         keep_h = torch.tensor(0.3, dtype=dtype) if "zoneout" in options else None
@@ -179,6 +184,14 @@ def test_layer_with_options_matches_reference(mode, options, lengths, reverse):
     compare(mode, 4, 5, lengths, reverse, options)
 
 
+@pytest.mark.parametrize("options", [(), ("mask", "zoneout", "cell_zoneout"), ("eval", "zoneout", "cell_zoneout")])
+@pytest.mark.parametrize("lengths,reverse", [(None, False), ([6, 4, 4, 1], True)])
+def test_lstm_projection_matches_reference(options, lengths, reverse):
+    """LayerNormLSTM with proj_size: h_t = W_hr h~_t (zoneout after the projection)."""
+    compare("lstm", 4, 5, lengths, reverse, options, proj=3)
+    compare("lstm", 3, 4, lengths and lengths[:3], reverse, options, proj=6, training=False)  # P > H, no workspace
+
+
 @pytest.mark.parametrize("mode", ["lstm", "gru"])
 def test_layer_without_bias_and_without_workspace(mode):
     compare(mode, 3, 4, [6, 3, 2], True, ("zoneout",), bias=False)
@@ -206,9 +219,10 @@ def test_layer_low_precision_follows_float32(mode, dtype):
     torch.testing.assert_close(out.float(), ref, rtol=0.05, atol=0.05)
 
 
-def _op_args(mode, packed, options=()):
+def _op_args(mode, packed, options=(), proj=0):
     torch.manual_seed(1)
     H, B = 3, 3
+    P = proj or H
     G = GATES[mode] * H
     batch_sizes = torch.tensor([3, 2, 2, 1]) if packed else None
     N = 8 if packed else 9
@@ -216,18 +230,20 @@ def _op_args(mode, packed, options=()):
     def rand(*shape):
         return torch.randn(*shape, dtype=torch.float64, requires_grad=True)
 
-    args = [rand(N, G), rand(G, H), rand(G), (1 + 0.3 * torch.randn(G, dtype=torch.float64)).requires_grad_(),
+    args = [rand(N, G), rand(G, P), rand(G), (1 + 0.3 * torch.randn(G, dtype=torch.float64)).requires_grad_(),
             rand(G)]
     if mode == "lstm":
-        args += [(1 + 0.3 * torch.randn(H, dtype=torch.float64)).requires_grad_(), rand(H), rand(B, H), rand(B, H)]
+        args += [(1 + 0.3 * torch.randn(H, dtype=torch.float64)).requires_grad_(), rand(H), rand(B, P), rand(B, H)]
     else:
         args += [rand(B, H)]
     args += [batch_sizes, True, True, EPS]
-    mask = (torch.rand(B, H, dtype=torch.float64) > 0.3).double() / 0.7 if "mask" in options else None
-    keep = (torch.rand(N, H, dtype=torch.float64) < 0.4).double() if "zoneout" in options else None
+    mask = (torch.rand(B, P, dtype=torch.float64) > 0.3).double() / 0.7 if "mask" in options else None
+    keep = (torch.rand(N, P, dtype=torch.float64) < 0.4).double() if "zoneout" in options else None
     args += [mask, keep]
     if mode == "lstm":
         args += [torch.tensor(0.3, dtype=torch.float64) if "zoneout" in options else None]
+        if proj:
+            args += [rand(P, H)]
     return args
 
 
@@ -235,11 +251,11 @@ OP = {"lstm": lambda: torch.ops.rnnfused.layer_norm_lstm_recurrence,
       "gru": lambda: torch.ops.rnnfused.layer_norm_gru_recurrence}
 
 
-@pytest.mark.parametrize("mode", ["lstm", "gru"])
+@pytest.mark.parametrize("mode,proj", [("lstm", 0), ("lstm", 2), ("gru", 0)])
 @pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("options", [(), ("mask", "zoneout")])
-def test_gradcheck_and_gradgradcheck(mode, packed, options):
-    args = _op_args(mode, packed, options)
+def test_gradcheck_and_gradgradcheck(mode, proj, packed, options):
+    args = _op_args(mode, packed, options, proj)
     op = OP[mode]()
     tensors = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.requires_grad]
 
@@ -261,6 +277,8 @@ def test_opcheck(mode):
     torch.library.opcheck(OP[mode](), args)
     args = _op_args(mode, False)
     torch.library.opcheck(OP[mode](), args)
+    if mode == "lstm":
+        torch.library.opcheck(OP[mode](), _op_args(mode, True, ("zoneout",), proj=2))
 
 
 def test_workspace_is_not_differentiable():
@@ -286,8 +304,13 @@ def test_op_errors():
     gargs = _op_args("gru", False)
     bad = list(gargs)
     bad[1], bad[5] = gargs[1].detach()[:, :2], gargs[5].detach()[:, :2]
-    with pytest.raises(RuntimeError, match="w_hh must be \\[3 \\* hidden, hidden\\]"):
+    with pytest.raises(RuntimeError, match="without w_hr, w_hh must be \\[3 \\* hidden, hidden\\]"):
         torch.ops.rnnfused.layer_norm_gru_recurrence(*bad)
+    pargs = _op_args("lstm", False, proj=2)
+    bad = list(pargs)
+    bad[16] = pargs[16].detach()[:, :2]
+    with pytest.raises(RuntimeError, match="w_hr must have 3 columns"):
+        torch.ops.rnnfused.layer_norm_lstm_recurrence(*bad)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -301,7 +324,7 @@ def layer_parameters(module, layer, suffix):
              ih_w=get("layer_norm_ih_weight"), ih_b=get("layer_norm_ih_bias"), hh_w=get("layer_norm_hh_weight"),
              hh_b=get("layer_norm_hh_bias"))
     if module.mode == "LSTM":
-        p.update(cell_w=get("layer_norm_cell_weight"), cell_b=get("layer_norm_cell_bias"))
+        p.update(cell_w=get("layer_norm_cell_weight"), cell_b=get("layer_norm_cell_bias"), w_hr=get("weight_hr"))
     return p
 
 
@@ -314,17 +337,18 @@ def reference_module(module, x, hx=None, lengths=None):
     steps, batch = x.shape[0], x.shape[1]
     rows = sum(lengths) if lengths else steps * batch
     H = module.hidden_size
+    P = getattr(module, "proj_size", 0) or H
     if hx is None:
-        h0 = x.new_zeros(module.num_layers * D, batch, H)
+        h0 = x.new_zeros(module.num_layers * D, batch, P)
         c0 = x.new_zeros(module.num_layers * D, batch, H)
     else:
         h0, c0 = hx if mode == "lstm" else (hx, None)
 
-    def keep(p):
+    def keep(p, width):
         if not p:
             return None
         if module.training:
-            return packed_rows_to_steps(zoneout_draws((rows, H), p, x.dtype), lengths, steps, batch)
+            return packed_rows_to_steps(zoneout_draws((rows, width), p, x.dtype), lengths, steps, batch)
         return torch.tensor(p, dtype=x.dtype)
 
     layer_input = x
@@ -336,9 +360,9 @@ def reference_module(module, x, hx=None, lengths=None):
             p = layer_parameters(module, layer, suffix)
             if module.training and module.dropconnect:
                 p["w_hh"] = p["w_hh"] * dropout_mask(p["w_hh"].shape, module.dropconnect, x.dtype)
-            mask = dropout_mask((batch, H), module.recurrent_dropout, x.dtype) if (
+            mask = dropout_mask((batch, P), module.recurrent_dropout, x.dtype) if (
                 module.training and module.recurrent_dropout) else None
-            draws.append((p, mask, keep(module.zoneout), keep(module.cell_zoneout) if mode == "lstm" else None))
+            draws.append((p, mask, keep(module.zoneout, P), keep(module.cell_zoneout, H) if mode == "lstm" else None))
         outs = []
         for d, (p, mask, k_h, k_c) in enumerate(draws):
             index = layer * D + d
@@ -368,6 +392,7 @@ MODULE_CASES = [
     ("lstm", dict(num_layers=2, bidirectional=True, recurrent_dropout=0.3, zoneout=0.2, cell_zoneout=0.1,
                   dropconnect=0.2)),
     ("lstm", dict(bias=False, zoneout=0.3)),
+    ("lstm", dict(proj_size=3, num_layers=2, bidirectional=True, zoneout=0.2, cell_zoneout=0.1, recurrent_dropout=0.2)),
     ("gru", dict()),
     ("gru", dict(num_layers=2, bidirectional=True, recurrent_dropout=0.25, zoneout=0.3, dropconnect=0.1)),
     ("gru", dict(num_layers=3, layer_norm_eps=1e-3)),
@@ -507,8 +532,6 @@ def test_export(mode):
 
 
 def test_errors():
-    with pytest.raises(ValueError, match="LayerNormLSTM does not support proj_size"):
-        rnnfused.LayerNormLSTM(3, 4, proj_size=2)
     with pytest.raises(ValueError, match="layer_norm_eps must be a non-negative number"):
         rnnfused.LayerNormGRU(3, 4, layer_norm_eps=-1)
     with pytest.raises(ValueError, match="cell_zoneout applies to the LSTM"):
@@ -585,6 +608,13 @@ def test_cuda_kernels_on_the_simulator_match_reference(mode, options, lengths, r
     barriers and races checked by the simulator) against the step loop in float64."""
     sim = _simulator()
     compare(mode, 4, 5, lengths, reverse, options, context=sim.simulated_cuda)
+
+
+@pytest.mark.parametrize("options", [(), ("mask", "zoneout", "cell_zoneout"), ("eval", "zoneout")])
+def test_cuda_kernels_on_the_simulator_projection(options):
+    sim = _simulator()
+    compare("lstm", 4, 5, [6, 4, 4, 1], True, options, context=sim.simulated_cuda, proj=3)
+    compare("lstm", 3, 4, None, False, options, context=sim.simulated_cuda, proj=6, training=False)
 
 
 @pytest.mark.parametrize("mode", ["lstm", "gru"])

@@ -21,6 +21,7 @@
 #include <algorithm>
 #include <cstring>
 
+#include "../cell_math.h"
 #include "../recurrence.h"
 #include "blas.h"
 #include "op_helpers.h"
@@ -63,26 +64,31 @@ void seen_previous_h(int64_t rows, int64_t from_prev, int64_t H, const T* prev_o
 // The time loops, shared by both cells (G gates; c_state / keep_c only for the LSTM).
 // ---------------------------------------------------------------------------------------------
 
-// What a forward call runs on, in the compute dtype.
+// What a forward call runs on, in the compute dtype. whr: the LSTM's projection [P, H] or undefined.
 struct ForwardTensors {
-  at::Tensor gx, whh, gain, shift, cell_gain, cell_bias, mask, keep_h, keep_c, h_state, c_state, output, workspace;
+  at::Tensor gx, whh, whr, gain, shift, cell_gain, cell_bias, mask, keep_h, keep_c, h_state, c_state, output,
+      workspace;
 };
 
 template <typename T>
 void run_forward(const StepPlan& plan, int64_t G, int64_t H, double eps, bool training, at::ScalarType storage,
                  void (*row_kernel)(const LayerNormRowForward<T>&), ForwardTensors& f) {
-  const int64_t B = plan.batch, GH = G * H;
+  const int64_t B = plan.batch, GH = G * H, P = f.whh.size(1);
+  const bool proj = f.whr.defined();
   const int64_t W = G == 4 ? layer_norm_lstm_workspace_width(H) : layer_norm_gru_workspace_width(H);
   const auto options = f.gx.options();
-  // Per-step buffers: the product, the masked h_{t-1}, and (without a workspace) the rows' scratch.
+  // Per-step buffers: the product, the masked h_{t-1}, (without a workspace) the rows' scratch, and
+  // with a projection r = o tanh(c^) and its product with W_hr, h~.
   at::Tensor product = at::empty({B, GH}, options);
-  at::Tensor masked_h = f.mask.defined() ? at::empty({B, H}, options) : at::Tensor();
+  at::Tensor masked_h = f.mask.defined() ? at::empty({B, P}, options) : at::Tensor();
   at::Tensor scratch = training ? at::Tensor() : at::empty({B, W}, options);
+  at::Tensor r_buffer = proj ? at::empty({B, H}, options) : at::Tensor();
+  at::Tensor h_cand = proj ? at::empty({B, P}, options) : at::Tensor();
   T* hs = f.h_state.data_ptr<T>();
   T* cs = f.c_state.defined() ? f.c_state.data_ptr<T>() : nullptr;
   T* out = f.output.data_ptr<T>();
   T* gh = product.data_ptr<T>();
-  const KeepRows<T> keep_h(f.keep_h, H), keep_c(f.keep_c, H);
+  const KeepRows<T> keep_h(f.keep_h, P), keep_c(f.keep_c, H);
   LayerNormRowForward<T> common;
   common.hidden = H;
   common.eps = static_cast<T>(eps);
@@ -92,7 +98,8 @@ void run_forward(const StepPlan& plan, int64_t G, int64_t H, double eps, bool tr
   common.cell_bias = ptr_or_null<T>(f.cell_bias);
   common.keep_h_stride = keep_h.stride;
   common.keep_c_stride = keep_c.stride;
-  const StepWeight<T> recurrent(true, B, GH, H, f.whh.data_ptr<T>(), H);  // h W_hh^T
+  const StepWeight<T> recurrent(true, B, GH, P, f.whh.data_ptr<T>(), P);                   // h W_hh^T
+  const StepWeight<T> projection(true, B, P, H, proj ? f.whr.data_ptr<T>() : nullptr, H);  // r W_hr^T
   for (const auto s : c10::irange(plan.steps())) {
     const int64_t t = plan.step_at(s);
     const int64_t rows = plan.batch_sizes[t], off = plan.offsets[t];
@@ -100,10 +107,10 @@ void run_forward(const StepPlan& plan, int64_t G, int64_t H, double eps, bool tr
     if (f.mask.defined()) {
       const T* m = f.mask.data_ptr<T>();
       T* dst = masked_h.data_ptr<T>();
-      for (int64_t i = 0; i < rows * H; ++i) dst[i] = hs[i] * m[i];
+      for (int64_t i = 0; i < rows * P; ++i) dst[i] = hs[i] * m[i];
       h_in = dst;
     }
-    recurrent.multiply(rows, h_in, H, T(0), gh, GH);
+    recurrent.multiply(rows, h_in, P, T(0), gh, GH);
     T* ws_step = training ? f.workspace.data_ptr<T>() + off * W : scratch.data_ptr<T>();
     at::parallel_for(0, rows, row_grain(GH), [&](int64_t begin, int64_t end) {
       LayerNormRowForward<T> r = common;
@@ -111,39 +118,56 @@ void run_forward(const StepPlan& plan, int64_t G, int64_t H, double eps, bool tr
         const int64_t row = off + b;
         r.gates_x = f.gx.data_ptr<T>() + row * GH;
         r.product = gh + b * GH;
-        r.h_state = hs + b * H;
+        r.h_state = proj ? r_buffer.data_ptr<T>() + b * H : hs + b * H;
         r.c_state = cs ? cs + b * H : nullptr;
         r.workspace = ws_step + b * W;
-        r.keep_h = keep_h ? keep_h.at(row) : nullptr;
+        r.keep_h = keep_h && !proj ? keep_h.at(row) : nullptr;  // with a projection: after it, below
         r.keep_c = keep_c ? keep_c.at(row) : nullptr;
         row_kernel(r);
-        round_to_storage(storage, r.h_state, H);
-        std::memcpy(out + row * H, r.h_state, H * sizeof(T));
+        if (!proj) {
+          round_to_storage(storage, r.h_state, H);
+          std::memcpy(out + row * H, r.h_state, H * sizeof(T));
+        }
       }
     });
+    if (proj) {  // h_t = zoneout(h_{t-1}, r W_hr^T), rounded, into the state and the output rows
+      T* hc = h_cand.data_ptr<T>();
+      projection.multiply(rows, r_buffer.data_ptr<T>(), H, T(0), hc, P);
+      const T* k = keep_h ? keep_h.at(off) : nullptr;
+      for (int64_t i = 0; i < rows * P; ++i) {
+        T h = k ? rnnfused::zoneout(k[i * keep_h.stride], hs[i], hc[i]) : hc[i];
+        round_to_storage(storage, &h, 1);
+        hs[i] = out[off * P + i] = h;
+      }
+    }
   }
 }
 
 // What a backward call runs on, in the compute dtype.
 struct BackwardTensors {
-  at::Tensor whh, gain, cell_gain, cell_bias, output, h0, c0, grad_output, mask, keep_h, keep_c, workspace;
-  at::Tensor dh_state, dc_state, grad_gx, grad_whh, grad_gain, grad_bias, grad_cell_gain, grad_cell_bias;
+  at::Tensor whh, whr, gain, cell_gain, cell_bias, output, h0, c0, grad_output, mask, keep_h, keep_c, workspace;
+  at::Tensor dh_state, dc_state, grad_gx, grad_whh, grad_whr, grad_gain, grad_bias, grad_cell_gain, grad_cell_bias;
 };
 
 template <typename T>
 void run_backward(const StepPlan& plan, int64_t G, int64_t H, void (*row_kernel)(const LayerNormRowBackward<T>&),
                   BackwardTensors& f) {
-  const int64_t B = plan.batch, GH = G * H;
+  const int64_t B = plan.batch, GH = G * H, P = f.whh.size(1);
+  const bool proj = f.whr.defined();
   const int64_t W = G == 4 ? layer_norm_lstm_workspace_width(H) : layer_norm_gru_workspace_width(H);
   const bool lstm = G == 4;
   const auto options = f.output.options();
-  // Of every row: dL/dhh, dL/d(h W_hh^T), dL/dc^ (LSTM) and the h_{t-1} the product saw (masked),
-  // for the reductions after the loop. Per step: the rows' scratch and dL/dh_{t-1} through W_hh.
+  // Of every row: dL/dhh, dL/d(h W_hh^T), dL/dc^ (LSTM), the h_{t-1} the product saw (masked), and
+  // with a projection dL/dh~ and r, for the reductions after the loop. Per step: the rows' scratch,
+  // dL/dh_{t-1} through W_hh and (projection) dL/dr.
   const int64_t N = plan.rows;
   at::Tensor d_hh = at::empty({N, GH}, options), d_product = at::empty({N, GH}, options);
   at::Tensor d_c_hat = lstm ? at::empty({N, H}, options) : at::Tensor();
-  at::Tensor h_seen = at::empty({N, H}, options);
-  at::Tensor scratch = at::empty({B, 2 * H + GH}, options), dh_product = at::empty({B, H}, options);
+  at::Tensor h_seen = at::empty({N, P}, options);
+  at::Tensor d_h_cand = proj ? at::empty({N, P}, options) : at::Tensor();
+  at::Tensor r_rows = proj ? at::empty({N, H}, options) : at::Tensor();
+  at::Tensor scratch = at::empty({B, 2 * H + GH}, options), dh_product = at::empty({B, P}, options);
+  at::Tensor d_r = proj ? at::empty({B, H}, options) : at::Tensor();
   const T* ws_all = f.workspace.data_ptr<T>();
   const T* o_all = f.output.data_ptr<T>();
   const T* h0 = f.h0.data_ptr<T>();
@@ -152,7 +176,7 @@ void run_backward(const StepPlan& plan, int64_t G, int64_t H, void (*row_kernel)
   const T* m = ptr_or_null<T>(f.mask);
   T *dhs = f.dh_state.data_ptr<T>(), *dcs = f.dc_state.defined() ? f.dc_state.data_ptr<T>() : nullptr;
   T *dhh = d_hh.data_ptr<T>(), *dp = d_product.data_ptr<T>(), *dch = d_c_hat.defined() ? d_c_hat.data_ptr<T>() : nullptr;
-  const KeepRows<T> keep_h(f.keep_h, H), keep_c(f.keep_c, H);
+  const KeepRows<T> keep_h(f.keep_h, P), keep_c(f.keep_c, H);
   LayerNormRowBackward<T> common;
   common.hidden = H;
   common.gain = f.gain.data_ptr<T>();
@@ -165,35 +189,51 @@ void run_backward(const StepPlan& plan, int64_t G, int64_t H, void (*row_kernel)
     const int64_t rows = plan.batch_sizes[t], off = plan.offsets[t];
     const int64_t from_prev = plan.rows_from_previous(t);
     const int64_t prev_off = from_prev > 0 ? plan.offsets[plan.previous_step(t)] : 0;
+    if (proj) {  // dL/dh~ = (1 - k) dL/dh_t (k dL/dh_t stays for h_{t-1}); dL/dr = dL/dh~ W_hr
+      T* dc = d_h_cand.data_ptr<T>() + off * P;
+      const T* k = keep_h ? keep_h.at(off) : nullptr;
+      for (int64_t i = 0; i < rows * P; ++i) {
+        const T g = dhs[i] + (go ? go[off * P + i] : T(0));
+        const T keep = k ? k[i * keep_h.stride] : T(0);
+        dc[i] = (T(1) - keep) * g;
+        dhs[i] = keep * g;
+      }
+      gemm<T>(false, false, rows, H, P, T(1), dc, P, f.whr.data_ptr<T>(), H, T(0), d_r.data_ptr<T>(), H);
+    }
     at::parallel_for(0, rows, row_grain(GH), [&](int64_t begin, int64_t end) {
       LayerNormRowBackward<T> r = common;
       for (int64_t b = begin; b < end; ++b) {
         const int64_t row = off + b;
         const bool continues = b < from_prev;
         r.workspace = ws_all + row * W;
-        r.h_prev = continues ? o_all + (prev_off + b) * H : h0 + b * H;
+        r.h_prev = continues ? o_all + (prev_off + b) * P : h0 + b * P;
         r.c_prev = lstm ? (continues ? ws_all + (prev_off + b) * W + 2 * GH : c0 + b * H) : nullptr;
-        r.keep_h = keep_h ? keep_h.at(row) : nullptr;
+        r.keep_h = keep_h && !proj ? keep_h.at(row) : nullptr;
         r.keep_c = keep_c ? keep_c.at(row) : nullptr;
-        r.grad_output = go ? go + row * H : nullptr;
-        r.dh_state = dhs + b * H;
+        r.grad_output = go && !proj ? go + row * H : nullptr;
+        r.dh_state = proj ? d_r.data_ptr<T>() + b * H : dhs + b * H;  // with a projection: dL/dr (then cleared)
         r.dc_state = dcs ? dcs + b * H : nullptr;
         r.grad_gates_x = f.grad_gx.data_ptr<T>() + row * GH;
         r.grad_hh = dhh + row * GH;
         r.grad_c_hat = dch ? dch + row * H : nullptr;
         r.grad_product = dp + row * GH;
+        r.r_out = proj ? r_rows.data_ptr<T>() + row * H : nullptr;
         r.scratch = scratch.data_ptr<T>() + b * (2 * H + GH);
         row_kernel(r);
       }
     });
     // dL/dh_{t-1} += (dP W_hh) * mask.
     T* dhp = dh_product.data_ptr<T>();
-    gemm<T>(false, false, rows, H, GH, T(1), dp + off * GH, GH, f.whh.data_ptr<T>(), H, T(0), dhp, H);
-    for (int64_t i = 0; i < rows * H; ++i) dhs[i] += m ? dhp[i] * m[i] : dhp[i];
-    seen_previous_h(rows, from_prev, H, o_all + prev_off * H, h0, m, h_seen.data_ptr<T>() + off * H);
+    gemm<T>(false, false, rows, P, GH, T(1), dp + off * GH, GH, f.whh.data_ptr<T>(), P, T(0), dhp, P);
+    for (int64_t i = 0; i < rows * P; ++i) dhs[i] += m ? dhp[i] * m[i] : dhp[i];
+    seen_previous_h(rows, from_prev, P, o_all + prev_off * P, h0, m, h_seen.data_ptr<T>() + off * P);
   }
-  // dW_hh = dP^T (h_{t-1} * mask) over all rows; the gains' and biases' sums.
-  gemm<T>(true, false, GH, H, N, T(1), dp, GH, h_seen.data_ptr<T>(), H, T(0), f.grad_whh.data_ptr<T>(), H);
+  // dW_hh = dP^T (h_{t-1} * mask) and dW_hr = dL/dh~^T r over all rows; the gains' and biases' sums.
+  gemm<T>(true, false, GH, P, N, T(1), dp, GH, h_seen.data_ptr<T>(), P, T(0), f.grad_whh.data_ptr<T>(), P);
+  if (proj) {
+    gemm<T>(true, false, P, H, N, T(1), d_h_cand.data_ptr<T>(), P, r_rows.data_ptr<T>(), H, T(0),
+            f.grad_whr.data_ptr<T>(), H);
+  }
   accumulate_gain_grads(N, GH, dhh, GH, ws_all + GH, W, f.grad_gain.data_ptr<T>(), f.grad_bias.data_ptr<T>());
   if (lstm) {
     accumulate_gain_grads(N, H, dch, H, ws_all + 2 * GH + H, W, f.grad_cell_gain.data_ptr<T>(),
@@ -210,10 +250,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_lstm_cpu(
     const at::Tensor& hh_gain, const at::Tensor& hh_bias, const at::Tensor& cell_gain, const at::Tensor& cell_bias,
     const at::Tensor& h0, const at::Tensor& c0, const c10::optional<at::Tensor>& batch_sizes, bool reverse,
     bool training, double eps, const c10::optional<at::Tensor>& recurrent_mask,
-    const c10::optional<at::Tensor>& zoneout, const c10::optional<at::Tensor>& cell_zoneout) {
+    const c10::optional<at::Tensor>& zoneout, const c10::optional<at::Tensor>& cell_zoneout,
+    const c10::optional<at::Tensor>& w_hr) {
   const char* op = kLayerNormLstmOp;
   const int64_t H = check_layer_norm_inputs(op, 4, gates_x, w_hh, b_hh, hh_gain, hh_bias, &cell_gain, &cell_bias, h0,
-                                            &c0, eps);
+                                            &c0, &w_hr, eps);
+  const int64_t P = w_hh.size(1);
   const StepPlan plan = make_step_plan(op, gates_x.size(0), h0.size(0), batch_sizes, reverse);
 
   const auto dtype = gates_x.scalar_type();
@@ -222,16 +264,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_lstm_cpu(
   ForwardTensors f;
   f.gx = compute_view(gates_x, acc);
   f.whh = compute_view(w_hh, acc);
+  f.whr = optional_compute_view(w_hr, acc);
   f.gain = compute_view(hh_gain, acc);
   f.shift = layer_norm_shift(hh_bias, b_hh, acc);
   f.cell_gain = compute_view(cell_gain, acc);
   f.cell_bias = compute_view(cell_bias, acc);
   f.mask = recurrent_mask_view(op, recurrent_mask, h0, acc);
-  f.keep_h = zoneout_view(op, "zoneout", zoneout, plan.rows, H, gates_x, acc);
+  f.keep_h = zoneout_view(op, "zoneout", zoneout, plan.rows, P, gates_x, acc);
   f.keep_c = zoneout_view(op, "cell_zoneout", cell_zoneout, plan.rows, H, gates_x, acc);
   f.h_state = state_copy(h0, acc);
   f.c_state = state_copy(c0, acc);
-  f.output = at::empty({plan.rows, H}, options);
+  f.output = at::empty({plan.rows, P}, options);
   f.workspace = training ? at::empty({plan.rows, layer_norm_lstm_workspace_width(H)}, options) : at::empty({0}, options);
   AT_DISPATCH_FLOATING_TYPES(acc, "rnnfused_layer_norm_lstm_cpu", [&] {
     run_forward<scalar_t>(plan, 4, H, eps, training, dtype, pointwise_kernels<scalar_t>().layer_norm_lstm_forward, f);
@@ -239,18 +282,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_lstm_cpu(
   return {to_dtype(f.output, dtype), to_dtype(f.h_state, dtype), to_dtype(f.c_state, dtype), f.workspace};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+           at::Tensor>
 layer_norm_lstm_backward_cpu(const c10::optional<at::Tensor>& grad_output, const c10::optional<at::Tensor>& grad_h_n,
                              const c10::optional<at::Tensor>& grad_c_n, const at::Tensor& w_hh,
                              const at::Tensor& hh_gain, const at::Tensor& cell_gain, const at::Tensor& cell_bias,
                              const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& output,
                              const at::Tensor& workspace, const c10::optional<at::Tensor>& batch_sizes, bool reverse,
                              const c10::optional<at::Tensor>& recurrent_mask, const c10::optional<at::Tensor>& zoneout,
-                             const c10::optional<at::Tensor>& cell_zoneout) {
+                             const c10::optional<at::Tensor>& cell_zoneout, const c10::optional<at::Tensor>& w_hr) {
   const char* op = kLayerNormLstmBackwardOp;
   const int64_t H = check_layer_norm_backward_inputs(op, 4, output, w_hh, hh_gain, &cell_gain, &cell_bias, h0, &c0,
-                                                     grad_output, grad_h_n, &grad_c_n, workspace);
-  const int64_t GH = 4 * H, B = h0.size(0);
+                                                     grad_output, grad_h_n, &grad_c_n, workspace, &w_hr);
+  const int64_t GH = 4 * H, B = h0.size(0), P = output.size(1);
   const StepPlan plan = make_step_plan(op, output.size(0), B, batch_sizes, reverse);
 
   const auto dtype = output.scalar_type();
@@ -258,6 +302,7 @@ layer_norm_lstm_backward_cpu(const c10::optional<at::Tensor>& grad_output, const
   const auto options = output.options().dtype(acc);
   BackwardTensors f;
   f.whh = compute_view(w_hh, acc);
+  f.whr = optional_compute_view(w_hr, acc);
   f.gain = compute_view(hh_gain, acc);
   f.cell_gain = compute_view(cell_gain, acc);
   f.cell_bias = compute_view(cell_bias, acc);
@@ -266,13 +311,14 @@ layer_norm_lstm_backward_cpu(const c10::optional<at::Tensor>& grad_output, const
   f.c0 = compute_view(c0, acc);
   f.grad_output = optional_compute_view(grad_output, acc);
   f.mask = recurrent_mask_view(op, recurrent_mask, h0, acc);
-  f.keep_h = zoneout_view(op, "zoneout", zoneout, plan.rows, H, output, acc);
+  f.keep_h = zoneout_view(op, "zoneout", zoneout, plan.rows, P, output, acc);
   f.keep_c = zoneout_view(op, "cell_zoneout", cell_zoneout, plan.rows, H, output, acc);
   f.workspace = workspace;
-  f.dh_state = present(grad_h_n) ? state_copy(*grad_h_n, acc) : at::zeros({B, H}, options);
+  f.dh_state = present(grad_h_n) ? state_copy(*grad_h_n, acc) : at::zeros({B, P}, options);
   f.dc_state = present(grad_c_n) ? state_copy(*grad_c_n, acc) : at::zeros({B, H}, options);
   f.grad_gx = at::empty({plan.rows, GH}, options);
-  f.grad_whh = at::zeros({GH, H}, options);
+  f.grad_whh = at::zeros({GH, P}, options);
+  f.grad_whr = f.whr.defined() ? at::zeros({P, H}, options) : at::empty({0}, options);
   f.grad_gain = at::zeros({GH}, options);
   f.grad_bias = at::zeros({GH}, options);
   f.grad_cell_gain = at::zeros({H}, options);
@@ -283,7 +329,8 @@ layer_norm_lstm_backward_cpu(const c10::optional<at::Tensor>& grad_output, const
   // b_hh and hh_bias add at the same place: one gradient, returned for both.
   return {to_dtype(f.grad_gx, dtype),        to_dtype(f.grad_whh, dtype),       to_dtype(f.grad_bias, dtype),
           to_dtype(f.grad_gain, dtype),      to_dtype(f.grad_bias, dtype),      to_dtype(f.grad_cell_gain, dtype),
-          to_dtype(f.grad_cell_bias, dtype), to_dtype(f.dh_state, dtype),       to_dtype(f.dc_state, dtype)};
+          to_dtype(f.grad_cell_bias, dtype), to_dtype(f.dh_state, dtype),       to_dtype(f.dc_state, dtype),
+          to_dtype(f.grad_whr, dtype)};
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -297,7 +344,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_gru_cpu(
     const c10::optional<at::Tensor>& recurrent_mask, const c10::optional<at::Tensor>& zoneout) {
   const char* op = kLayerNormGruOp;
   const int64_t H = check_layer_norm_inputs(op, 3, gates_x, w_hh, b_hh, hh_gain, hh_bias, nullptr, nullptr, h0,
-                                            nullptr, eps);
+                                            nullptr, nullptr, eps);
   const StepPlan plan = make_step_plan(op, gates_x.size(0), h0.size(0), batch_sizes, reverse);
 
   const auto dtype = gates_x.scalar_type();
@@ -326,7 +373,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const c10::optional<at::Tensor>& zoneout) {
   const char* op = kLayerNormGruBackwardOp;
   const int64_t H = check_layer_norm_backward_inputs(op, 3, output, w_hh, hh_gain, nullptr, nullptr, h0, nullptr,
-                                                     grad_output, grad_h_n, nullptr, workspace);
+                                                     grad_output, grad_h_n, nullptr, workspace, nullptr);
   const int64_t GH = 3 * H, B = h0.size(0);
   const StepPlan plan = make_step_plan(op, output.size(0), B, batch_sizes, reverse);
 

@@ -92,7 +92,7 @@ struct LayerNormRowForward {
   const T* keep_h = nullptr;
   const T* keep_c = nullptr;     // LSTM
   int64_t keep_h_stride = 0, keep_c_stride = 0;
-  T* h_state = nullptr;          // [H]    in: h_{t-1}; out: h_t
+  T* h_state = nullptr;          // [H]    in: h_{t-1}; out: h_t (with a projection: r = o tanh(c^), keep_h null)
   T* c_state = nullptr;          // [H]    LSTM; in: c_{t-1}; out: c_t
   T* workspace = nullptr;        // [10H + 2] (LSTM) / [7H + 1] (GRU)
 };
@@ -116,6 +116,7 @@ struct LayerNormRowBackward {
   T* grad_hh = nullptr;            // [G*H]  dL/dhh, hh = gain xhat + shift (for the gains and biases)
   T* grad_c_hat = nullptr;         // [H]    LSTM: dL/d(LN(c~) cell_gain + cell_bias)
   T* grad_product = nullptr;       // [G*H]  dL/d((m h_{t-1}) W_hh^T)
+  T* r_out = nullptr;              // [H]    LSTM with a projection: o tanh(c^), recomputed (for dW_hr); else null
   T* scratch = nullptr;            // [2H + G*H]
 };
 

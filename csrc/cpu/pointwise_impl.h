@@ -359,6 +359,7 @@ void layer_norm_lstm_backward_row(const LayerNormRowBackward<T>& a) {
     const Vec dc = l.load(a.dc_state + j);
     l.store(d + 3 * H + j, od.pre_o);
     l.store(a.grad_c_hat + j, od.c_hat);
+    if (a.r_out) l.store(a.r_out + j, l.load(ws + 3 * H + j) * tanh_c_hat);
     l.store(d_xc + j, od.c_hat * cg);
     l.store(a.dh_state + j, kh * dh);       // the kept part of dL/dh_t goes to h_{t-1}
     l.store(dc_cand + j, (one - kc) * dc);  // the candidate's share of dL/dc_t

@@ -71,9 +71,10 @@ struct LayerNormForwardArgs {
   dptr<const T> keep_h = nullptr;     // [rows, H] or one value (stride 0); nullptr: no zoneout
   dptr<const T> keep_c = nullptr;     // LSTM, as keep_h
   int64_t keep_h_stride = 1, keep_c_stride = 1;
-  dptr<T> h_state = nullptr;          // [rows, H]    in: h_{t-1}; out: h_t
+  dptr<T> h_state = nullptr;          // [rows, H]    in: h_{t-1}; out: h_t (LSTM with a projection: r =
+                                      //              o tanh(c^), keep_h null, storage Same)
   dptr<T> c_state = nullptr;          // [rows, H]    LSTM; in: c_{t-1}; out: c_t
-  dptr<T> h_copy = nullptr;           // [rows, H]    the step's output rows
+  dptr<T> h_copy = nullptr;           // [rows, H]    the step's output rows (null with a projection)
   dptr<T> workspace = nullptr;        // [rows, W]    W = 10 H + 2 (LSTM) / 7 H + 1 (GRU); scratch in inference
   Storage storage = Storage::Same;    // rounding of h_t
 };
@@ -130,7 +131,7 @@ __global__ void __launch_bounds__(kThreads) layer_norm_lstm_forward_kernel(const
     ws[2 * GH + u] = c;
     a.c_state[idx] = c;
     a.h_state[idx] = h;
-    a.h_copy[idx] = h;
+    if (a.h_copy) a.h_copy[idx] = h;
   }
 }
 
@@ -185,6 +186,7 @@ struct LayerNormBackwardArgs {
   dptr<T> grad_hh = nullptr;            // [rows, G*H]  dL/dhh, hh = gain xhat + shift
   dptr<T> grad_c_hat = nullptr;         // [rows, H]    LSTM: dL/d(LN(c~) cell_gain + cell_bias)
   dptr<T> grad_product = nullptr;       // [rows, G*H]  dL/d((m h_{t-1}) W_hh^T)
+  dptr<T> r_out = nullptr;              // [rows, H]    LSTM with a projection: o tanh(c^) (for dW_hr); else null
   dptr<T> scratch = nullptr;            // [rows, 2H]   LSTM
 };
 
@@ -227,8 +229,9 @@ __global__ void __launch_bounds__(kThreads) layer_norm_lstm_backward_kernel(cons
     const T kc = a.keep_c ? static_cast<T>(a.keep_c[idx * a.keep_c_stride]) : T(0);
     const T cg = a.cell_gain[u];
     const T x = xc[u];
-    const auto od = rnnfused::layer_norm_lstm_output_backward<T>(ws[3 * H + u], tanh_act(cg * x + a.cell_bias[u]),
-                                                                 (T(1) - kh) * dh);
+    const T tanh_c_hat = tanh_act(cg * x + a.cell_bias[u]);
+    const auto od = rnnfused::layer_norm_lstm_output_backward<T>(ws[3 * H + u], tanh_c_hat, (T(1) - kh) * dh);
+    if (a.r_out) a.r_out[idx] = ws[3 * H + u] * tanh_c_hat;
     const T dc = a.dc_state[idx];
     d[3 * H + u] = od.pre_o;
     dhh[3 * H + u] = od.pre_o;

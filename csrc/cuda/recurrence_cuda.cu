@@ -1256,15 +1256,20 @@ void launch_per_row(const char* name, void (*kernel)(Args), int64_t rows, const 
   launch_kernel(name, kernel, dim3(static_cast<unsigned int>(rows)), dim3(kThreads), 0, current_stream(), args);
 }
 
-// The forward time loop of both cells (G = 4: LSTM, with c_state / cell_*; G = 3: GRU).
+// The forward time loop of both cells (G = 4: LSTM, with c_state / cell_* and the optional
+// projection whr [P, H]; G = 3: GRU).
 template <typename T>
 void layer_norm_forward_loop(const StepPlan& plan, int64_t G, int64_t H, double eps, bool training,
-                             at::ScalarType storage, const at::Tensor& gx, const at::Tensor& w_hh, const at::Tensor& h0,
-                             const at::Tensor& gain, const at::Tensor& shift, const at::Tensor& cell_gain,
-                             const at::Tensor& cell_bias, const at::Tensor& mask, const at::Tensor& keep_h,
-                             const at::Tensor& keep_c, at::Tensor& h_state, at::Tensor& c_state, at::Tensor& output,
-                             at::Tensor& workspace) {
-  const int64_t B = plan.batch, GH = G * H;
+                             at::ScalarType storage, const at::Tensor& gx, const at::Tensor& w_hh, const at::Tensor& whr,
+                             const at::Tensor& h0, const at::Tensor& gain, const at::Tensor& shift,
+                             const at::Tensor& cell_gain, const at::Tensor& cell_bias, const at::Tensor& mask,
+                             const at::Tensor& keep_h, const at::Tensor& keep_c, at::Tensor& h_state,
+                             at::Tensor& c_state, at::Tensor& output, at::Tensor& workspace) {
+  const int64_t B = plan.batch, GH = G * H, P = w_hh.size(1);
+  const bool proj = whr.defined();
+  // With a projection: r = o tanh(c^) of the step's rows, and h_{t-1} kept for zoneout.
+  at::Tensor r_buffer = proj ? at::empty({B, H}, gx.options()) : at::Tensor();
+  at::Tensor h_prev = proj && keep_h.defined() ? at::empty({B, P}, gx.options()) : at::Tensor();
   const int64_t W = G == 4 ? layer_norm_lstm_workspace_width(H) : layer_norm_gru_workspace_width(H);
   const auto options = gx.options();
   at::Tensor product = at::empty({B, GH}, options);
@@ -1282,9 +1287,9 @@ void layer_norm_forward_loop(const StepPlan& plan, int64_t G, int64_t H, double 
   args.cell_bias = ptr_or_null<T>(cell_bias);
   args.keep_h_stride = keep_stride(keep_h);
   args.keep_c_stride = keep_stride(keep_c);
-  args.h_state = h_state.data_ptr<T>();
+  args.h_state = proj ? r_buffer.data_ptr<T>() : h_state.data_ptr<T>();
   args.c_state = c_state.defined() ? c_state.data_ptr<T>() : nullptr;
-  args.storage = storage_of(storage);
+  args.storage = proj ? Storage::Same : storage_of(storage);  // r is not rounded, h_t is (below)
   const auto kernel = G == 4 ? layer_norm_lstm_forward_kernel<T> : layer_norm_gru_forward_kernel<T>;
   for (const auto s : c10::irange(plan.steps())) {
     const int64_t t = plan.step_at(s);
@@ -1292,11 +1297,24 @@ void layer_norm_forward_loop(const StepPlan& plan, int64_t G, int64_t H, double 
     recurrent.run<T>(product, rows, launch);
     args.rows = rows;
     args.gates_x = gx.data_ptr<T>() + off * GH;
-    args.keep_h = keep_rows<T>(keep_h, off, H);
+    args.keep_h = proj ? nullptr : keep_rows<T>(keep_h, off, H);  // with a projection: after it, below
     args.keep_c = keep_rows<T>(keep_c, off, H);
-    args.h_copy = output.data_ptr<T>() + off * H;
+    args.h_copy = proj ? nullptr : output.data_ptr<T>() + off * H;
     args.workspace = training ? workspace.data_ptr<T>() + off * W : scratch.data_ptr<T>();
     launch_per_row(G == 4 ? "layer_norm_lstm_forward" : "layer_norm_gru_forward", kernel, rows, args);
+    if (proj) {  // h_t = zoneout(h_{t-1}, r W_hr^T), rounded, into the state and the output rows
+      if (keep_h.defined()) copy_rows<T>(launch, rows * P, h_state.data_ptr<T>(), h_prev.data_ptr<T>(), false);
+      gemm_nt<T>(rows, P, H, r_buffer.data_ptr<T>(), whr.data_ptr<T>(), h_state.data_ptr<T>(), T(0));
+      StoreStateArgs<T> store;
+      store.count = rows * P;
+      store.h_state = h_state.data_ptr<T>();
+      store.h_copy = output.data_ptr<T>() + off * P;
+      store.storage = storage_of(storage);
+      store.keep = keep_rows<T>(keep_h, off, P);
+      store.keep_stride = keep_stride(keep_h);
+      store.h_prev = keep_h.defined() ? h_prev.data_ptr<T>() : nullptr;
+      launch("store_state", store_state_kernel<T>, rows * P, store);
+    }
   }
 }
 
@@ -1305,32 +1323,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_lstm_cuda(
     const at::Tensor& hh_gain, const at::Tensor& hh_bias, const at::Tensor& cell_gain, const at::Tensor& cell_bias,
     const at::Tensor& h0, const at::Tensor& c0, const c10::optional<at::Tensor>& batch_sizes, bool reverse,
     bool training, double eps, const c10::optional<at::Tensor>& recurrent_mask,
-    const c10::optional<at::Tensor>& zoneout, const c10::optional<at::Tensor>& cell_zoneout) {
+    const c10::optional<at::Tensor>& zoneout, const c10::optional<at::Tensor>& cell_zoneout,
+    const c10::optional<at::Tensor>& w_hr) {
   const char* op = kLayerNormLstmOp;
   check_devices(op, named("gates_x", gates_x),
                 {named("w_hh", w_hh), named("b_hh", b_hh), named("hh_gain", hh_gain), named("hh_bias", hh_bias),
                  named("cell_gain", cell_gain), named("cell_bias", cell_bias), named("h0", h0), named("c0", c0),
                  named("recurrent_mask", recurrent_mask), named("zoneout", zoneout),
-                 named("cell_zoneout", cell_zoneout)},
+                 named("cell_zoneout", cell_zoneout), named("w_hr", w_hr)},
                 batch_sizes);
   const DeviceGuard device_guard(gates_x.device());
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   const int64_t H = check_layer_norm_inputs(op, 4, gates_x, w_hh, b_hh, hh_gain, hh_bias, &cell_gain, &cell_bias, h0,
-                                            &c0, eps);
+                                            &c0, &w_hr, eps);
+  const int64_t P = w_hh.size(1);
   const StepPlan plan = make_step_plan(op, gates_x.size(0), h0.size(0), batch_sizes, reverse);
   const auto dtype = gates_x.scalar_type();
   const auto acc = compute_dtype(dtype);
   const auto options = gates_x.options().dtype(acc);
   const at::Tensor gx = compute_view(gates_x, acc);
   const at::Tensor mask = recurrent_mask_view(op, recurrent_mask, h0, acc);
-  const at::Tensor keep_h = zoneout_view(op, "zoneout", zoneout, plan.rows, H, gates_x, acc);
+  const at::Tensor keep_h = zoneout_view(op, "zoneout", zoneout, plan.rows, P, gates_x, acc);
   const at::Tensor keep_c = zoneout_view(op, "cell_zoneout", cell_zoneout, plan.rows, H, gates_x, acc);
   at::Tensor h_state = state_copy(h0, acc), c_state = state_copy(c0, acc);
-  at::Tensor output = at::empty({plan.rows, H}, options);
+  at::Tensor output = at::empty({plan.rows, P}, options);
   at::Tensor workspace =
       training ? at::empty({plan.rows, layer_norm_lstm_workspace_width(H)}, options) : at::empty({0}, options);
   AT_DISPATCH_FLOATING_TYPES(acc, "rnnfused_layer_norm_lstm_cuda", [&] {
-    layer_norm_forward_loop<scalar_t>(plan, 4, H, eps, training, dtype, gx, w_hh, h0, compute_view(hh_gain, acc),
+    layer_norm_forward_loop<scalar_t>(plan, 4, H, eps, training, dtype, gx, w_hh, optional_compute_view(w_hr, acc), h0,
+                                      compute_view(hh_gain, acc),
                                       layer_norm_shift(hh_bias, b_hh, acc), compute_view(cell_gain, acc),
                                       compute_view(cell_bias, acc), mask, keep_h, keep_c, h_state, c_state, output,
                                       workspace);
@@ -1351,7 +1372,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_gru_cuda(
   const DeviceGuard device_guard(gates_x.device());
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   const int64_t H = check_layer_norm_inputs(op, 3, gates_x, w_hh, b_hh, hh_gain, hh_bias, nullptr, nullptr, h0,
-                                            nullptr, eps);
+                                            nullptr, nullptr, eps);
   const StepPlan plan = make_step_plan(op, gates_x.size(0), h0.size(0), batch_sizes, reverse);
   const auto dtype = gates_x.scalar_type();
   const auto acc = compute_dtype(dtype);
@@ -1364,28 +1385,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_gru_cuda(
   at::Tensor workspace =
       training ? at::empty({plan.rows, layer_norm_gru_workspace_width(H)}, options) : at::empty({0}, options);
   AT_DISPATCH_FLOATING_TYPES(acc, "rnnfused_layer_norm_gru_cuda", [&] {
-    layer_norm_forward_loop<scalar_t>(plan, 3, H, eps, training, dtype, gx, w_hh, h0, compute_view(hh_gain, acc),
+    layer_norm_forward_loop<scalar_t>(plan, 3, H, eps, training, dtype, gx, w_hh, at::Tensor(), h0,
+                                      compute_view(hh_gain, acc),
                                       layer_norm_shift(hh_bias, b_hh, acc), at::Tensor(), at::Tensor(), mask, keep_h,
                                       at::Tensor(), h_state, no_cells, output, workspace);
   });
   return {to_dtype(output, dtype), to_dtype(h_state, dtype), workspace};
 }
 
-// The backward time loop of both cells. Returns nothing: fills grad_gx, grad_hh, grad_product,
-// grad_c_hat (LSTM), dh_state and dc_state (LSTM); dW_hh and the gains' gradients follow from them.
+// The backward time loop of both cells. Fills grad_gx, grad_hh, grad_product, grad_c_hat (LSTM),
+// dh_state and dc_state (LSTM), and with the LSTM's projection whr [P, H] grad_h_cand (dL/dh~,
+// [N, P]) and r_rows (o tanh(c^), [N, H]); dW_hh, dW_hr and the gains' gradients follow from them.
 template <typename T>
 void layer_norm_backward_loop(const StepPlan& plan, int64_t G, int64_t H, const at::Tensor& ws, const at::Tensor& hprev,
-                              const at::Tensor& cprev, const at::Tensor& whh, const at::Tensor& gain,
-                              const at::Tensor& cell_gain, const at::Tensor& cell_bias, const at::Tensor& go,
-                              const at::Tensor& mask, const at::Tensor& keep_h, const at::Tensor& keep_c,
-                              at::Tensor& dh_state, at::Tensor& dc_state, at::Tensor& grad_gx, at::Tensor& grad_hh,
-                              at::Tensor& grad_product, at::Tensor& grad_c_hat) {
-  const int64_t B = plan.batch, GH = G * H;
+                              const at::Tensor& cprev, const at::Tensor& whh, const at::Tensor& whr,
+                              const at::Tensor& gain, const at::Tensor& cell_gain, const at::Tensor& cell_bias,
+                              const at::Tensor& go, const at::Tensor& mask, const at::Tensor& keep_h,
+                              const at::Tensor& keep_c, at::Tensor& dh_state, at::Tensor& dc_state,
+                              at::Tensor& grad_gx, at::Tensor& grad_hh, at::Tensor& grad_product,
+                              at::Tensor& grad_c_hat, at::Tensor& grad_h_cand, at::Tensor& r_rows) {
+  const int64_t B = plan.batch, GH = G * H, P = whh.size(1);
+  const bool proj = whr.defined();
   const int64_t W = G == 4 ? layer_norm_lstm_workspace_width(H) : layer_norm_gru_workspace_width(H);
   const auto options = grad_gx.options();
   const Launcher launch;
   at::Tensor scratch = G == 4 ? at::empty({B, 2 * H}, options) : at::Tensor();
-  at::Tensor product = mask.defined() ? at::empty({B, H}, options) : at::Tensor();  // dP W_hh before the mask
+  at::Tensor product = mask.defined() ? at::empty({B, P}, options) : at::Tensor();  // dP W_hh before the mask
+  at::Tensor grad_r = proj ? at::empty({B, H}, options) : at::Tensor();            // dL/dr of a step
   LayerNormBackwardArgs<T> args;
   args.hidden = H;
   args.gain = gain.data_ptr<T>();
@@ -1393,58 +1419,81 @@ void layer_norm_backward_loop(const StepPlan& plan, int64_t G, int64_t H, const 
   args.cell_bias = ptr_or_null<T>(cell_bias);
   args.keep_h_stride = keep_stride(keep_h);
   args.keep_c_stride = keep_stride(keep_c);
-  args.dh_state = dh_state.data_ptr<T>();
+  // With a projection the kernel reads dL/dr (and clears it: no zoneout inside); else dL/dh_t.
+  args.dh_state = proj ? grad_r.data_ptr<T>() : dh_state.data_ptr<T>();
   args.dc_state = dc_state.defined() ? dc_state.data_ptr<T>() : nullptr;
   args.scratch = scratch.defined() ? scratch.data_ptr<T>() : nullptr;
+  T* dh = dh_state.data_ptr<T>();
   const T* go_p = ptr_or_null<T>(go);
   const auto kernel = G == 4 ? layer_norm_lstm_backward_kernel<T> : layer_norm_gru_backward_kernel<T>;
   for (int64_t s = plan.steps() - 1; s >= 0; --s) {
     const int64_t t = plan.step_at(s);
     const int64_t rows = plan.batch_sizes[t], off = plan.offsets[t];
+    if (proj) {  // dL/dh~ = (1 - k) (dL/dh_t + grad_output); k (...) stays in the state rows for h_{t-1}
+      T* cand = grad_h_cand.data_ptr<T>() + off * P;
+      copy_rows<T>(launch, rows * P, dh, cand, false);
+      if (go_p) copy_rows<T>(launch, rows * P, go_p + off * P, cand, true);
+      if (keep_h.defined()) {
+        ZoneoutSplitArgs<T> split;
+        split.count = rows * P;
+        split.keep = keep_rows<T>(keep_h, off, P);
+        split.keep_stride = keep_stride(keep_h);
+        split.grad = cand;
+        split.kept = dh;
+        launch("zoneout_split", zoneout_split_kernel<T>, rows * P, split);
+      }
+      // dL/dr = dL/dh~ W_hr: [rows, P] x [P, H]
+      gemm_nn<T>(rows, H, P, cand, whr.data_ptr<T>(), grad_r.data_ptr<T>(), T(0));
+    }
     args.rows = rows;
     args.workspace = ws.data_ptr<T>() + off * W;
-    args.h_prev = hprev.data_ptr<T>() + off * H;
+    args.h_prev = hprev.data_ptr<T>() + off * P;
     args.c_prev = cprev.defined() ? cprev.data_ptr<T>() + off * H : nullptr;
-    args.keep_h = keep_rows<T>(keep_h, off, H);
+    args.keep_h = proj ? nullptr : keep_rows<T>(keep_h, off, H);
     args.keep_c = keep_rows<T>(keep_c, off, H);
-    args.grad_output = go_p ? go_p + off * H : nullptr;
+    args.grad_output = go_p && !proj ? go_p + off * H : nullptr;
     args.grad_gates_x = grad_gx.data_ptr<T>() + off * GH;
     args.grad_hh = grad_hh.data_ptr<T>() + off * GH;
     args.grad_c_hat = grad_c_hat.defined() ? grad_c_hat.data_ptr<T>() + off * H : nullptr;
     args.grad_product = grad_product.data_ptr<T>() + off * GH;
+    args.r_out = proj ? r_rows.data_ptr<T>() + off * H : nullptr;
     launch_per_row(G == 4 ? "layer_norm_lstm_backward" : "layer_norm_gru_backward", kernel, rows, args);
-    // dL/dh_{t-1} = (its direct part, left in the state rows) + (dP W_hh) * mask.
+    // dL/dh_{t-1} = (its direct part, left in the state rows: none with a projection and no
+    // zoneout) + (dP W_hh) * mask.
     const T* dp = grad_product.data_ptr<T>() + off * GH;
+    const bool accumulate = !proj || keep_h.defined();
     if (mask.defined()) {
-      gemm_nn<T>(rows, H, GH, dp, whh.data_ptr<T>(), product.data_ptr<T>(), T(0));
-      apply_mask<T>(launch, rows * H, product.data_ptr<T>(), mask, dh_state.data_ptr<T>(), true);
+      gemm_nn<T>(rows, P, GH, dp, whh.data_ptr<T>(), product.data_ptr<T>(), T(0));
+      apply_mask<T>(launch, rows * P, product.data_ptr<T>(), mask, dh, accumulate);
     } else {
-      gemm_nn<T>(rows, H, GH, dp, whh.data_ptr<T>(), dh_state.data_ptr<T>(), T(1));
+      gemm_nn<T>(rows, P, GH, dp, whh.data_ptr<T>(), dh, accumulate ? T(1) : T(0));
     }
   }
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+           at::Tensor>
 layer_norm_lstm_backward_cuda(const c10::optional<at::Tensor>& grad_output, const c10::optional<at::Tensor>& grad_h_n,
                               const c10::optional<at::Tensor>& grad_c_n, const at::Tensor& w_hh,
                               const at::Tensor& hh_gain, const at::Tensor& cell_gain, const at::Tensor& cell_bias,
                               const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& output,
                               const at::Tensor& workspace, const c10::optional<at::Tensor>& batch_sizes, bool reverse,
                               const c10::optional<at::Tensor>& recurrent_mask,
-                              const c10::optional<at::Tensor>& zoneout, const c10::optional<at::Tensor>& cell_zoneout) {
+                              const c10::optional<at::Tensor>& zoneout, const c10::optional<at::Tensor>& cell_zoneout,
+                              const c10::optional<at::Tensor>& w_hr) {
   const char* op = kLayerNormLstmBackwardOp;
   check_devices(op, named("output", output),
                 {named("grad_output", grad_output), named("grad_h_n", grad_h_n), named("grad_c_n", grad_c_n),
                  named("w_hh", w_hh), named("hh_gain", hh_gain), named("cell_gain", cell_gain),
                  named("cell_bias", cell_bias), named("h0", h0), named("c0", c0), named("workspace", workspace),
                  named("recurrent_mask", recurrent_mask), named("zoneout", zoneout),
-                 named("cell_zoneout", cell_zoneout)},
+                 named("cell_zoneout", cell_zoneout), named("w_hr", w_hr)},
                 batch_sizes);
   const DeviceGuard device_guard(output.device());
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   const int64_t H = check_layer_norm_backward_inputs(op, 4, output, w_hh, hh_gain, &cell_gain, &cell_bias, h0, &c0,
-                                                     grad_output, grad_h_n, &grad_c_n, workspace);
-  const int64_t GH = 4 * H, B = h0.size(0);
+                                                     grad_output, grad_h_n, &grad_c_n, workspace, &w_hr);
+  const int64_t GH = 4 * H, B = h0.size(0), P = output.size(1);
   const StepPlan plan = make_step_plan(op, output.size(0), B, batch_sizes, reverse);
   const auto dtype = output.scalar_type();
   const auto acc = compute_dtype(dtype);
@@ -1456,27 +1505,33 @@ layer_norm_lstm_backward_cuda(const c10::optional<at::Tensor>& grad_output, cons
   const at::Tensor cprev =
       previous_h(plan, ws.narrow(1, 2 * GH, H).contiguous(), compute_view(c0, acc), launch);
   const at::Tensor mask = recurrent_mask_view(op, recurrent_mask, h0, acc);
-  const at::Tensor keep_h = zoneout_view(op, "zoneout", zoneout, plan.rows, H, output, acc);
+  const at::Tensor keep_h = zoneout_view(op, "zoneout", zoneout, plan.rows, P, output, acc);
   const at::Tensor keep_c = zoneout_view(op, "cell_zoneout", cell_zoneout, plan.rows, H, output, acc);
   const at::Tensor whh = compute_view(w_hh, acc);
-  at::Tensor dh_state = present(grad_h_n) ? state_copy(*grad_h_n, acc) : at::zeros({B, H}, options);
+  const at::Tensor whr = optional_compute_view(w_hr, acc);
+  const bool proj = whr.defined();
+  at::Tensor dh_state = present(grad_h_n) ? state_copy(*grad_h_n, acc) : at::zeros({B, P}, options);
   at::Tensor dc_state = present(grad_c_n) ? state_copy(*grad_c_n, acc) : at::zeros({B, H}, options);
   at::Tensor grad_gx = at::empty({plan.rows, GH}, options), grad_hh = at::empty({plan.rows, GH}, options);
   at::Tensor grad_product = at::empty({plan.rows, GH}, options), grad_c_hat = at::empty({plan.rows, H}, options);
+  at::Tensor grad_h_cand = proj ? at::empty({plan.rows, P}, options) : at::Tensor();
+  at::Tensor r_rows = proj ? at::empty({plan.rows, H}, options) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(acc, "rnnfused_layer_norm_lstm_backward_cuda", [&] {
-    layer_norm_backward_loop<scalar_t>(plan, 4, H, ws, hprev, cprev, whh, compute_view(hh_gain, acc),
+    layer_norm_backward_loop<scalar_t>(plan, 4, H, ws, hprev, cprev, whh, whr, compute_view(hh_gain, acc),
                                        compute_view(cell_gain, acc), compute_view(cell_bias, acc),
                                        optional_compute_view(grad_output, acc), mask, keep_h, keep_c, dh_state,
-                                       dc_state, grad_gx, grad_hh, grad_product, grad_c_hat);
+                                       dc_state, grad_gx, grad_hh, grad_product, grad_c_hat, grad_h_cand, r_rows);
   });
   at::Tensor grad_w_hh = grad_product.t().mm(masked_rows(plan, hprev, mask));
+  at::Tensor grad_w_hr = proj ? grad_h_cand.t().mm(r_rows) : at::empty({0}, options);
   at::Tensor grad_gain = (grad_hh * ws.narrow(1, GH, GH)).sum(0);
   at::Tensor grad_bias = grad_hh.sum(0);  // of hh_bias and of b_hh alike
   at::Tensor grad_cell_gain = (grad_c_hat * ws.narrow(1, 2 * GH + H, H)).sum(0);
   at::Tensor grad_cell_bias = grad_c_hat.sum(0);
   return {to_dtype(grad_gx, dtype),        to_dtype(grad_w_hh, dtype),  to_dtype(grad_bias, dtype),
           to_dtype(grad_gain, dtype),      to_dtype(grad_bias, dtype),  to_dtype(grad_cell_gain, dtype),
-          to_dtype(grad_cell_bias, dtype), to_dtype(dh_state, dtype),   to_dtype(dc_state, dtype)};
+          to_dtype(grad_cell_bias, dtype), to_dtype(dh_state, dtype),   to_dtype(dc_state, dtype),
+          to_dtype(grad_w_hr, dtype)};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_gru_backward_cuda(
@@ -1493,7 +1548,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const DeviceGuard device_guard(output.device());
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   const int64_t H = check_layer_norm_backward_inputs(op, 3, output, w_hh, hh_gain, nullptr, nullptr, h0, nullptr,
-                                                     grad_output, grad_h_n, nullptr, workspace);
+                                                     grad_output, grad_h_n, nullptr, workspace, nullptr);
   const int64_t GH = 3 * H, B = h0.size(0);
   const StepPlan plan = make_step_plan(op, output.size(0), B, batch_sizes, reverse);
   const auto dtype = output.scalar_type();
@@ -1506,14 +1561,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const at::Tensor keep_h = zoneout_view(op, "zoneout", zoneout, plan.rows, H, output, acc);
   const at::Tensor whh = compute_view(w_hh, acc);
   at::Tensor dh_state = present(grad_h_n) ? state_copy(*grad_h_n, acc) : at::zeros({B, H}, options);
-  at::Tensor no_cells, no_c_hat;
+  at::Tensor no_cells, no_c_hat, no_h_cand, no_r;
   at::Tensor grad_gx = at::empty({plan.rows, GH}, options), grad_hh = at::empty({plan.rows, GH}, options);
   at::Tensor grad_product = at::empty({plan.rows, GH}, options);
   AT_DISPATCH_FLOATING_TYPES(acc, "rnnfused_layer_norm_gru_backward_cuda", [&] {
-    layer_norm_backward_loop<scalar_t>(plan, 3, H, ws, hprev, at::Tensor(), whh, compute_view(hh_gain, acc),
-                                       at::Tensor(), at::Tensor(), optional_compute_view(grad_output, acc), mask,
-                                       keep_h, at::Tensor(), dh_state, no_cells, grad_gx, grad_hh, grad_product,
-                                       no_c_hat);
+    layer_norm_backward_loop<scalar_t>(plan, 3, H, ws, hprev, at::Tensor(), whh, at::Tensor(),
+                                       compute_view(hh_gain, acc), at::Tensor(), at::Tensor(),
+                                       optional_compute_view(grad_output, acc), mask, keep_h, at::Tensor(), dh_state,
+                                       no_cells, grad_gx, grad_hh, grad_product, no_c_hat, no_h_cand, no_r);
   });
   at::Tensor grad_w_hh = grad_product.t().mm(masked_rows(plan, hprev, mask));
   at::Tensor grad_gain = (grad_hh * ws.narrow(1, GH, GH)).sum(0);
