@@ -184,6 +184,8 @@ void run_backward(const StepPlan& plan, int64_t G, int64_t H, void (*row_kernel)
   common.cell_bias = ptr_or_null<T>(f.cell_bias);
   common.keep_h_stride = keep_h.stride;
   common.keep_c_stride = keep_c.stride;
+  const StepWeight<T> recurrent(false, B, P, GH, f.whh.data_ptr<T>(), P);                  // dP W_hh
+  const StepWeight<T> projection(false, B, H, P, proj ? f.whr.data_ptr<T>() : nullptr, H);  // dL/dh~ W_hr
   for (int64_t s = plan.steps() - 1; s >= 0; --s) {
     const int64_t t = plan.step_at(s);
     const int64_t rows = plan.batch_sizes[t], off = plan.offsets[t];
@@ -198,7 +200,7 @@ void run_backward(const StepPlan& plan, int64_t G, int64_t H, void (*row_kernel)
         dc[i] = (T(1) - keep) * g;
         dhs[i] = keep * g;
       }
-      gemm<T>(false, false, rows, H, P, T(1), dc, P, f.whr.data_ptr<T>(), H, T(0), d_r.data_ptr<T>(), H);
+      projection.multiply(rows, dc, P, T(0), d_r.data_ptr<T>(), H);
     }
     at::parallel_for(0, rows, row_grain(GH), [&](int64_t begin, int64_t end) {
       LayerNormRowBackward<T> r = common;
@@ -224,7 +226,7 @@ void run_backward(const StepPlan& plan, int64_t G, int64_t H, void (*row_kernel)
     });
     // dL/dh_{t-1} += (dP W_hh) * mask.
     T* dhp = dh_product.data_ptr<T>();
-    gemm<T>(false, false, rows, P, GH, T(1), dp + off * GH, GH, f.whh.data_ptr<T>(), P, T(0), dhp, P);
+    recurrent.multiply(rows, dp + off * GH, GH, T(0), dhp, P);
     for (int64_t i = 0; i < rows * P; ++i) dhs[i] += m ? dhp[i] * m[i] : dhp[i];
     seen_previous_h(rows, from_prev, P, o_all + prev_off * P, h0, m, h_seen.data_ptr<T>() + off * P);
   }
