@@ -103,14 +103,7 @@ void run_forward(const StepPlan& plan, int64_t G, int64_t H, double eps, bool tr
   for (const auto s : c10::irange(plan.steps())) {
     const int64_t t = plan.step_at(s);
     const int64_t rows = plan.batch_sizes[t], off = plan.offsets[t];
-    const T* h_in = hs;
-    if (f.mask.defined()) {
-      const T* m = f.mask.data_ptr<T>();
-      T* dst = masked_h.data_ptr<T>();
-      for (int64_t i = 0; i < rows * P; ++i) dst[i] = hs[i] * m[i];
-      h_in = dst;
-    }
-    recurrent.multiply(rows, h_in, P, T(0), gh, GH);
+    recurrent.multiply(rows, masked_previous<T>(rows * P, hs, f.mask, masked_h), P, T(0), gh, GH);
     T* ws_step = training ? f.workspace.data_ptr<T>() + off * W : scratch.data_ptr<T>();
     at::parallel_for(0, rows, row_grain(GH), [&](int64_t begin, int64_t end) {
       LayerNormRowForward<T> r = common;

@@ -1,5 +1,6 @@
 // Host helpers of the CPU ops (recurrence_cpu.cpp, layer_norm_cpu.cpp): the compute-dtype copies
-// of their arguments, the bfloat16/float16 rounding of the carried state, zoneout's keep rows.
+// of their arguments, the bfloat16/float16 rounding of the carried state, zoneout's keep rows, the
+// recurrent dropout mask.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -57,6 +58,21 @@ struct KeepRows {
   explicit operator bool() const { return data != nullptr; }
   const T* at(int64_t row) const { return data + row * width * stride; }
 };
+
+// Recurrent dropout: dst[i] = src[i] * mask[i] for the first `count` elements (the active rows of a
+// step).
+template <typename T>
+inline void multiply_by_mask(int64_t count, const T* src, const T* mask, T* dst) {
+  for (int64_t i = 0; i < count; ++i) dst[i] = src[i] * mask[i];
+}
+
+// What a step multiplies by W_hh: the state rows, or their masked copy in `buffer`.
+template <typename T>
+inline const T* masked_previous(int64_t count, const T* state, const at::Tensor& mask, const at::Tensor& buffer) {
+  if (!mask.defined()) return state;
+  multiply_by_mask(count, state, mask.data_ptr<T>(), buffer.data_ptr<T>());
+  return buffer.data_ptr<T>();
+}
 
 // Gradients leave in the dtype of the tensors they belong to.
 inline at::Tensor to_dtype(const at::Tensor& t, at::ScalarType dtype) { return t.to(dtype); }

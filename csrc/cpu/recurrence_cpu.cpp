@@ -57,12 +57,6 @@ bool use_engine(bool proj, bool regularized, int64_t batch) { return !proj && !r
 // of every step by mask row b. The state and the outputs stay unmasked.
 // ---------------------------------------------------------------------------------------------
 
-// dst[i] = src[i] * mask[i] for the first `count` elements (the active rows of a step).
-template <typename T>
-void multiply_by_mask(int64_t count, const T* src, const T* mask, T* dst) {
-  for (int64_t i = 0; i < count; ++i) dst[i] = src[i] * mask[i];
-}
-
 // state[i] += product[i] * mask[i]: the masked W_hh part of dL/dh_{t-1} joining its direct part.
 template <typename T>
 void add_masked(int64_t count, const T* product, const T* mask, T* state) {
@@ -119,14 +113,6 @@ void zoned_previous_cells(const StepPlan& plan, int64_t H, const T* ws, const T*
                     zoned + row * H);
     }
   }
-}
-
-// What a step multiplies by W_hh: the state rows, or their masked copy in `buffer`.
-template <typename T>
-const T* masked_previous(int64_t count, const T* state, const at::Tensor& mask, const at::Tensor& buffer) {
-  if (!mask.defined()) return state;
-  multiply_by_mask(count, state, mask.data_ptr<T>(), buffer.data_ptr<T>());
-  return buffer.data_ptr<T>();
 }
 
 // The Elman RNN's candidates h~ = act(gates_x + (m * h_{t-1}) W_hh^T + b_hh) of every row, with the
