@@ -17,6 +17,8 @@
 #include <c10/macros/Macros.h>
 
 #include <cmath>
+#include <type_traits>
+#include <utility>
 
 namespace rnnfused {
 
@@ -48,10 +50,25 @@ struct CellOps<double> {
   }
 };
 
+// 1 / (1 + e^-x): saturates to exactly 0 or 1 without NaN at either end. A CellOps
+// specialization may define its own sigmoid (the CPU's float vectors: without a division).
+template <typename V>
+C10_HOST_DEVICE inline V sigmoid_by_division(V x) {
+  return V(1) / (V(1) + CellOps<V>::exp(V(0) - x));
+}
+
+template <typename V, typename = void>
+struct HasOwnSigmoid : std::false_type {};
+template <typename V>
+struct HasOwnSigmoid<V, std::void_t<decltype(CellOps<V>::sigmoid(std::declval<V>()))>> : std::true_type {};
+
 template <typename V>
 C10_HOST_DEVICE inline V sigmoid(V x) {
-  // 1 / (1 + e^-x): saturates to exactly 0 or 1 without NaN at either end.
-  return V(1) / (V(1) + CellOps<V>::exp(V(0) - x));
+  if constexpr (HasOwnSigmoid<V>::value) {
+    return CellOps<V>::sigmoid(x);
+  } else {
+    return sigmoid_by_division(x);
+  }
 }
 
 template <typename V>

@@ -165,6 +165,45 @@ def test_fast_tanh_accuracy_through_the_op():
         assert out[0] == isa and out[1] == "ok", out
 
 
+def test_fast_sigmoid_accuracy_through_the_op():
+    """float32 sigmoid (the LSTM's workspace holds i = sigmoid(gates_x) when W_hh = 0 and there is
+    no bias) on a dense grid of [-90, 90] and the special values, against float64 sigmoid, on every
+    instruction set and both CPU paths: within 2.5 ulp where the result is a normal float, 0 where
+    e^-x overflows (x < -88.7, as 1 / (1 + e^-x) gives), exact 0 / 1 at -inf / +inf, NaN kept."""
+    snippet = """
+        import torch, rnnfused
+        from rnnfused import _C
+        print(rnnfused.build_info()["cpu_isa"])
+        x = torch.cat([torch.linspace(-90, 90, 2_000_001), torch.tensor([0.0, -0.0, 1e-30, -1e-30, 1e-8, -3e-5, 17.0,
+                       -17.0, 30.0, -30.0, 88.0, -88.0, 88.8, -88.8, 1e30, -1e30, float("inf"), float("-inf")])])
+        x = torch.cat([x, torch.zeros((-x.numel()) % 64)]).reshape(-1, 64)
+        rows, hidden = x.shape
+        gates_x = torch.cat([x, x, x, x], 1)
+        exact = torch.sigmoid(x.double())
+        normal = exact >= torch.finfo(torch.float32).tiny
+        for path in ("fused", "steps"):
+            _C._set_cpu_path(path)
+            workspace = torch.ops.rnnfused.lstm_recurrence(
+                gates_x, torch.zeros(4 * hidden, hidden), None, None, torch.zeros(rows, hidden),
+                torch.zeros(rows, hidden), torch.full((1,), rows, dtype=torch.long), False, True)[3]
+            i = workspace[:, :hidden].double()
+            magnitude = exact.float()
+            ulp = (magnitude.nextafter(torch.tensor(float("inf"))) - magnitude).double()
+            err = ((i - exact).abs() / ulp)[normal].max().item()
+            # 1 / (1 + e^-x) rounds 1 + e^-x: torch.sigmoid itself is 2.41 ulp from exact on this grid.
+            assert err <= 2.5, (path, err)
+            assert (i[x < -88.8] == 0).all() and (i[~normal] <= exact[~normal] * 2 + 1e-44).all()
+            assert i[x == float("-inf")].eq(0).all() and i[x == float("inf")].eq(1).all()
+            nan = torch.ops.rnnfused.lstm_recurrence(torch.full((1, 256), float("nan")), torch.zeros(256, 64), None,
+                                                     None, torch.zeros(1, 64), torch.zeros(1, 64), None, False, True)[3]
+            assert torch.isnan(nan[:, :64]).all()
+        print("ok", err)
+    """
+    for isa in ISAS:
+        out = _run(snippet, RNNFUSED_CPU_ISA=isa).split()
+        assert out[0] == isa and out[1] == "ok", out
+
+
 def test_path_switch_and_errors(cpu_path):
     assert _C.cpu_path() == "auto"  # the default
     with pytest.raises(RuntimeError, match="must be 'auto', 'fused' or 'steps', got 'fast'"):

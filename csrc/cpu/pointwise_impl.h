@@ -24,12 +24,64 @@
 
 namespace rnnfused {
 
+// e^x for float vectors, inlined (SLEEF's expf is a call and dominated the gate math): n = round(x
+// log2 e), r = x - n ln 2 in two steps (Cody-Waite), e^r by Cephes' degree-5 polynomial, then
+// r scaled by 2^n. The argument is clamped to [-104, 89], beyond which e^x is 0 or +inf in float
+// (so the scale stays finite: the result still overflows to +inf and underflows gradually to 0).
+// NaN stays NaN. Accuracy: tests/test_cpu_engine.py measures it through the ops (sigmoid, tanh).
+// Elsewhere than AVX2 / AVX-512 it is at::vec's exp.
+inline at::vec::Vectorized<float> fast_exp(const at::vec::Vectorized<float>& x) {
+  using V = at::vec::Vectorized<float>;
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  const V xc = at::vec::clamp(x, V(-104.f), V(89.f));  // keeps NaN
+  const V n = (xc * V(1.44269504088896341f)).round();
+  V r = at::vec::fmadd(n, V(-0.693359375f), xc);
+  r = at::vec::fmadd(n, V(2.12194440e-4f), r);
+  V p(1.9875691500e-4f);
+  p = at::vec::fmadd(p, r, V(1.3981999507e-3f));
+  p = at::vec::fmadd(p, r, V(8.3334519073e-3f));
+  p = at::vec::fmadd(p, r, V(4.1665795894e-2f));
+  p = at::vec::fmadd(p, r, V(1.6666665459e-1f));
+  p = at::vec::fmadd(p, r, V(5.0000001201e-1f));
+  p = at::vec::fmadd(p, r * r, r) + V(1.f);  // 1 added last: one rounding of the result
+#if defined(CPU_CAPABILITY_AVX512)
+  return _mm512_scalef_ps(p, n);
+#else
+  // 2^n as two normal floats 2^(n/2 rounded down) and 2^(the rest), n in [-150, 129].
+  const __m256i ni = _mm256_cvtps_epi32(n);
+  const __m256i n1 = _mm256_srai_epi32(ni, 1);
+  const __m256i n2 = _mm256_sub_epi32(ni, n1);
+  const __m256i bias = _mm256_set1_epi32(127);
+  const V s1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n1, bias), 23));
+  const V s2 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n2, bias), 23));
+  return (p * s1) * s2;
+#endif
+#else
+  return x.exp();
+#endif
+}
+
+// 1 / d for d >= 1 or +inf (0 exactly). AVX-512: the 14-bit estimate and one Newton step (a
+// division of 16 floats costs about as much as the rest of an LSTM cell's gate math), at most one
+// unit in the last place from the correctly rounded quotient; elsewhere a division.
+inline at::vec::Vectorized<float> reciprocal_at_least_one(const at::vec::Vectorized<float>& d) {
+  using V = at::vec::Vectorized<float>;
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m512 e = _mm512_rcp14_ps(d);
+  const __m512 refined = _mm512_fmadd_ps(_mm512_fnmadd_ps(d, e, _mm512_set1_ps(1.f)), e, e);
+  // rcp14(inf) = 0, but the Newton step would turn 0 * inf into NaN.
+  const __mmask16 infinite = _mm512_cmp_ps_mask(d, _mm512_set1_ps(INFINITY), _CMP_EQ_OQ);
+  return _mm512_mask_blend_ps(infinite, refined, _mm512_setzero_ps());
+#else
+  return V(1.f) / d;
+#endif
+}
+
 // tanh for float vectors at a third of the cost of SLEEF's tanhf (which dominated the gate math):
 //   |x| < 0.625: x + x^3 P(x^2), P a degree-4 fit of (tanh(x)/x - 1)/x^2 (relative error);
 //   otherwise:   sign(x) (1 - 2 / (exp(2|x|) + 1)), no cancellation since the result is >= 0.55.
-// Measured against double-precision tanh over every float in [-12, 12] on AVX-512: at most
-// 1.33 ulp; exact at +-0 (sign kept) and +-inf; NaN stays NaN (tests/test_modules.py checks a
-// dense grid through the ops on every instruction set).
+// Against double-precision tanh over a dense grid of [-12, 12] (tests/test_cpu_engine.py, every
+// instruction set): within 1.5 ulp; exact at +-0 (sign kept) and +-inf; NaN stays NaN.
 inline at::vec::Vectorized<float> fast_tanh(const at::vec::Vectorized<float>& x) {
   using V = at::vec::Vectorized<float>;
   const V ax = x.abs();
@@ -40,21 +92,41 @@ inline at::vec::Vectorized<float> fast_tanh(const at::vec::Vectorized<float>& x)
   p = at::vec::fmadd(p, u, V(0.13331443071365356f));
   p = at::vec::fmadd(p, u, V(-0.3333328068256378f));
   const V small = at::vec::fmadd(x * u, p, x);
-  const V e = (ax + ax).exp();
-  const V large = V(1.f) - V(2.f) / (e + V(1.f));
+  const V e = fast_exp(ax + ax);
+  const V large = V(1.f) - V(2.f) * reciprocal_at_least_one(e + V(1.f));
   return V::blendv(large, small, ax < V(0.625f)) | (x & V(-0.f));  // | the sign bit of x (-0 stays -0)
+}
+
+// sigmoid for float vectors: 1 / (1 + e^-x) with the inlined exp and reciprocal above. Where e^-x
+// overflows (x < -88.7) the result is 0, as with the division.
+inline at::vec::Vectorized<float> fast_sigmoid(const at::vec::Vectorized<float>& x) {
+  using V = at::vec::Vectorized<float>;
+  return reciprocal_at_least_one(V(1.f) + fast_exp(V(0.f) - x));
 }
 
 // Vectorized transcendentals for the shared cell math.
 template <typename S>
 struct CellOps<at::vec::Vectorized<S>> {
   using V = at::vec::Vectorized<S>;
-  static inline V exp(V x) { return x.exp(); }
+  static inline V exp(V x) {
+    if constexpr (std::is_same_v<S, float>) {
+      return fast_exp(x);
+    } else {
+      return x.exp();
+    }
+  }
   static inline V tanh(V x) {
     if constexpr (std::is_same_v<S, float>) {
       return fast_tanh(x);
     } else {
       return x.tanh();
+    }
+  }
+  static inline V sigmoid(V x) {
+    if constexpr (std::is_same_v<S, float>) {
+      return fast_sigmoid(x);
+    } else {
+      return sigmoid_by_division(x);
     }
   }
   static inline V relu(V x) { return at::vec::clamp_min(x, V(0)); }  // max_ps keeps NaN
