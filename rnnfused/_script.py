@@ -27,6 +27,28 @@ from .modules import _check_cell_hidden, _check_cell_input, _zero_width_state
 
 
 
+def _project_summed_bias(input: Tensor, w_ih: Tensor, b_ih: Optional[Tensor],
+                         b_hh: Optional[Tensor]) -> Tuple[Tensor, Optional[Tensor]]:
+    """rnnfused.functional's projection for the LSTM and the Elman RNN: x W_ih^T, and b_ih + b_hh
+    for the op to add at every step (float32 outside autocast, and float64)."""
+    device = input.device.type
+    if input.dtype == torch.float64:
+        summed = True
+    elif input.dtype == torch.float32:
+        # TorchScript knows the per-device forms of torch.is_autocast_enabled(device).
+        if device == "cpu":
+            summed = not torch.is_autocast_cpu_enabled()
+        elif device == "cuda":
+            summed = not torch.is_autocast_enabled()
+        else:
+            summed = True
+    else:
+        summed = False
+    if b_ih is None or b_hh is None or not summed:
+        return F.linear(input, w_ih, b_ih), b_hh
+    return F.linear(input, w_ih), b_ih + b_hh
+
+
 def _run_layer(
     mode: str, weights: List[Tensor], has_bias: bool, proj_size: int, layer_input: Tensor,
     batch_sizes: Optional[Tensor], h0: Tensor, c0: Optional[Tensor], reverse: bool, training: bool,
@@ -37,7 +59,11 @@ def _run_layer(
     if has_bias:
         b_ih = weights[2]
         b_hh = weights[3]
-    gates_x = F.linear(layer_input, weights[0], b_ih)
+    if mode == "GRU":
+        gates_x = F.linear(layer_input, weights[0], b_ih)
+        bias = b_hh
+    else:
+        gates_x, bias = _project_summed_bias(layer_input, weights[0], b_ih, b_hh)
     w_hh = weights[1]
     # The workspace for backward is kept where a backward can follow (as rnnfused.functional does).
     record = training and torch.is_grad_enabled()
@@ -46,15 +72,15 @@ def _run_layer(
         if proj_size > 0:
             w_hr = weights[len(weights) - 1]
         assert c0 is not None
-        out, h_n, c_n, _ = torch.ops.rnnfused.lstm_recurrence(gates_x, w_hh, b_hh, w_hr, h0, c0, batch_sizes, reverse, record)
+        out, h_n, c_n, _ = torch.ops.rnnfused.lstm_recurrence(gates_x, w_hh, bias, w_hr, h0, c0, batch_sizes, reverse, record)
         return out, h_n, c_n
     if mode == "GRU":
         out, h_n, _ = torch.ops.rnnfused.gru_recurrence(gates_x, w_hh, b_hh, h0, batch_sizes, reverse, record)
         return out, h_n, None
     if mode == "RNN_TANH":
-        out, h_n = torch.ops.rnnfused.rnn_tanh_recurrence(gates_x, w_hh, b_hh, h0, batch_sizes, reverse)
+        out, h_n = torch.ops.rnnfused.rnn_tanh_recurrence(gates_x, w_hh, bias, h0, batch_sizes, reverse)
         return out, h_n, None
-    out, h_n = torch.ops.rnnfused.rnn_relu_recurrence(gates_x, w_hh, b_hh, h0, batch_sizes, reverse)
+    out, h_n = torch.ops.rnnfused.rnn_relu_recurrence(gates_x, w_hh, bias, h0, batch_sizes, reverse)
     return out, h_n, None
 
 
@@ -341,11 +367,11 @@ class ScriptRNNCell(modules.RNNCell):
         if self.hidden_size == 0:
             ret = _zero_width_state(input, self.weight_ih, self.bias_ih, self.weight_hh, self.bias_hh, hx)
         else:
-            gates_x = F.linear(input, self.weight_ih, self.bias_ih)
+            gates_x, bias = _project_summed_bias(input, self.weight_ih, self.bias_ih, self.bias_hh)
             if self.nonlinearity == "tanh":
-                ret, _ = torch.ops.rnnfused.rnn_tanh_recurrence(gates_x, self.weight_hh, self.bias_hh, hx, None, False)
+                ret, _ = torch.ops.rnnfused.rnn_tanh_recurrence(gates_x, self.weight_hh, bias, hx, None, False)
             elif self.nonlinearity == "relu":
-                ret, _ = torch.ops.rnnfused.rnn_relu_recurrence(gates_x, self.weight_hh, self.bias_hh, hx, None, False)
+                ret, _ = torch.ops.rnnfused.rnn_relu_recurrence(gates_x, self.weight_hh, bias, hx, None, False)
             else:
                 raise RuntimeError(f"Unknown nonlinearity: {self.nonlinearity}")
         if not is_batched:
@@ -406,11 +432,10 @@ class ScriptLSTMCell(modules.LSTMCell):
             h = _zero_width_state(input, self.weight_ih, self.bias_ih, self.weight_hh, self.bias_hh, hx[0])
             c = _zero_width_state(input, self.weight_ih, self.bias_ih, self.weight_hh, self.bias_hh, hx[1])
         else:
-            gates_x = F.linear(input, self.weight_ih, self.bias_ih)
+            gates_x, bias = _project_summed_bias(input, self.weight_ih, self.bias_ih, self.bias_hh)
             record = self.training and torch.is_grad_enabled()
-            h, _, c, _ = torch.ops.rnnfused.lstm_recurrence(
-                gates_x, self.weight_hh, self.bias_hh, None, hx[0], hx[1], None, False, record
-            )
+            h, _, c, _ = torch.ops.rnnfused.lstm_recurrence(gates_x, self.weight_hh, bias, None, hx[0], hx[1], None,
+                                                            False, record)
         if not is_batched:
             return h.squeeze(0), c.squeeze(0)
         return h, c

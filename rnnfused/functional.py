@@ -73,15 +73,36 @@ def _project(input, w_ih, b_ih):
     return F.linear(input, w_ih, b_ih)
 
 
+def _project_summed_bias(input, w_ih, b_ih, b_hh):
+    """For the cells whose pre-activations are plain sums x W_ih^T + b_ih + h W_hh^T + b_hh (LSTM,
+    Elman RNN): ``gates_x = x W_ih^T`` and the bias ``b_ih + b_hh`` that the recurrence op adds at
+    every step. The projection then writes no bias into its [N, G*H] rows (a linear with a bias
+    first copies it into every row) and its backward sums no gradient over those rows (the op's
+    bias gradient is the same sum). In float32 and float64 only: a 16-bit sum b_ih + b_hh would be
+    rounded to 16 bits (the op adds b_hh in float32), and where autocast lowers the product's
+    precision torch.nn rounds b_ih with it."""
+    _check_device(input)
+    device = input.device.type
+    if input.dtype == torch.float64:
+        summed = True
+    elif input.dtype == torch.float32:
+        summed = not ((device == "cpu" or device == "cuda") and torch.is_autocast_enabled(device))
+    else:
+        summed = False
+    if b_ih is None or b_hh is None or not summed:
+        return F.linear(input, w_ih, b_ih), b_hh
+    return F.linear(input, w_ih), b_ih + b_hh
+
+
 def lstm_layer(input, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0, batch_sizes=None, reverse=False, training=True,
                recurrent_mask=None, zoneout=None, cell_zoneout=None):
     """LSTM layer (with a projection when ``w_hr`` is given). Returns ``output, h_n, c_n``.
 
     ``training=False`` (eval mode) keeps no workspace for backward, so that inference, exported
     programs included, stores nothing extra; a backward through it recomputes the forward."""
-    gates_x = _project(input, w_ih, b_ih)
-    training = _records_workspace(training, gates_x, w_hh, b_hh, w_hr, h0, c0)
-    output, h_n, c_n, _ = _ops_ns.lstm_recurrence(gates_x, w_hh, b_hh, w_hr, h0, c0, batch_sizes, reverse, training,
+    gates_x, bias = _project_summed_bias(input, w_ih, b_ih, b_hh)
+    training = _records_workspace(training, gates_x, w_hh, bias, w_hr, h0, c0)
+    output, h_n, c_n, _ = _ops_ns.lstm_recurrence(gates_x, w_hh, bias, w_hr, h0, c0, batch_sizes, reverse, training,
                                                   recurrent_mask, zoneout, cell_zoneout)
     return output, h_n, c_n
 
@@ -99,15 +120,15 @@ def gru_layer(input, w_ih, w_hh, b_ih, b_hh, h0, batch_sizes=None, reverse=False
 def rnn_tanh_layer(input, w_ih, w_hh, b_ih, b_hh, h0, batch_sizes=None, reverse=False, recurrent_mask=None,
                    zoneout=None):
     """Elman RNN layer with tanh. Returns ``output, h_n``."""
-    return _ops_ns.rnn_tanh_recurrence(_project(input, w_ih, b_ih), w_hh, b_hh, h0, batch_sizes, reverse,
-                                       recurrent_mask, zoneout)
+    gates_x, bias = _project_summed_bias(input, w_ih, b_ih, b_hh)
+    return _ops_ns.rnn_tanh_recurrence(gates_x, w_hh, bias, h0, batch_sizes, reverse, recurrent_mask, zoneout)
 
 
 def rnn_relu_layer(input, w_ih, w_hh, b_ih, b_hh, h0, batch_sizes=None, reverse=False, recurrent_mask=None,
                    zoneout=None):
     """Elman RNN layer with ReLU. Returns ``output, h_n``."""
-    return _ops_ns.rnn_relu_recurrence(_project(input, w_ih, b_ih), w_hh, b_hh, h0, batch_sizes, reverse,
-                                       recurrent_mask, zoneout)
+    gates_x, bias = _project_summed_bias(input, w_ih, b_ih, b_hh)
+    return _ops_ns.rnn_relu_recurrence(gates_x, w_hh, bias, h0, batch_sizes, reverse, recurrent_mask, zoneout)
 
 
 # ---------------------------------------------------------------------------------------------------
