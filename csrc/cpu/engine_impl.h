@@ -312,21 +312,9 @@ void forward_loop(const ForwardProblem<T>& p, const Finish& finish_element) {
         for (int64_t r = 0; r < rows; ++r) {
           sc.rows[r] = r < from_prev ? p.output + (plan.offsets[prev] + r) * H : p.h0 + r * H;
         }
-        // The next step's gates_x rows of these units, asked into the second-level cache while this
-        // step computes: gates_x of the whole sequence lies far out in the last-level cache or memory,
-        // and a row's G gates are G scattered lines that the hardware prefetchers do not follow.
-        const bool has_next = s + 1 < plan.steps();
-        const int64_t next_t = has_next ? plan.step_at(s + 1) : t;
-        const int64_t next_rows = has_next ? plan.batch_sizes[next_t] : 0;
-        const T* next_gates_x = p.gates_x + plan.offsets[next_t] * G * H;
         multiply_blocks<T, G>(sc.rows.data(), rows, H, panels, b0, b1, sc.partial.data(),
                               [&](int64_t r, int64_t b, const Vec<T>* acc) {
                                 const int64_t j = b * V;
-                                if (r < next_rows) {
-                                  for (int g = 0; g < G; ++g) {
-                                    __builtin_prefetch(next_gates_x + r * G * H + g * H + j, 0, 2);
-                                  }
-                                }
                                 finish_element(off, r, j, Lanes<T>{std::min<int64_t>(V, H - j)}, sc.rows[r], acc);
                               });
       },
