@@ -424,3 +424,64 @@ def test_cells_accept_a_zero_hidden_size(name, batched, with_hx, bias):
             assert ours_grad is None or not ours_grad.any()
         else:
             torch.testing.assert_close(ours_grad, ref_grad)
+
+
+@pytest.fixture
+def projection_buffer_for_every_size(monkeypatch):
+    """Makes every CPU projection eligible for the kept per-thread buffer (by default only those
+    of 32 MiB and more, which no test shape reaches), starting from no buffer."""
+    import rnnfused.functional as rf
+
+    monkeypatch.setattr(rf, "_REUSED_PROJECTION_MIN_BYTES", 0)
+    monkeypatch.setattr(rf, "_projection_buffers", __import__("threading").local())
+    return rf
+
+
+@pytest.mark.parametrize("mode", list(LAYER_MODES))
+def test_inference_projection_into_kept_buffer_matches_fresh(projection_buffer_for_every_size, mode):
+    """Inference writes x W_ih^T into a buffer the thread keeps (no page faults of a fresh
+    multi-megabyte tensor per call): the same results as a fresh tensor, bit for bit, through
+    layers and directions that reuse the buffer one after the other."""
+    rf = projection_buffer_for_every_size
+    ref, ours = twin_layers(mode, 4, 6, num_layers=2, bidirectional=True)
+    x = torch.randn(5, 3, 4, dtype=F64)
+    with torch.no_grad():
+        expected = ref(x)
+        first = ours(x)
+        buffer = rf._projection_buffers.buffer
+        second = ours(x)
+    assert rf._projection_buffers.buffer is buffer and buffer.dtype == F64
+    leaves = torch.utils._pytree.tree_leaves
+    for a, b in zip(leaves(first), leaves(expected), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-13)
+    for a, b in zip(leaves(first), leaves(second), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    with torch.no_grad():  # a float32 call gets a buffer of its own dtype
+        ours.float()(x.float())
+    assert rf._projection_buffers.buffer.dtype == torch.float32
+
+
+def test_projection_buffer_only_where_nothing_keeps_the_projection(projection_buffer_for_every_size):
+    """A recorded op may save its projection (a backward in eval mode recomputes the forward from
+    it), and traced programs must not capture a buffer: those take a fresh tensor."""
+    rf = projection_buffer_for_every_size
+    x = torch.randn(6, 4)
+    w = torch.randn(8, 4, requires_grad=True)
+    assert not rf._reusable_projection(x, w, None)  # autograd records
+    with torch.no_grad():
+        assert rf._reusable_projection(x, w, None)
+        assert not rf._reusable_projection(x.view(2, 3, 4), w, None)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert not rf._reusable_projection(x, w, None)
+        with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
+            assert not rf._reusable_projection(mode.from_tensor(x), mode.from_tensor(w), None)
+    assert rf._reusable_projection(x, w.detach(), None)
+    ours = rnnfused.LSTM(4, 6).eval()
+    ours(torch.randn(5, 3, 4)).__getitem__(0).sum().backward()  # eval mode, recorded: no buffer
+    assert getattr(rf._projection_buffers, "buffer", None) is None
+    with torch.no_grad():
+        program = torch.export.export(ours, (torch.randn(5, 3, 4),))
+    assert getattr(rf._projection_buffers, "buffer", None) is None
+    x = torch.randn(5, 3, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(program.module()(x)[0], ours(x)[0], rtol=0, atol=0)

@@ -180,10 +180,12 @@ inline void run_tile(const T* const* a, int64_t k0, int64_t k1, bool first, bool
 }
 
 // The product of `rows` rows (a[r]: K values each) with the panels of blocks [b0, b1), tile by
-// tile; finish(row, block, acc[G]) receives each finished (row, block).
-template <typename T, int G, typename Finish>
+// tile; finish(row, block, acc[G]) receives each finished (row, block). prefetch(row, block) is
+// called for every (row, block) of a tile before the tile's last k chunk starts, so that what its
+// finish will read (the forward's gates_x rows, far out of cache) arrives while the chunk's FMAs run.
+template <typename T, int G, typename Finish, typename Prefetch>
 void multiply_blocks(const T* const* a, int64_t rows, int64_t K, const T* panels, int64_t b0, int64_t b1,
-                     T* partial, const Finish& finish) {
+                     T* partial, const Finish& finish, const Prefetch& prefetch) {
   constexpr int64_t V = kLanes<T>;
   constexpr int kBlocks = kMaxTileBlocks<G>;
   const int64_t block_stride = K * G * V;
@@ -191,6 +193,7 @@ void multiply_blocks(const T* const* a, int64_t rows, int64_t K, const T* panels
     // One row: each panel is read once per step; several blocks per tile, no chunks.
     for (int64_t b = b0; b < b1;) {
       const int u_count = static_cast<int>(std::min<int64_t>(kBlocks, b1 - b));
+      for (int u = 0; u < u_count; ++u) prefetch(0, b + u);
       with_constant<kBlocks>(u_count, [&](auto u_c) {
         constexpr int U = decltype(u_c)::value;
         run_tile<T, G, 1, U>(a, 0, K, true, true, panels + b * block_stride, block_stride, partial,
@@ -211,6 +214,10 @@ void multiply_blocks(const T* const* a, int64_t rows, int64_t K, const T* panels
       const int64_t k1 = std::min(K, k0 + chunk);
       for (int64_t r0 = 0; r0 < rows; r0 += kRows) {
         const int r_count = static_cast<int>(std::min<int64_t>(kRows, rows - r0));
+        if (k1 == K) {
+          for (int r = 0; r < r_count; ++r)
+            for (int u = 0; u < u_count; ++u) prefetch(r0 + r, b + u);
+        }
         with_constant<kRows>(r_count, [&](auto r_c) {
           with_constant<kGroup>(u_count, [&](auto u_c) {
             constexpr int R = decltype(r_c)::value;
@@ -285,6 +292,12 @@ struct SliceScratch {
 // finished (row, block) going straight into the cell's element function.
 template <typename T, int G, typename Finish>
 void forward_loop(const ForwardProblem<T>& p, const Finish& finish_element) {
+  // What every cell's finish reads from memory: the G gates_x lines of the (row, unit block). The
+  // LSTM's cell state and the bias are small enough to stay in cache.
+  auto prefetch_element = [&](int64_t off, int64_t r, int64_t j) {
+    const T* gx = p.gates_x + (off + r) * G * p.hidden + j;
+    for (int g = 0; g < G; ++g) __builtin_prefetch(gx + g * p.hidden, 0, 3);
+  };
   constexpr int64_t V = kLanes<T>;
   const StepPlan& plan = *p.plan;
   const int64_t H = p.hidden;
@@ -316,6 +329,9 @@ void forward_loop(const ForwardProblem<T>& p, const Finish& finish_element) {
                               [&](int64_t r, int64_t b, const Vec<T>* acc) {
                                 const int64_t j = b * V;
                                 finish_element(off, r, j, Lanes<T>{std::min<int64_t>(V, H - j)}, sc.rows[r], acc);
+                              },
+                              [&](int64_t r, int64_t b) {
+                                prefetch_element(off, r, b * V);
                               });
       },
       [](int64_t) { return true; });
@@ -446,7 +462,8 @@ void backward_loop(const BackwardProblem<T>& p, int64_t G, const T* grad_for_dh,
                                 const Lanes<T> l{std::min<int64_t>(V, H - j)};
                                 T* dh = p.dh_state + r * H + j;
                                 l.store(dh, accumulate_dh ? l.load(dh) + acc[0] : acc[0]);
-                              });
+                              },
+                              [](int64_t, int64_t) {});
       },
       [](int64_t q) { return q % 2 == 1; });
 }
