@@ -17,8 +17,6 @@
 #include <c10/macros/Macros.h>
 
 #include <cmath>
-#include <type_traits>
-#include <utility>
 
 namespace rnnfused {
 
@@ -26,10 +24,17 @@ namespace rnnfused {
 template <typename V>
 struct CellOps;
 
+// 1 / (1 + e^-x): saturates to exactly 0 or 1 without NaN at either end.
+template <typename V>
+C10_HOST_DEVICE inline V sigmoid_by_division(V x) {
+  return V(1) / (V(1) + CellOps<V>::exp(V(0) - x));
+}
+
 template <>
 struct CellOps<float> {
   static C10_HOST_DEVICE inline float exp(float x) { return ::expf(x); }
   static C10_HOST_DEVICE inline float tanh(float x) { return ::tanhf(x); }
+  static C10_HOST_DEVICE inline float sigmoid(float x) { return sigmoid_by_division(x); }
   static C10_HOST_DEVICE inline float sqrt(float x) { return ::sqrtf(x); }
   // x < 0 is false for NaN, so NaN propagates as in torch.relu.
   static C10_HOST_DEVICE inline float relu(float x) { return x < 0.f ? 0.f : x; }
@@ -43,6 +48,7 @@ template <>
 struct CellOps<double> {
   static C10_HOST_DEVICE inline double exp(double x) { return ::exp(x); }
   static C10_HOST_DEVICE inline double tanh(double x) { return ::tanh(x); }
+  static C10_HOST_DEVICE inline double sigmoid(double x) { return sigmoid_by_division(x); }
   static C10_HOST_DEVICE inline double sqrt(double x) { return ::sqrt(x); }
   static C10_HOST_DEVICE inline double relu(double x) { return x < 0. ? 0. : x; }
   static C10_HOST_DEVICE inline double where_positive(double out, double grad) {
@@ -50,25 +56,11 @@ struct CellOps<double> {
   }
 };
 
-// 1 / (1 + e^-x): saturates to exactly 0 or 1 without NaN at either end. A CellOps
-// specialization may define its own sigmoid (the CPU's float vectors: without a division).
-template <typename V>
-C10_HOST_DEVICE inline V sigmoid_by_division(V x) {
-  return V(1) / (V(1) + CellOps<V>::exp(V(0) - x));
-}
-
-template <typename V, typename = void>
-struct HasOwnSigmoid : std::false_type {};
-template <typename V>
-struct HasOwnSigmoid<V, std::void_t<decltype(CellOps<V>::sigmoid(std::declval<V>()))>> : std::true_type {};
-
+// 1 / (1 + e^-x), each CellOps' sigmoid (the scalar types' and, on the CPU, the double vectors'; the
+// float vectors compute the same formula without a division, csrc/cpu/pointwise_impl.h).
 template <typename V>
 C10_HOST_DEVICE inline V sigmoid(V x) {
-  if constexpr (HasOwnSigmoid<V>::value) {
-    return CellOps<V>::sigmoid(x);
-  } else {
-    return sigmoid_by_division(x);
-  }
+  return CellOps<V>::sigmoid(x);
 }
 
 template <typename V>

@@ -111,7 +111,10 @@ def _linear(input, w_ih, b_ih=None):
     buffer = getattr(_projection_buffers, "buffer", None)
     if buffer is None or buffer.dtype != input.dtype or buffer.numel() < count:
         _projection_buffers.buffer = None  # the old one is freed before the new one is allocated
-        buffer = _projection_buffers.buffer = torch.empty(count, dtype=input.dtype)
+        # A normal tensor even when made under inference_mode: an inference tensor could not be
+        # written to by a later call outside it.
+        with torch.inference_mode(False):
+            buffer = _projection_buffers.buffer = torch.empty(count, dtype=input.dtype)
     out = buffer[:count].view(input.shape[0], w_ih.shape[0])
     if b_ih is None:
         return torch.mm(input, w_ih.t(), out=out)

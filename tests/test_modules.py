@@ -461,6 +461,24 @@ def test_inference_projection_into_kept_buffer_matches_fresh(projection_buffer_f
     assert rf._projection_buffers.buffer.dtype == torch.float32
 
 
+def test_projection_buffer_made_under_inference_mode_serves_no_grad(projection_buffer_for_every_size):
+    """A buffer first made inside torch.inference_mode is still written by calls outside it
+    (an inference tensor would refuse the in-place write), and the other way round."""
+    rf = projection_buffer_for_every_size
+    ours = rnnfused.GRU(4, 6)
+    x = torch.randn(5, 3, 4)
+    with torch.inference_mode():
+        first = ours(x)[0]
+    assert not rf._projection_buffers.buffer.is_inference()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x)[0], first, rtol=0, atol=0)
+    rf._projection_buffers.buffer = None
+    with torch.no_grad():
+        ours(x)
+    with torch.inference_mode():
+        torch.testing.assert_close(ours(x)[0], first, rtol=0, atol=0)
+
+
 def test_projection_buffer_only_where_nothing_keeps_the_projection(projection_buffer_for_every_size):
     """A recorded op may save its projection (a backward in eval mode recomputes the forward from
     it), and traced programs must not capture a buffer: those take a fresh tensor."""
