@@ -76,6 +76,7 @@ def _records_workspace(keep, *tensors):
 _REUSED_PROJECTION_MIN_BYTES = 32 << 20
 _projection_buffers = threading.local()
 _PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
+_is_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 
 
 def _reusable_projection(input, w_ih, b_ih):
@@ -87,7 +88,10 @@ def _reusable_projection(input, w_ih, b_ih):
         return False
     # Plain tensors only: under torch.export / make_fx the inputs are fake or functional tensors
     # (a kept buffer would enter the traced graph as a constant), and a subclass may not take out=.
-    if any(t is not None and type(t) not in _PLAIN_TENSOR_TYPES for t in (input, w_ih, b_ih)):
+    # Nor under torch.func transforms, whose wrapped tensors are plain to type() but have no
+    # batching rule for out=.
+    tensors = [t for t in (input, w_ih, b_ih) if t is not None]
+    if any(type(t) not in _PLAIN_TENSOR_TYPES or _is_functorch_wrapped(t) for t in tensors):
         return False
     if torch.is_autocast_enabled("cpu"):
         return False

@@ -494,6 +494,10 @@ def test_projection_buffer_only_where_nothing_keeps_the_projection(projection_bu
         with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
             assert not rf._reusable_projection(mode.from_tensor(x), mode.from_tensor(w), None)
     assert rf._reusable_projection(x, w.detach(), None)
+    gru = rnnfused.GRU(4, 6)
+    with torch.no_grad():  # torch.func.vmap: wrapped tensors, no batching rule for out=
+        batched = torch.func.vmap(lambda xs: gru(xs)[0])(torch.randn(2, 5, 3, 4))
+    assert batched.shape == (2, 5, 3, 6) and getattr(rf._projection_buffers, "buffer", None) is None
     ours = rnnfused.LSTM(4, 6).eval()
     ours(torch.randn(5, 3, 4)).__getitem__(0).sum().backward()  # eval mode, recorded: no buffer
     assert getattr(rf._projection_buffers, "buffer", None) is None
