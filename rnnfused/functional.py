@@ -95,7 +95,7 @@ def _reusable_projection(input, w_ih, b_ih):
         return False
     if torch.is_autocast_enabled("cpu"):
         return False
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, w_ih, b_ih)):
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return False
     if w_ih.dtype != input.dtype or (b_ih is not None and b_ih.dtype != input.dtype):
         return False
