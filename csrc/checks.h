@@ -15,28 +15,28 @@ inline bool is_supported_dtype(at::ScalarType t) {
   return t == at::kFloat || t == at::kDouble || t == at::kBFloat16 || t == at::kHalf;
 }
 
-// `what` must be a 2-D tensor of `rows` x `cols` (negative: any) with the reference's dtype
-// and device.
+// `what` must be a 2-D tensor of `rows` x `cols` (negative: any) with the dtype and device of the
+// reference `ref` (named ref_name in the messages).
 inline void check_matrix(const char* op, const char* what, const at::Tensor& t, const at::Tensor& ref,
-                         int64_t rows, int64_t cols) {
+                         int64_t rows, int64_t cols, const char* ref_name = "gates_x") {
   TORCH_CHECK(t.dim() == 2, op, ": ", what, " must be 2-D, got ", t.dim(), "-D");
   TORCH_CHECK(rows < 0 || t.size(0) == rows, op, ": ", what, " must have ", rows, " rows, got shape ",
               t.sizes());
   TORCH_CHECK(cols < 0 || t.size(1) == cols, op, ": ", what, " must have ", cols, " columns, got shape ",
               t.sizes());
   TORCH_CHECK(t.scalar_type() == ref.scalar_type(), op, ": ", what, " has dtype ", t.scalar_type(),
-              " but gates_x has dtype ", ref.scalar_type(), "; all tensors must share one dtype");
-  TORCH_CHECK(t.device() == ref.device(), op, ": ", what, " is on ", t.device(), " but gates_x is on ",
+              " but ", ref_name, " has dtype ", ref.scalar_type(), "; all tensors must share one dtype");
+  TORCH_CHECK(t.device() == ref.device(), op, ": ", what, " is on ", t.device(), " but ", ref_name, " is on ",
               ref.device(), "; all tensors must be on one device");
 }
 
 inline void check_vector(const char* op, const char* what, const at::Tensor& t, const at::Tensor& ref,
-                         int64_t size) {
+                         int64_t size, const char* ref_name = "gates_x") {
   TORCH_CHECK(t.dim() == 1 && t.size(0) == size, op, ": ", what, " must have shape [", size, "], got ",
               t.sizes());
   TORCH_CHECK(t.scalar_type() == ref.scalar_type(), op, ": ", what, " has dtype ", t.scalar_type(),
-              " but gates_x has dtype ", ref.scalar_type(), "; all tensors must share one dtype");
-  TORCH_CHECK(t.device() == ref.device(), op, ": ", what, " is on ", t.device(), " but gates_x is on ",
+              " but ", ref_name, " has dtype ", ref.scalar_type(), "; all tensors must share one dtype");
+  TORCH_CHECK(t.device() == ref.device(), op, ": ", what, " is on ", t.device(), " but ", ref_name, " is on ",
               ref.device(), "; all tensors must be on one device");
 }
 

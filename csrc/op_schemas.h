@@ -52,6 +52,23 @@ inline void define_recurrence_ops(torch::Library& m) {
       "Tensor? b_hh=None) -> (Tensor grad_gates_x, Tensor grad_w_hh, Tensor grad_b_hh, Tensor grad_h0)");
 }
 
+// One layer and direction of inference from the input itself (CPU only; no autograd: the Python
+// layers call it only where autograd records nothing). cell: "lstm", "gru", "rnn_tanh" or
+// "rnn_relu".
+//   input [N, I]; w_ih [G*H, I]; b_ih [G*H] (optional); w_hh [G*H, H]; b_hh [G*H] (optional);
+//   h0 [B, H]; c0 [B, H] (LSTM only); batch_sizes, reverse as above
+//   -> output [N, H], h_n [B, H], c_n [B, H] (LSTM; [0] otherwise)
+// The same as the recurrence op of the cell on gates_x = x W_ih^T + b_ih, except that where the fused
+// engine runs (engine.h), it computes the projection itself a few steps ahead, each thread for its
+// own units, so that the [N, G*H] projection never goes through memory; elsewhere it is one GEMM
+// first. The sums of the projection then run in another order than a GEMM's: results agree with
+// the recurrence op to rounding, not bit for bit.
+inline void define_inference_ops(torch::Library& m) {
+  m.def(
+      "layer_inference(str cell, Tensor input, Tensor w_ih, Tensor? b_ih, Tensor w_hh, Tensor? b_hh, Tensor h0, "
+      "Tensor? c0, Tensor? batch_sizes, bool reverse) -> (Tensor output, Tensor h_n, Tensor c_n)");
+}
+
 // LayerNorm LSTM and GRU (Ba et al. 2016), one layer and direction. gates_x is the normalized input
 // projection (LN(x W_ih^T) gain_ih + bias_ih + b_ih, computed by the caller). Every step normalizes
 // the recurrent projection over all gates of a row, hh = LN(h_{t-1} W_hh^T) hh_gain + hh_bias + b_hh

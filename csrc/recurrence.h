@@ -25,6 +25,7 @@ constexpr const char* kRnnTanhOp = "rnnfused::rnn_tanh_recurrence";
 constexpr const char* kRnnReluOp = "rnnfused::rnn_relu_recurrence";
 constexpr const char* kRnnTanhBackwardOp = "rnnfused::rnn_tanh_recurrence_backward";
 constexpr const char* kRnnReluBackwardOp = "rnnfused::rnn_relu_recurrence_backward";
+constexpr const char* kLayerInferenceOp = "rnnfused::layer_inference";
 
 // Workspace columns per row: what the backward pass reads back.
 constexpr int64_t kLstmWorkspaceGates = 5;  // i, f, g, o, c

@@ -24,6 +24,7 @@
 TORCH_LIBRARY(rnnfused, m) {
   rnnfused::define_recurrence_ops(m);
   rnnfused::define_layer_norm_ops(m);
+  rnnfused::define_inference_ops(m);
 }
 
 namespace rnnfused {

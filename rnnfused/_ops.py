@@ -455,6 +455,28 @@ def register_layer_norm(namespace):
                                     setup_context=_gru_setup_context)
 
 
+def register_inference(namespace):
+    """Fake kernel of ``<namespace>::layer_inference`` (csrc/op_schemas.h), and an autograd formula
+    that refuses: the op has no derivative (rnnfused/functional.py calls it only where autograd
+    records nothing)."""
+
+    @torch.library.register_fake(f"{namespace}::layer_inference")
+    def _inference_fake(cell, input, w_ih, b_ih, w_hh, b_hh, h0, c0, batch_sizes, reverse):
+        output = input.new_empty((input.shape[0], w_hh.shape[1]))
+        h_n = torch.empty_like(h0, memory_format=torch.contiguous_format)
+        c_n = torch.empty_like(c0, memory_format=torch.contiguous_format) if c0 is not None else input.new_empty((0,))
+        return output, h_n, c_n
+
+    def _no_derivative(ctx, *grads):
+        raise RuntimeError(
+            f"{namespace}::layer_inference has no derivative: it is the inference form of a layer; "
+            "differentiate through the layer's recurrence op (rnnfused.functional) instead"
+        )
+
+    torch.library.register_autograd(f"{namespace}::layer_inference", _no_derivative,
+                                    setup_context=lambda ctx, inputs, output: None)
+
+
 _THIRD_ORDER_MESSAGE = (
     "rnnfused: derivatives of third or higher order through a recurrence are not supported "
     "(second derivatives are exact); call the second backward without create_graph=True"
@@ -472,3 +494,4 @@ def _has_grad(grad):
 
 register("rnnfused")
 register_layer_norm("rnnfused")
+register_inference("rnnfused")

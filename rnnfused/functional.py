@@ -35,6 +35,7 @@ __all__ = ["lstm_layer", "gru_layer", "rnn_tanh_layer", "rnn_relu_layer", "layer
 # The library whose recurrence ops the layers call. rnnfused._sim swaps in rnnfused_sim (the CUDA
 # path on the CUDA simulator) for the tests; nothing else changes it.
 _ops_ns = torch.ops.rnnfused
+_CPU_OPS = _ops_ns  # the library with layer_inference (rnnfused_sim has none)
 
 
 def supported_device(device):
@@ -79,27 +80,43 @@ _PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
 _is_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 
 
-def _reusable_projection(input, w_ih, b_ih):
-    """Whether ``x W_ih^T (+ b_ih)`` may go into this thread's kept buffer: on the CPU, in eager
-    mode, outside autocast, with nothing for autograd to record (then the recurrence op reads the
-    projection once and keeps no reference to it; a recorded op may save it for a backward that
-    recomputes the forward), and large enough that a fresh tensor would be a fresh mmap."""
+def _eager_cpu_inference(input, tensors):
+    """Whether a layer's call on ``tensors`` (``input`` among them) runs in eager mode on the CPU
+    on plain tensors of one dtype, outside autocast, with nothing for autograd to record."""
     if input.device.type != "cpu" or input.dim() != 2 or torch.jit.is_tracing() or torch.compiler.is_compiling():
         return False
     # Plain tensors only: under torch.export / make_fx the inputs are fake or functional tensors
-    # (a kept buffer would enter the traced graph as a constant), and a subclass may not take out=.
+    # (what the layer does here would enter the traced graph), and a subclass may not take out=.
     # Nor under torch.func transforms, whose wrapped tensors are plain to type() but have no
-    # batching rule for out=.
-    tensors = [t for t in (input, w_ih, b_ih) if t is not None]
+    # batching rule for out= (nor for the inference op).
+    tensors = [t for t in tensors if t is not None]
     if any(type(t) not in _PLAIN_TENSOR_TYPES or _is_functorch_wrapped(t) for t in tensors):
         return False
     if torch.is_autocast_enabled("cpu"):
         return False
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return False
-    if w_ih.dtype != input.dtype or (b_ih is not None and b_ih.dtype != input.dtype):
+    return all(t.dtype == input.dtype and t.device.type == "cpu" for t in tensors)
+
+
+def _reusable_projection(input, w_ih, b_ih):
+    """Whether ``x W_ih^T (+ b_ih)`` may go into this thread's kept buffer: in eager CPU inference
+    (then the recurrence op reads the projection once and keeps no reference to it; a recorded op
+    may save it for a backward that recomputes the forward), and large enough that a fresh tensor
+    would be a fresh mmap."""
+    if not _eager_cpu_inference(input, (input, w_ih, b_ih)):
         return False
     return input.shape[0] * w_ih.shape[0] * input.element_size() >= _REUSED_PROJECTION_MIN_BYTES
+
+
+def _infers_from_input(input, h0, tensors):
+    """Whether a layer runs as one rnnfused::layer_inference op, which projects the input itself a
+    few steps ahead inside the fused engine (csrc/op_schemas.h): in eager CPU inference in float32
+    or float64, where the engine runs (the batch decides, see rnnfused.cpu_path()). Elsewhere the
+    projection is one GEMM before the recurrence op."""
+    return (_ops_ns is _CPU_OPS and _eager_cpu_inference(input, tensors)
+            and input.dtype in (torch.float32, torch.float64) and input.shape[-1] > 0
+            and _C._cpu_engine_runs(h0.shape[0]))
 
 
 def _linear(input, w_ih, b_ih=None):
@@ -151,12 +168,24 @@ def _project_summed_bias(input, w_ih, b_ih, b_hh):
     return _linear(input, w_ih), b_ih + b_hh
 
 
+def _summed_bias(b_ih, b_hh):
+    """(b_ih, b_hh) for the inference op of the LSTM and Elman RNN: (None, b_ih + b_hh) where both
+    are given, as _project_summed_bias does in float32 and float64."""
+    if b_ih is None or b_hh is None:
+        return b_ih, b_hh
+    return None, b_ih + b_hh
+
+
 def lstm_layer(input, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0, batch_sizes=None, reverse=False, training=True,
                recurrent_mask=None, zoneout=None, cell_zoneout=None):
     """LSTM layer (with a projection when ``w_hr`` is given). Returns ``output, h_n, c_n``.
 
     ``training=False`` (eval mode) keeps no workspace for backward, so that inference, exported
     programs included, stores nothing extra; a backward through it recomputes the forward."""
+    if (w_hr is None and recurrent_mask is None and zoneout is None and cell_zoneout is None
+            and _infers_from_input(input, h0, (input, w_ih, w_hh, b_ih, b_hh, h0, c0))):
+        b_ih, b_hh = _summed_bias(b_ih, b_hh)
+        return _ops_ns.layer_inference("lstm", input, w_ih, b_ih, w_hh, b_hh, h0, c0, batch_sizes, reverse)
     gates_x, bias = _project_summed_bias(input, w_ih, b_ih, b_hh)
     training = _records_workspace(training, gates_x, w_hh, bias, w_hr, h0, c0)
     output, h_n, c_n, _ = _ops_ns.lstm_recurrence(gates_x, w_hh, bias, w_hr, h0, c0, batch_sizes, reverse, training,
@@ -167,6 +196,9 @@ def lstm_layer(input, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0, batch_sizes=None, re
 def gru_layer(input, w_ih, w_hh, b_ih, b_hh, h0, batch_sizes=None, reverse=False, training=True, recurrent_mask=None,
               zoneout=None):
     """GRU layer. Returns ``output, h_n``. ``training`` as for :func:`lstm_layer`."""
+    if recurrent_mask is None and zoneout is None and _infers_from_input(input, h0, (input, w_ih, w_hh, b_ih, b_hh, h0)):
+        output, h_n, _ = _ops_ns.layer_inference("gru", input, w_ih, b_ih, w_hh, b_hh, h0, None, batch_sizes, reverse)
+        return output, h_n
     gates_x = _project(input, w_ih, b_ih)
     training = _records_workspace(training, gates_x, w_hh, b_hh, h0)
     output, h_n, _ = _ops_ns.gru_recurrence(gates_x, w_hh, b_hh, h0, batch_sizes, reverse, training, recurrent_mask,
@@ -177,6 +209,11 @@ def gru_layer(input, w_ih, w_hh, b_ih, b_hh, h0, batch_sizes=None, reverse=False
 def rnn_tanh_layer(input, w_ih, w_hh, b_ih, b_hh, h0, batch_sizes=None, reverse=False, recurrent_mask=None,
                    zoneout=None):
     """Elman RNN layer with tanh. Returns ``output, h_n``."""
+    if recurrent_mask is None and zoneout is None and _infers_from_input(input, h0, (input, w_ih, w_hh, b_ih, b_hh, h0)):
+        b_ih, b_hh = _summed_bias(b_ih, b_hh)
+        output, h_n, _ = _ops_ns.layer_inference("rnn_tanh", input, w_ih, b_ih, w_hh, b_hh, h0, None, batch_sizes,
+                                                 reverse)
+        return output, h_n
     gates_x, bias = _project_summed_bias(input, w_ih, b_ih, b_hh)
     return _ops_ns.rnn_tanh_recurrence(gates_x, w_hh, bias, h0, batch_sizes, reverse, recurrent_mask, zoneout)
 
@@ -184,6 +221,11 @@ def rnn_tanh_layer(input, w_ih, w_hh, b_ih, b_hh, h0, batch_sizes=None, reverse=
 def rnn_relu_layer(input, w_ih, w_hh, b_ih, b_hh, h0, batch_sizes=None, reverse=False, recurrent_mask=None,
                    zoneout=None):
     """Elman RNN layer with ReLU. Returns ``output, h_n``."""
+    if recurrent_mask is None and zoneout is None and _infers_from_input(input, h0, (input, w_ih, w_hh, b_ih, b_hh, h0)):
+        b_ih, b_hh = _summed_bias(b_ih, b_hh)
+        output, h_n, _ = _ops_ns.layer_inference("rnn_relu", input, w_ih, b_ih, w_hh, b_hh, h0, None, batch_sizes,
+                                                 reverse)
+        return output, h_n
     gates_x, bias = _project_summed_bias(input, w_ih, b_ih, b_hh)
     return _ops_ns.rnn_relu_recurrence(gates_x, w_hh, bias, h0, batch_sizes, reverse, recurrent_mask, zoneout)
 

@@ -429,10 +429,13 @@ def test_cells_accept_a_zero_hidden_size(name, batched, with_hx, bias):
 @pytest.fixture
 def projection_buffer_for_every_size(monkeypatch):
     """Makes every CPU projection eligible for the kept per-thread buffer (by default only those
-    of 32 MiB and more, which no test shape reaches), starting from no buffer."""
+    of 32 MiB and more, which no test shape reaches), starting from no buffer. The small batches of
+    these tests would run as the inference op, which projects inside the engine and needs no
+    buffer (tests/test_inference_op.py): here they take the GEMM, as larger batches do."""
     import rnnfused.functional as rf
 
     monkeypatch.setattr(rf, "_REUSED_PROJECTION_MIN_BYTES", 0)
+    monkeypatch.setattr(rf, "_infers_from_input", lambda *args: False)
     monkeypatch.setattr(rf, "_projection_buffers", __import__("threading").local())
     return rf
 

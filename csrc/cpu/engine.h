@@ -40,7 +40,7 @@ struct ForwardProblem {
   CellKind cell = CellKind::Lstm;
   const StepPlan* plan = nullptr;
   int64_t hidden = 0;          // H (= P: no projection)
-  const T* gates_x = nullptr;  // [N, G*H]   x W_ih^T + b_ih
+  const T* gates_x = nullptr;  // [N, G*H]   x W_ih^T + b_ih (null with `input`)
   const T* w_hh = nullptr;     // [G*H, H]
   const T* bias = nullptr;     // [G*H]      b_hh (zeros for a layer without bias)
   const T* h0 = nullptr;       // [B, H]
@@ -48,6 +48,13 @@ struct ForwardProblem {
   T* c_state = nullptr;        // [B, H]     LSTM: in: a copy of c0; out: c_n
   T* output = nullptr;         // [N, H]     h_t of every row
   T* workspace = nullptr;      // [N, W*H]   what backward reads (W = 5 LSTM, 4 GRU); null in inference
+  // With `input` the engine projects the input itself (gates_x is then null): every few steps each
+  // thread computes x W_ih^T (+ b_ih) of the next steps' rows for its own units into a buffer that
+  // stays in its cache (the inference op layer_inference).
+  const T* input = nullptr;    // [N, I]
+  const T* w_ih = nullptr;     // [G*H, I]
+  const T* b_ih = nullptr;     // [G*H]      null: none (the LSTM and Elman RNN add theirs to b_hh)
+  int64_t input_size = 0;      // I
   // bfloat16/float16 calls compute in float and round h_t to this type at every step (it is what
   // the caller sees and what the next step reads); the dtype itself otherwise.
   c10::ScalarType storage = c10::ScalarType::Float;

@@ -288,32 +288,85 @@ struct SliceScratch {
 // Forward
 // ---------------------------------------------------------------------------------------------
 
+// The rows of input projection that the engine computes at a time when it projects the input
+// itself (ForwardProblem::input): at most this many bytes of x W_ih^T per chunk of steps (all
+// units; each thread writes and reads only its own), so that a thread's part stays in its cache
+// between the chunk's projection and the steps that read it.
+constexpr int64_t kProjectionChunkBytes = 512 * 1024;
+
 // Per step and slice: the product h_{t-1} W_hh^T for the slice's blocks, tile by tile, each
-// finished (row, block) going straight into the cell's element function.
+// finished (row, block) going straight into the cell's element function
+// finish_element(row, r, gx, j, lanes, h_prev, acc): packed row `row` (batch row r of its step),
+// gx its G gates_x rows (row stride H), units [j, j + lanes), h_prev its h_{t-1}.
+// With p.input, every chunk of steps starts with the projection of the chunk's rows for the
+// slice's units (one register-tiled product over the chunk's rows, W_ih packed like W_hh).
 template <typename T, int G, typename Finish>
 void forward_loop(const ForwardProblem<T>& p, const Finish& finish_element) {
-  // What every cell's finish reads from memory: the G gates_x lines of the (row, unit block). The
-  // LSTM's cell state and the bias are small enough to stay in cache.
-  auto prefetch_element = [&](int64_t off, int64_t r, int64_t j) {
-    const T* gx = p.gates_x + (off + r) * G * p.hidden + j;
-    for (int g = 0; g < G; ++g) __builtin_prefetch(gx + g * p.hidden, 0, 3);
-  };
   constexpr int64_t V = kLanes<T>;
   const StepPlan& plan = *p.plan;
   const int64_t H = p.hidden;
+  const int64_t I = p.input_size;
+  const bool projects = p.input != nullptr;
   const int64_t blocks = (H + V - 1) / V;
-  const int64_t team = team_size(blocks, 2 * plan.batch * G * H * H);
-  T* const panels = panel_buffer<T>(blocks * H * G * V);
+  const int64_t steps = plan.steps();
+  // Chunks of steps for the projection: chunk_row[s] is the first row of step s in its chunk's
+  // buffer `projected` [chunk rows, G*H].
+  const int64_t chunk_steps =
+      projects ? std::max<int64_t>(1, kProjectionChunkBytes / (G * H * static_cast<int64_t>(sizeof(T))) /
+                                          std::max<int64_t>(1, plan.batch))
+               : 0;
+  std::vector<int64_t> chunk_row(projects ? steps : 0);
+  int64_t chunk_rows = 0;
+  for (int64_t s = 0, n = 0; projects && s < steps; ++s) {
+    if (s % chunk_steps == 0) n = 0;
+    chunk_row[s] = n;
+    n += plan.batch_sizes[plan.step_at(s)];
+    chunk_rows = std::max(chunk_rows, n);
+  }
+  const int64_t team = team_size(blocks, 2 * plan.batch * G * H * (H + I));
+  const int64_t hh_panel_size = blocks * H * G * V;
+  const int64_t ih_panel_size = projects ? blocks * I * G * V : 0;
+  T* const panels = panel_buffer<T>(hh_panel_size + ih_panel_size + chunk_rows * G * H);
+  T* const ih_panels = panels + hh_panel_size;
+  T* const projected = ih_panels + ih_panel_size;
+  const int64_t tile_rows = std::max(plan.batch, chunk_rows);
   std::vector<SliceScratch<T>> scratch(team);
   for (auto& s : scratch) {
-    s.rows.resize(plan.batch);
-    s.partial.resize(static_cast<size_t>(plan.batch * kTileBlocks<G> * G * V));
+    s.rows.resize(tile_rows);
+    s.partial.resize(static_cast<size_t>(tile_rows * kTileBlocks<G> * G * V));
   }
+  // What every cell's finish reads from memory, far out of cache: the G gates_x lines of the
+  // (row, unit block). The LSTM's cell state and the bias are small enough to stay in cache, and
+  // a projection of the engine's own was just written.
+  auto prefetch_element = [&](int64_t off, int64_t r, int64_t j) {
+    if (projects) return;
+    const T* gx = p.gates_x + (off + r) * G * H + j;
+    for (int g = 0; g < G; ++g) __builtin_prefetch(gx + g * H, 0, 3);
+  };
+  // x W_ih^T (+ b_ih) of the rows of steps [s, s + chunk_steps) for the units of blocks [b0, b1).
+  auto project_chunk = [&](SliceScratch<T>& sc, int64_t s, int64_t b0, int64_t b1) {
+    int64_t n = 0;
+    for (int64_t s2 = s; s2 < std::min(steps, s + chunk_steps); ++s2) {
+      const int64_t t = plan.step_at(s2);
+      for (int64_t r = 0; r < plan.batch_sizes[t]; ++r) sc.rows[n++] = p.input + (plan.offsets[t] + r) * I;
+    }
+    multiply_blocks<T, G>(sc.rows.data(), n, I, ih_panels, b0, b1, sc.partial.data(),
+                          [&](int64_t row, int64_t b, const Vec<T>* acc) {
+                            const int64_t j = b * V;
+                            const Lanes<T> l{std::min<int64_t>(V, H - j)};
+                            T* dst = projected + row * G * H + j;
+                            for (int g = 0; g < G; ++g) {
+                              l.store(dst + g * H, p.b_ih ? acc[g] + l.load(p.b_ih + g * H + j) : acc[g]);
+                            }
+                          },
+                          [](int64_t, int64_t) {});
+  };
   run_team(
-      team, plan.steps(),
+      team, steps,
       [&](int64_t slice) {
         const auto [b0, b1] = slice_blocks(blocks, team, slice);
         pack_row_panels<T, G>(p.w_hh, H, H, H, b0, b1, panels);
+        if (projects) pack_row_panels<T, G>(p.w_ih, H, H, I, b0, b1, ih_panels);
       },
       [&](int64_t slice, int64_t s) {
         const auto [b0, b1] = slice_blocks(blocks, team, slice);
@@ -322,13 +375,16 @@ void forward_loop(const ForwardProblem<T>& p, const Finish& finish_element) {
         const int64_t from_prev = plan.rows_from_previous(t);
         const int64_t prev = plan.previous_step(t);
         SliceScratch<T>& sc = scratch[slice];
+        if (projects && s % chunk_steps == 0) project_chunk(sc, s, b0, b1);
+        const T* const gx = projects ? projected + chunk_row[s] * G * H : p.gates_x + off * G * H;
         for (int64_t r = 0; r < rows; ++r) {
           sc.rows[r] = r < from_prev ? p.output + (plan.offsets[prev] + r) * H : p.h0 + r * H;
         }
         multiply_blocks<T, G>(sc.rows.data(), rows, H, panels, b0, b1, sc.partial.data(),
                               [&](int64_t r, int64_t b, const Vec<T>* acc) {
                                 const int64_t j = b * V;
-                                finish_element(off, r, j, Lanes<T>{std::min<int64_t>(V, H - j)}, sc.rows[r], acc);
+                                finish_element(off + r, r, gx + r * G * H, j, Lanes<T>{std::min<int64_t>(V, H - j)},
+                                               sc.rows[r], acc);
                               },
                               [&](int64_t r, int64_t b) {
                                 prefetch_element(off, r, b * V);
@@ -340,9 +396,9 @@ void forward_loop(const ForwardProblem<T>& p, const Finish& finish_element) {
 template <typename T>
 void lstm_forward(const ForwardProblem<T>& p) {
   const int64_t H = p.hidden;
-  forward_loop<T, 4>(p, [&](int64_t off, int64_t r, int64_t j, const Lanes<T>& l, const T*, const Vec<T>* acc) {
-    const int64_t row = off + r;
-    const T* gx = p.gates_x + row * 4 * H + j;
+  forward_loop<T, 4>(p, [&](int64_t row, int64_t r, const T* gx_row, int64_t j, const Lanes<T>& l, const T*,
+                            const Vec<T>* acc) {
+    const T* gx = gx_row + j;
     const T* bias = p.bias + j;
     auto pre = [&](int g) { return (l.load(gx + g * H) + acc[g]) + l.load(bias + g * H); };
     T* c = p.c_state + r * H + j;
@@ -363,10 +419,9 @@ void lstm_forward(const ForwardProblem<T>& p) {
 template <typename T>
 void gru_forward(const ForwardProblem<T>& p) {
   const int64_t H = p.hidden;
-  forward_loop<T, 3>(p, [&](int64_t off, int64_t r, int64_t j, const Lanes<T>& l, const T* h_prev,
-                            const Vec<T>* acc) {
-    const int64_t row = off + r;
-    const T* gx = p.gates_x + row * 3 * H + j;
+  forward_loop<T, 3>(p, [&](int64_t row, int64_t r, const T* gx_row, int64_t j, const Lanes<T>& l,
+                            const T* h_prev, const Vec<T>* acc) {
+    const T* gx = gx_row + j;
     const T* bias = p.bias + j;
     auto hh = [&](int g) { return acc[g] + l.load(bias + g * H); };
     const auto hh_n = hh(2);
@@ -386,9 +441,9 @@ void gru_forward(const ForwardProblem<T>& p) {
 template <typename T, Activation act>
 void rnn_forward(const ForwardProblem<T>& p) {
   const int64_t H = p.hidden;
-  forward_loop<T, 1>(p, [&](int64_t off, int64_t r, int64_t j, const Lanes<T>& l, const T*, const Vec<T>* acc) {
-    const int64_t row = off + r;
-    const auto h = rnnfused::rnn_forward<act>((l.load(p.gates_x + row * H + j) + acc[0]) + l.load(p.bias + j));
+  forward_loop<T, 1>(p, [&](int64_t row, int64_t r, const T* gx_row, int64_t j, const Lanes<T>& l, const T*,
+                            const Vec<T>* acc) {
+    const auto h = rnnfused::rnn_forward<act>((l.load(gx_row + j) + acc[0]) + l.load(p.bias + j));
     store_h(p, p.output + row * H + j, p.h_state + r * H + j, h, l);
   });
 }

@@ -738,9 +738,104 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_recurrence_backwa
           to_dtype(dh_state, dtype)};
 }
 
+// ---------------------------------------------------------------------------------------------
+// Inference from the input (layer_inference, csrc/op_schemas.h)
+// ---------------------------------------------------------------------------------------------
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_inference_cpu(
+    c10::string_view cell, const at::Tensor& input, const at::Tensor& w_ih, const c10::optional<at::Tensor>& b_ih,
+    const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_hh, const at::Tensor& h0,
+    const c10::optional<at::Tensor>& c0, const c10::optional<at::Tensor>& batch_sizes, bool reverse) {
+  const char* op = kLayerInferenceOp;
+  CellKind kind;
+  int64_t G;
+  if (cell == "lstm") {
+    kind = CellKind::Lstm, G = 4;
+  } else if (cell == "gru") {
+    kind = CellKind::Gru, G = 3;
+  } else if (cell == "rnn_tanh") {
+    kind = CellKind::RnnTanh, G = 1;
+  } else if (cell == "rnn_relu") {
+    kind = CellKind::RnnRelu, G = 1;
+  } else {
+    TORCH_CHECK(false, op, ": cell must be 'lstm', 'gru', 'rnn_tanh' or 'rnn_relu', got '", cell, "'");
+  }
+  const bool lstm = kind == CellKind::Lstm;
+  TORCH_CHECK(input.dim() == 2, op, ": input must be 2-D [rows, input_size], got ", input.dim(), "-D");
+  TORCH_CHECK(is_supported_dtype(input.scalar_type()), op, ": supports float32, float64, bfloat16 and float16, got ",
+              input.scalar_type());
+  check_matrix(op, "w_ih", w_ih, input, -1, input.size(1), "input");
+  TORCH_CHECK(w_ih.size(0) > 0 && w_ih.size(0) % G == 0, op, ": w_ih must have ", G, " * hidden rows, got shape ",
+              w_ih.sizes());
+  const int64_t H = w_ih.size(0) / G;
+  const int64_t I = input.size(1);
+  if (present(b_ih)) check_vector(op, "b_ih", *b_ih, input, G * H, "input");
+  check_matrix(op, "w_hh", w_hh, input, G * H, H, "input");
+  if (present(b_hh)) check_vector(op, "b_hh", *b_hh, input, G * H, "input");
+  check_matrix(op, "h0", h0, input, -1, H, "input");
+  TORCH_CHECK(lstm == present(c0), op, ": c0 must be given for the LSTM and only for it");
+  if (lstm) check_matrix(op, "c0", *c0, input, h0.size(0), H, "input");
+  const int64_t B = h0.size(0);
+  const auto dtype = input.scalar_type();
+  const bool engine = (dtype == at::kFloat || dtype == at::kDouble) && I > 0 && engine_runs(B);
+  if (!engine) {
+    // One GEMM, then the cell's recurrence op.
+    const at::Tensor gates_x = at::linear(input, w_ih, b_ih);
+    const c10::optional<at::Tensor> none;
+    switch (kind) {
+      case CellKind::Lstm: {
+        auto [output, h_n, c_n, workspace] =
+            lstm_recurrence_cpu(gates_x, w_hh, b_hh, none, h0, *c0, batch_sizes, reverse, false, none, none, none);
+        return {output, h_n, c_n};
+      }
+      case CellKind::Gru: {
+        auto [output, h_n, workspace] = gru_recurrence_cpu(gates_x, w_hh, b_hh, h0, batch_sizes, reverse, false, none, none);
+        return {output, h_n, at::empty({0}, output.options())};
+      }
+      case CellKind::RnnTanh:
+      case CellKind::RnnRelu: {
+        auto [output, h_n] = kind == CellKind::RnnTanh
+                                 ? rnn_recurrence_cpu<Activation::Tanh>(gates_x, w_hh, b_hh, h0, batch_sizes, reverse, none, none)
+                                 : rnn_recurrence_cpu<Activation::Relu>(gates_x, w_hh, b_hh, h0, batch_sizes, reverse, none, none);
+        return {output, h_n, at::empty({0}, output.options())};
+      }
+    }
+  }
+  const StepPlan plan = make_step_plan(op, input.size(0), B, batch_sizes, reverse);
+  const at::Tensor x = input.contiguous();
+  const at::Tensor wih = w_ih.contiguous();
+  const at::Tensor bih = present(b_ih) ? b_ih->contiguous() : at::Tensor();
+  const at::Tensor whh = w_hh.contiguous();
+  const at::Tensor bias = bias_or_zeros(b_hh, G * H, input, dtype);
+  const at::Tensor h0_c = h0.contiguous();
+  at::Tensor h_state = state_copy(h0, dtype);
+  at::Tensor c_state = lstm ? state_copy(*c0, dtype) : at::empty({0}, input.options());
+  at::Tensor output = at::empty({plan.rows, H}, input.options());
+  AT_DISPATCH_FLOATING_TYPES(dtype, "rnnfused_layer_inference_cpu", [&] {
+    ForwardProblem<scalar_t> p;
+    p.cell = kind;
+    p.plan = &plan;
+    p.hidden = H;
+    p.w_hh = whh.data_ptr<scalar_t>();
+    p.bias = bias.data_ptr<scalar_t>();
+    p.h0 = h0_c.data_ptr<scalar_t>();
+    p.h_state = h_state.data_ptr<scalar_t>();
+    p.c_state = lstm ? c_state.data_ptr<scalar_t>() : nullptr;
+    p.output = output.data_ptr<scalar_t>();
+    p.storage = dtype;
+    p.input = x.data_ptr<scalar_t>();
+    p.w_ih = wih.data_ptr<scalar_t>();
+    p.b_ih = ptr_or_null<scalar_t>(bih);
+    p.input_size = I;
+    engine_kernels<scalar_t>().forward(p);
+  });
+  return {output, h_state, c_state};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(rnnfused, CPU, m) {
+  m.impl("layer_inference", &layer_inference_cpu);
   m.impl("lstm_recurrence", &lstm_recurrence_cpu);
   m.impl("lstm_recurrence_backward", &lstm_recurrence_backward_cpu);
   m.impl("gru_recurrence", &gru_recurrence_cpu);
