@@ -73,6 +73,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "Testing hook: run the CPU time loops on 'auto', 'fused' (the engine) or 'steps' (per-step GEMMs)");
   m.def("_cpu_engine_runs", &rnnfused::cpu::engine_runs,
         "Testing hook: whether a call of this many rows (no projection) runs on the engine under the current path");
+  m.def("_cpu_engine_projects_input", &rnnfused::cpu::engine_projects_input,
+        "Whether layer_inference projects the input inside the engine for (batch, G * hidden, hidden, input_size, "
+        "element size)");
   m.def("_set_cpu_engine_straggler_delay_us", &rnnfused::cpu::set_engine_straggler_delay_us,
         "Testing hook: the threads owning slices other than the first sleep this long before each phase");
   m.def("_cpu_engine_takeovers", &rnnfused::cpu::engine_takeovers,

@@ -109,14 +109,16 @@ def _reusable_projection(input, w_ih, b_ih):
     return input.shape[0] * w_ih.shape[0] * input.element_size() >= _REUSED_PROJECTION_MIN_BYTES
 
 
-def _infers_from_input(input, h0, tensors):
+def _infers_from_input(input, w_ih, w_hh, h0, tensors):
     """Whether a layer runs as one rnnfused::layer_inference op, which projects the input itself a
     few steps ahead inside the fused engine (csrc/op_schemas.h): in eager CPU inference in float32
-    or float64, where the engine runs (the batch decides, see rnnfused.cpu_path()). Elsewhere the
-    projection is one GEMM before the recurrence op."""
+    or float64, where the engine runs (the batch decides, see rnnfused.cpu_path()) and each
+    thread's share of W_ih and W_hh fits its cache (csrc/cpu/engine.h). Elsewhere the projection
+    is one GEMM before the recurrence op."""
     return (_ops_ns is _CPU_OPS and _eager_cpu_inference(input, tensors)
-            and input.dtype in (torch.float32, torch.float64) and input.shape[-1] > 0
-            and _C._cpu_engine_runs(h0.shape[0]))
+            and input.dtype in (torch.float32, torch.float64)
+            and _C._cpu_engine_projects_input(h0.shape[0], w_ih.shape[0], w_hh.shape[1], input.shape[1],
+                                              input.element_size()))
 
 
 def _linear(input, w_ih, b_ih=None):
@@ -183,7 +185,7 @@ def lstm_layer(input, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0, batch_sizes=None, re
     ``training=False`` (eval mode) keeps no workspace for backward, so that inference, exported
     programs included, stores nothing extra; a backward through it recomputes the forward."""
     if (w_hr is None and recurrent_mask is None and zoneout is None and cell_zoneout is None
-            and _infers_from_input(input, h0, (input, w_ih, w_hh, b_ih, b_hh, h0, c0))):
+            and _infers_from_input(input, w_ih, w_hh, h0, (input, w_ih, w_hh, b_ih, b_hh, h0, c0))):
         b_ih, b_hh = _summed_bias(b_ih, b_hh)
         return _ops_ns.layer_inference("lstm", input, w_ih, b_ih, w_hh, b_hh, h0, c0, batch_sizes, reverse)
     gates_x, bias = _project_summed_bias(input, w_ih, b_ih, b_hh)
@@ -196,7 +198,8 @@ def lstm_layer(input, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0, batch_sizes=None, re
 def gru_layer(input, w_ih, w_hh, b_ih, b_hh, h0, batch_sizes=None, reverse=False, training=True, recurrent_mask=None,
               zoneout=None):
     """GRU layer. Returns ``output, h_n``. ``training`` as for :func:`lstm_layer`."""
-    if recurrent_mask is None and zoneout is None and _infers_from_input(input, h0, (input, w_ih, w_hh, b_ih, b_hh, h0)):
+    if recurrent_mask is None and zoneout is None and _infers_from_input(input, w_ih, w_hh, h0,
+                                                                          (input, w_ih, w_hh, b_ih, b_hh, h0)):
         output, h_n, _ = _ops_ns.layer_inference("gru", input, w_ih, b_ih, w_hh, b_hh, h0, None, batch_sizes, reverse)
         return output, h_n
     gates_x = _project(input, w_ih, b_ih)
@@ -209,7 +212,8 @@ def gru_layer(input, w_ih, w_hh, b_ih, b_hh, h0, batch_sizes=None, reverse=False
 def rnn_tanh_layer(input, w_ih, w_hh, b_ih, b_hh, h0, batch_sizes=None, reverse=False, recurrent_mask=None,
                    zoneout=None):
     """Elman RNN layer with tanh. Returns ``output, h_n``."""
-    if recurrent_mask is None and zoneout is None and _infers_from_input(input, h0, (input, w_ih, w_hh, b_ih, b_hh, h0)):
+    if recurrent_mask is None and zoneout is None and _infers_from_input(input, w_ih, w_hh, h0,
+                                                                          (input, w_ih, w_hh, b_ih, b_hh, h0)):
         b_ih, b_hh = _summed_bias(b_ih, b_hh)
         output, h_n, _ = _ops_ns.layer_inference("rnn_tanh", input, w_ih, b_ih, w_hh, b_hh, h0, None, batch_sizes,
                                                  reverse)
@@ -221,7 +225,8 @@ def rnn_tanh_layer(input, w_ih, w_hh, b_ih, b_hh, h0, batch_sizes=None, reverse=
 def rnn_relu_layer(input, w_ih, w_hh, b_ih, b_hh, h0, batch_sizes=None, reverse=False, recurrent_mask=None,
                    zoneout=None):
     """Elman RNN layer with ReLU. Returns ``output, h_n``."""
-    if recurrent_mask is None and zoneout is None and _infers_from_input(input, h0, (input, w_ih, w_hh, b_ih, b_hh, h0)):
+    if recurrent_mask is None and zoneout is None and _infers_from_input(input, w_ih, w_hh, h0,
+                                                                          (input, w_ih, w_hh, b_ih, b_hh, h0)):
         b_ih, b_hh = _summed_bias(b_ih, b_hh)
         output, h_n, _ = _ops_ns.layer_inference("rnn_relu", input, w_ih, b_ih, w_hh, b_hh, h0, None, batch_sizes,
                                                  reverse)

@@ -243,6 +243,28 @@ def test_layers_use_it_in_inference_only(mode, counted, cpu_path):
     assert counted.calls == 3
 
 
+def test_large_layers_project_with_a_gemm(counted, cpu_path):
+    """Where a thread's share of W_ih and W_hh would not fit its cache, the layer projects with one
+    GEMM first (csrc/cpu/engine.h, kProjectingPanelBytes): 1 MiB per thread."""
+    cpu_path("auto")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert _C._cpu_engine_projects_input(16, 4 * 256, 256, 256, 4)  # 1 MiB per thread
+        assert not _C._cpu_engine_projects_input(16, 4 * 256, 256, 257, 4)
+        assert not _C._cpu_engine_projects_input(16, 4 * 512, 512, 512, 4)
+        assert not _C._cpu_engine_projects_input(16, 4 * 256, 256, 256, 8)  # float64: twice the bytes
+        assert not _C._cpu_engine_projects_input(16, 4 * 256, 256, 0, 4)
+        assert not _C._cpu_engine_projects_input(64, 4, 1, 1, 4)  # no engine at B = 64 (auto)
+        with torch.no_grad():
+            rnnfused.LSTM(512, 512).eval()(torch.randn(3, 16, 512))
+            assert counted.calls == 0
+            rnnfused.LSTM(256, 256).eval()(torch.randn(3, 16, 256))
+            assert counted.calls == 1
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_regularized_and_projected_layers_do_not_use_it(counted):
     with torch.no_grad():
         rnnfused.LSTM(11, 24, proj_size=7).eval()(torch.randn(5, 3, 11))

@@ -7,6 +7,8 @@
 
 #include <c10/util/Exception.h>
 
+#include <ATen/Parallel.h>
+
 #include "engine.h"
 #include "team.h"
 #include "pointwise.h"
@@ -173,6 +175,16 @@ CpuPath parse_cpu_path(const std::string& name, const char* what) {
   if (name == "fused") return CpuPath::Fused;
   TORCH_CHECK(name == "steps", what, " must be 'auto', 'fused' or 'steps', got '", name, "'");
   return CpuPath::Steps;
+}
+bool engine_projects_input(int64_t batch, int64_t gate_rows, int64_t hidden, int64_t input_size,
+                           int64_t element_size) {
+  if (!engine_runs(batch) || input_size <= 0) return false;
+  // The engine's team (team_size in engine_impl.h, up to the number of unit blocks).
+  const int64_t flops = 2 * batch * gate_rows * (hidden + input_size);
+  int64_t team = at::in_parallel_region() ? 1 : at::get_num_threads();
+  if (g_min_flops_per_thread > 0) team = std::min(team, std::max<int64_t>(1, flops / g_min_flops_per_thread));
+  team = std::max<int64_t>(1, std::min(team, hidden));
+  return gate_rows * (hidden + input_size) * element_size <= kProjectingPanelBytes * team;
 }
 int64_t engine_min_flops_per_thread() { return g_min_flops_per_thread; }
 void set_engine_min_flops_per_thread(int64_t flops) { g_min_flops_per_thread = flops; }

@@ -777,7 +777,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_inference_cpu(
   if (lstm) check_matrix(op, "c0", *c0, input, h0.size(0), H, "input");
   const int64_t B = h0.size(0);
   const auto dtype = input.scalar_type();
-  const bool engine = (dtype == at::kFloat || dtype == at::kDouble) && I > 0 && engine_runs(B);
+  const bool engine = (dtype == at::kFloat || dtype == at::kDouble) &&
+                      engine_projects_input(B, G * H, H, I, static_cast<int64_t>(c10::elementSize(dtype)));
   if (!engine) {
     // One GEMM, then the cell's recurrence op.
     const at::Tensor gates_x = at::linear(input, w_ih, b_ih);
