@@ -76,6 +76,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("_cpu_engine_projects_input", &rnnfused::cpu::engine_projects_input,
         "Whether layer_inference projects the input inside the engine for (batch, G * hidden, hidden, input_size, "
         "element size)");
+  m.def("_set_cpu_engine_projection_override", &rnnfused::cpu::set_engine_projection_override,
+        "Testing hook: 1 makes layer_inference project inside the engine wherever it runs, -1 never, 0 by the rule");
   m.def("_set_cpu_engine_straggler_delay_us", &rnnfused::cpu::set_engine_straggler_delay_us,
         "Testing hook: the threads owning slices other than the first sleep this long before each phase");
   m.def("_cpu_engine_takeovers", &rnnfused::cpu::engine_takeovers,

@@ -25,6 +25,7 @@ INFERENCE_SNIPPET = """
     print(rnnfused.build_info()["cpu_isa"])
     _C._set_cpu_path("fused")          # every batch on the engine
     _C._set_cpu_engine_min_flops(0)   # every size runs on the whole team
+    _C._set_cpu_engine_projection_override(1)  # every cell projects inside the engine, on every ISA
     calls = []
     op = torch.ops.rnnfused.layer_inference
     class Counting:
@@ -104,12 +105,21 @@ def cpu_path():
     _C._set_cpu_engine_min_flops(flops)
 
 
+@pytest.fixture
+def projection_everywhere():
+    """Every call the engine runs projects inside it, whatever the cell, ISA and size (by default
+    only where that was measured faster: csrc/cpu/engine.h), so that the code is tested on all."""
+    _C._set_cpu_engine_projection_override(1)
+    yield
+    _C._set_cpu_engine_projection_override(0)
+
+
 @pytest.mark.parametrize("mode", list(LAYER_MODES))
 @pytest.mark.parametrize("path", ["fused", "steps"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("bias", [True, False])
-def test_op_agrees_with_the_recurrence_op(mode, path, dtype, reverse, bias, cpu_path):
+def test_op_agrees_with_the_recurrence_op(mode, path, dtype, reverse, bias, cpu_path, projection_everywhere):
     """On the engine the projection's sums run in another order than the GEMM's: agreement to
     rounding. On the per-step path (and in 16-bit dtypes, which never project in the engine) the op
     is the GEMM and the recurrence op: the same numbers, bit for bit."""
@@ -133,7 +143,7 @@ def test_op_agrees_with_the_recurrence_op(mode, path, dtype, reverse, bias, cpu_
         torch.testing.assert_close(a, e, **tolerance)
 
 
-def test_op_padded_and_long_sequences(cpu_path):
+def test_op_padded_and_long_sequences(cpu_path, projection_everywhere):
     """No batch_sizes (a padded batch), and more steps than one chunk of the projection holds."""
     cpu_path("fused")
     for mode in LAYER_MODES:
@@ -217,7 +227,7 @@ def _layer(mode, **kwargs):
 
 
 @pytest.mark.parametrize("mode", list(LAYER_MODES))
-def test_layers_use_it_in_inference_only(mode, counted, cpu_path):
+def test_layers_use_it_in_inference_only(mode, counted, cpu_path, projection_everywhere):
     cpu_path("auto")
     ref, ours, x = _layer(mode)
     with torch.no_grad():
@@ -243,29 +253,35 @@ def test_layers_use_it_in_inference_only(mode, counted, cpu_path):
     assert counted.calls == 3
 
 
-def test_large_layers_project_with_a_gemm(counted, cpu_path):
-    """Where a thread's share of W_ih and W_hh would not fit its cache, the layer projects with one
-    GEMM first (csrc/cpu/engine.h, kProjectingPanelBytes): 1 MiB per thread."""
+def test_where_it_projects_inside_the_engine(counted, cpu_path):
+    """The rule of csrc/cpu/engine.h (what was measured faster than the GEMM first): the LSTM and
+    GRU where the ISA's register tiles hold at least 4 rows (AVX-512: LSTM 6, GRU 8; AVX2 and the
+    portable build: LSTM 2, GRU 4), never the Elman RNN, and each thread's share of W_ih and W_hh
+    at most 1 MiB; elsewhere the layer projects with one GEMM first."""
     cpu_path("auto")
+    wide = rnnfused.build_info()["cpu_isa"] == "avx512"
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        assert _C._cpu_engine_projects_input(16, 4 * 256, 256, 256, 4)  # 1 MiB per thread
-        assert not _C._cpu_engine_projects_input(16, 4 * 256, 256, 257, 4)
-        assert not _C._cpu_engine_projects_input(16, 4 * 512, 512, 512, 4)
-        assert not _C._cpu_engine_projects_input(16, 4 * 256, 256, 256, 8)  # float64: twice the bytes
-        assert not _C._cpu_engine_projects_input(16, 4 * 256, 256, 0, 4)
-        assert not _C._cpu_engine_projects_input(64, 4, 1, 1, 4)  # no engine at B = 64 (auto)
+        assert _C._cpu_engine_projects_input(16, 4 * 256, 256, 256, 4) == wide  # 1 MiB per thread
+        assert _C._cpu_engine_projects_input(16, 3 * 256, 256, 256, 4)
+        assert not _C._cpu_engine_projects_input(16, 256, 256, 256, 4)
+        assert not _C._cpu_engine_projects_input(16, 3 * 256, 256, 430, 4)
+        assert not _C._cpu_engine_projects_input(16, 3 * 512, 512, 512, 4)
+        assert not _C._cpu_engine_projects_input(16, 3 * 256, 256, 256, 8)  # float64: twice the bytes
+        assert not _C._cpu_engine_projects_input(16, 3 * 256, 256, 0, 4)
+        assert not _C._cpu_engine_projects_input(64, 3, 1, 1, 4)  # no engine at B = 64 (auto)
         with torch.no_grad():
-            rnnfused.LSTM(512, 512).eval()(torch.randn(3, 16, 512))
+            rnnfused.GRU(512, 512).eval()(torch.randn(3, 16, 512))
+            rnnfused.RNN(256, 256).eval()(torch.randn(3, 16, 256))
             assert counted.calls == 0
-            rnnfused.LSTM(256, 256).eval()(torch.randn(3, 16, 256))
+            rnnfused.GRU(256, 256).eval()(torch.randn(3, 16, 256))
             assert counted.calls == 1
     finally:
         torch.set_num_threads(threads)
 
 
-def test_regularized_and_projected_layers_do_not_use_it(counted):
+def test_regularized_and_projected_layers_do_not_use_it(counted, projection_everywhere):
     with torch.no_grad():
         rnnfused.LSTM(11, 24, proj_size=7).eval()(torch.randn(5, 3, 11))
         rnnfused.LSTM(11, 24, zoneout=0.2).eval()(torch.randn(5, 3, 11))
@@ -274,7 +290,7 @@ def test_regularized_and_projected_layers_do_not_use_it(counted):
     assert counted.calls == 0
 
 
-def test_traced_and_exported_layers_do_not_use_it(counted):
+def test_traced_and_exported_layers_do_not_use_it(counted, projection_everywhere):
     ours = rnnfused.LSTM(11, 24).eval()
     x = torch.randn(5, 3, 11)
     with torch.no_grad():

@@ -86,6 +86,7 @@ struct EngineKernels {
   const char* isa;
   void (*forward)(const ForwardProblem<T>&);
   void (*backward)(const BackwardProblem<T>&);
+  int tile_rows[5];  // rows of the forward's register tiles, by G (entries 1, 3 and 4)
 };
 
 // The engine for the processor's instruction set (the same choice as pointwise_kernels()).
@@ -113,13 +114,19 @@ inline bool engine_runs(int64_t batch) {
 }
 
 // Whether layer_inference projects the input inside the engine (ForwardProblem::input) for a call
-// of `batch` rows, G*H = gate_rows, H = hidden, I = input_size: where the engine runs and each
-// thread's packed W_ih and W_hh together take at most kProjectingPanelBytes; otherwise the op
-// projects with one GEMM first. Measured side by side (2 threads, AVX-512 Xeon with 2 MiB of L2
-// per core, 2026-11-29, eval LSTM forward, T = 100, B = 16): 1 MiB per thread (H = I = 256) 9%
-// faster than the GEMM first; 4 MiB (H = I = 512) 8% slower, 9 MiB (H = I = 768, T = 256) 7% slower.
+// of `batch` rows, G*H = gate_rows, H = hidden, I = input_size: where the engine runs, for the LSTM
+// and GRU where the ISA's register tiles hold at least 4 rows, and where each thread's packed W_ih
+// and W_hh together take at most kProjectingPanelBytes; otherwise the op projects with one GEMM
+// first. Measured side by side against the GEMM first (2 threads, AVX-512 Xeon with 2 MiB of L2
+// per core, 2026-11-29, eval forward, T = 100, I = H = 256, B = 16 unless said): AVX-512 LSTM
+// (6-row tiles) 4-9% faster, GRU (8 rows) 20-25% faster, Elman RNN 10% slower (a quarter of the
+// work per row, where the GEMM's larger tiles win); capped to AVX2: GRU (4 rows) 7% faster, LSTM
+// (2 rows) 7% slower, RNN 32% slower. AVX-512 LSTM with H = I = 512 (4 MiB per thread) 8% slower,
+// H = I = 768 (9 MiB, T = 256) 7% slower: the panels no longer stay in cache.
 constexpr int64_t kProjectingPanelBytes = 1 << 20;
 bool engine_projects_input(int64_t batch, int64_t gate_rows, int64_t hidden, int64_t input_size, int64_t element_size);
+// Testing hook: 1 projects inside the engine wherever the engine runs, -1 never, 0 by the rule.
+void set_engine_projection_override(int override);
 
 // The work of one step (in flops) that one more thread of the team must have at least; below
 // it the team is smaller (a barrier per step costs about a microsecond). 0: as many threads as

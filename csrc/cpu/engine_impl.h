@@ -606,7 +606,10 @@ void backward(const BackwardProblem<T>& p) {
 
 template <typename T>
 EngineKernels<T> make_engine() {
-  return EngineKernels<T>{RNNFUSED_ISA_NAME, &engine::forward<T>, &engine::backward<T>};
+  return EngineKernels<T>{RNNFUSED_ISA_NAME,
+                          &engine::forward<T>,
+                          &engine::backward<T>,
+                          {0, engine::kTileRows<1>, 0, engine::kTileRows<3>, engine::kTileRows<4>}};
 }
 
 }  // namespace rnnfused::cpu::RNNFUSED_ISA

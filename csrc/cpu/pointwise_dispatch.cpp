@@ -144,6 +144,9 @@ std::atomic<int64_t> g_takeovers{0};
 // About 1 us of one core's work: a step barrier costs a fraction of that.
 int64_t g_min_flops_per_thread = 32 * 1024;
 
+// engine_projects_input's testing override (engine.h).
+int g_projection_override = 0;
+
 }  // namespace
 
 template <typename T>
@@ -178,7 +181,12 @@ CpuPath parse_cpu_path(const std::string& name, const char* what) {
 }
 bool engine_projects_input(int64_t batch, int64_t gate_rows, int64_t hidden, int64_t input_size,
                            int64_t element_size) {
-  if (!engine_runs(batch) || input_size <= 0) return false;
+  if (!engine_runs(batch) || input_size <= 0 || hidden <= 0) return false;
+  if (g_projection_override != 0) return g_projection_override > 0;
+  const int64_t gates = gate_rows / hidden;
+  if (gates < 3) return false;
+  const int* tile_rows = element_size == 8 ? engine_kernels<double>().tile_rows : engine_kernels<float>().tile_rows;
+  if (tile_rows[gates] < 4) return false;
   // The engine's team (team_size in engine_impl.h, up to the number of unit blocks).
   const int64_t flops = 2 * batch * gate_rows * (hidden + input_size);
   int64_t team = at::in_parallel_region() ? 1 : at::get_num_threads();
@@ -186,6 +194,7 @@ bool engine_projects_input(int64_t batch, int64_t gate_rows, int64_t hidden, int
   team = std::max<int64_t>(1, std::min(team, hidden));
   return gate_rows * (hidden + input_size) * element_size <= kProjectingPanelBytes * team;
 }
+void set_engine_projection_override(int override) { g_projection_override = override; }
 int64_t engine_min_flops_per_thread() { return g_min_flops_per_thread; }
 void set_engine_min_flops_per_thread(int64_t flops) { g_min_flops_per_thread = flops; }
 

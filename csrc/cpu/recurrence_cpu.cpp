@@ -790,14 +790,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_inference_cpu(
         return {output, h_n, c_n};
       }
       case CellKind::Gru: {
-        auto [output, h_n, workspace] = gru_recurrence_cpu(gates_x, w_hh, b_hh, h0, batch_sizes, reverse, false, none, none);
+        auto [output, h_n, workspace] =
+            gru_recurrence_cpu(gates_x, w_hh, b_hh, h0, batch_sizes, reverse, false, none, none);
         return {output, h_n, at::empty({0}, output.options())};
       }
       case CellKind::RnnTanh:
       case CellKind::RnnRelu: {
-        auto [output, h_n] = kind == CellKind::RnnTanh
-                                 ? rnn_recurrence_cpu<Activation::Tanh>(gates_x, w_hh, b_hh, h0, batch_sizes, reverse, none, none)
-                                 : rnn_recurrence_cpu<Activation::Relu>(gates_x, w_hh, b_hh, h0, batch_sizes, reverse, none, none);
+        const auto rnn = kind == CellKind::RnnTanh ? &rnn_recurrence_cpu<Activation::Tanh>
+                                                   : &rnn_recurrence_cpu<Activation::Relu>;
+        auto [output, h_n] = rnn(gates_x, w_hh, b_hh, h0, batch_sizes, reverse, none, none);
         return {output, h_n, at::empty({0}, output.options())};
       }
     }
