@@ -210,30 +210,28 @@ def gru_layer(input, w_ih, w_hh, b_ih, b_hh, h0, batch_sizes=None, reverse=False
     return output, h_n
 
 
-def rnn_tanh_layer(input, w_ih, w_hh, b_ih, b_hh, h0, batch_sizes=None, reverse=False, recurrent_mask=None,
-                   zoneout=None):
-    """Elman RNN layer with tanh. Returns ``output, h_n``."""
+def _elman_layer(nonlinearity, input, w_ih, w_hh, b_ih, b_hh, h0, batch_sizes, reverse, recurrent_mask, zoneout):
     if recurrent_mask is None and zoneout is None and _infers_from_input(input, w_ih, w_hh, h0,
                                                                           (input, w_ih, w_hh, b_ih, b_hh, h0)):
         b_ih, b_hh = _summed_bias(b_ih, b_hh)
-        output, h_n, _ = _ops_ns.layer_inference("rnn_tanh", input, w_ih, b_ih, w_hh, b_hh, h0, None, batch_sizes,
-                                                 reverse)
+        output, h_n, _ = _ops_ns.layer_inference(f"rnn_{nonlinearity}", input, w_ih, b_ih, w_hh, b_hh, h0, None,
+                                                 batch_sizes, reverse)
         return output, h_n
     gates_x, bias = _project_summed_bias(input, w_ih, b_ih, b_hh)
-    return _ops_ns.rnn_tanh_recurrence(gates_x, w_hh, bias, h0, batch_sizes, reverse, recurrent_mask, zoneout)
+    recurrence = getattr(_ops_ns, f"rnn_{nonlinearity}_recurrence")
+    return recurrence(gates_x, w_hh, bias, h0, batch_sizes, reverse, recurrent_mask, zoneout)
+
+
+def rnn_tanh_layer(input, w_ih, w_hh, b_ih, b_hh, h0, batch_sizes=None, reverse=False, recurrent_mask=None,
+                   zoneout=None):
+    """Elman RNN layer with tanh. Returns ``output, h_n``."""
+    return _elman_layer("tanh", input, w_ih, w_hh, b_ih, b_hh, h0, batch_sizes, reverse, recurrent_mask, zoneout)
 
 
 def rnn_relu_layer(input, w_ih, w_hh, b_ih, b_hh, h0, batch_sizes=None, reverse=False, recurrent_mask=None,
                    zoneout=None):
     """Elman RNN layer with ReLU. Returns ``output, h_n``."""
-    if recurrent_mask is None and zoneout is None and _infers_from_input(input, w_ih, w_hh, h0,
-                                                                          (input, w_ih, w_hh, b_ih, b_hh, h0)):
-        b_ih, b_hh = _summed_bias(b_ih, b_hh)
-        output, h_n, _ = _ops_ns.layer_inference("rnn_relu", input, w_ih, b_ih, w_hh, b_hh, h0, None, batch_sizes,
-                                                 reverse)
-        return output, h_n
-    gates_x, bias = _project_summed_bias(input, w_ih, b_ih, b_hh)
-    return _ops_ns.rnn_relu_recurrence(gates_x, w_hh, bias, h0, batch_sizes, reverse, recurrent_mask, zoneout)
+    return _elman_layer("relu", input, w_ih, w_hh, b_ih, b_hh, h0, batch_sizes, reverse, recurrent_mask, zoneout)
 
 
 # ---------------------------------------------------------------------------------------------------

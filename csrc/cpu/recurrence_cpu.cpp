@@ -168,7 +168,7 @@ ForwardProblem<T> forward_problem(CellKind cell, const StepPlan& plan, int64_t H
   p.cell = cell;
   p.plan = &plan;
   p.hidden = H;
-  p.gates_x = gx.data_ptr<T>();
+  p.gates_x = ptr_or_null<T>(gx);  // undefined: the engine projects the input itself (layer_inference)
   p.w_hh = whh.data_ptr<T>();
   p.bias = bias.data_ptr<T>();
   p.h0 = h0.data_ptr<T>();
@@ -813,18 +813,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_inference_cpu(
   at::Tensor h_state = state_copy(h0, dtype);
   at::Tensor c_state = lstm ? state_copy(*c0, dtype) : at::empty({0}, input.options());
   at::Tensor output = at::empty({plan.rows, H}, input.options());
+  at::Tensor no_workspace;
   AT_DISPATCH_FLOATING_TYPES(dtype, "rnnfused_layer_inference_cpu", [&] {
-    ForwardProblem<scalar_t> p;
-    p.cell = kind;
-    p.plan = &plan;
-    p.hidden = H;
-    p.w_hh = whh.data_ptr<scalar_t>();
-    p.bias = bias.data_ptr<scalar_t>();
-    p.h0 = h0_c.data_ptr<scalar_t>();
-    p.h_state = h_state.data_ptr<scalar_t>();
+    auto p = forward_problem<scalar_t>(kind, plan, H, at::Tensor(), whh, bias, h0_c, h_state, output, no_workspace,
+                                       false, dtype);
     p.c_state = lstm ? c_state.data_ptr<scalar_t>() : nullptr;
-    p.output = output.data_ptr<scalar_t>();
-    p.storage = dtype;
     p.input = x.data_ptr<scalar_t>();
     p.w_ih = wih.data_ptr<scalar_t>();
     p.b_ih = ptr_or_null<scalar_t>(bih);
