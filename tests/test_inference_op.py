@@ -266,6 +266,8 @@ def test_where_it_projects_inside_the_engine(counted, cpu_path):
         assert _C._cpu_engine_projects_input(16, 4 * 256, 256, 256, 4) == wide  # 1 MiB per thread
         assert _C._cpu_engine_projects_input(16, 3 * 256, 256, 256, 4)
         assert not _C._cpu_engine_projects_input(16, 256, 256, 256, 4)
+        assert not _C._cpu_engine_projects_input(16, 5 * 256, 256, 256, 4)  # no cell has 5 gates
+        assert not _C._cpu_engine_projects_input(16, 3 * 256 + 1, 256, 256, 4)
         assert not _C._cpu_engine_projects_input(16, 3 * 256, 256, 430, 4)
         assert not _C._cpu_engine_projects_input(16, 3 * 512, 512, 512, 4)
         assert not _C._cpu_engine_projects_input(16, 3 * 256, 256, 256, 8)  # float64: twice the bytes

@@ -184,7 +184,7 @@ bool engine_projects_input(int64_t batch, int64_t gate_rows, int64_t hidden, int
   if (!engine_runs(batch) || input_size <= 0 || hidden <= 0) return false;
   if (g_projection_override != 0) return g_projection_override > 0;
   const int64_t gates = gate_rows / hidden;
-  if (gates < 3) return false;
+  if (gates * hidden != gate_rows || (gates != 3 && gates != 4)) return false;  // the LSTM and GRU only
   const int* tile_rows = element_size == 8 ? engine_kernels<double>().tile_rows : engine_kernels<float>().tile_rows;
   if (tile_rows[gates] < 4) return false;
   // The engine's team (team_size in engine_impl.h, up to the number of unit blocks).
