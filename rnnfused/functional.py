@@ -110,16 +110,18 @@ def _reusable_projection(input, w_ih, b_ih):
 
 
 def _infers_from_input(input, w_ih, w_hh, h0, tensors):
-    """Whether a layer runs as one rnnfused::layer_inference op, which projects the input itself a
-    few steps ahead inside the fused engine (csrc/op_schemas.h): in eager CPU inference in float32
-    or float64, where the engine runs (the batch decides, see rnnfused.cpu_path()) and projecting
-    inside it was measured faster (the cell, the ISA's register tiles, whether each thread's share
-    of W_ih and W_hh fits its cache: csrc/cpu/engine.h). Elsewhere the projection is one GEMM
-    before the recurrence op."""
+    """Whether a layer runs as one rnnfused::layer_inference op, which projects the input itself
+    inside the fused engine (csrc/op_schemas.h): in eager CPU inference in float32 or float64,
+    where the engine's per-slice BLAS products run (libtorch's BLAS; above 16 rows, and at every
+    batch in float32 with MKL's packed GEMM) or where its register tiles run and projecting inside
+    them was measured faster (the cell, the ISA's tiles, whether each thread's share of W_ih and
+    W_hh fits its cache). The rules and their measurements: csrc/cpu/engine.h. Elsewhere the
+    projection is one GEMM before the recurrence op."""
     return (_ops_ns is _CPU_OPS and _eager_cpu_inference(input, tensors)
             and input.dtype in (torch.float32, torch.float64)
-            and _C._cpu_engine_projects_input(h0.shape[0], w_ih.shape[0], w_hh.shape[1], input.shape[1],
-                                              input.element_size()))
+            and (_C._cpu_engine_blas_inference(h0.shape[0], input.element_size())
+                 or _C._cpu_engine_projects_input(h0.shape[0], w_ih.shape[0], w_hh.shape[1], input.shape[1],
+                                                  input.element_size())))
 
 
 def _linear(input, w_ih, b_ih=None):

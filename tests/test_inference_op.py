@@ -3,6 +3,8 @@ input itself, the projection computed inside the fused engine a few steps ahead.
 torch.nn at odd sizes on every instruction set and with teams of 1, 2 and 3 threads; agreement
 with the recurrence ops on a GEMM's projection; when the layers call it and when they do not;
 its errors; its fake kernel."""
+import textwrap
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -23,9 +25,12 @@ INFERENCE_SNIPPET = """
     from rnnfused import _C, functional
     from helpers import LAYER_MODES, flatten, sequence_inputs, twin_layers
     print(rnnfused.build_info()["cpu_isa"])
-    _C._set_cpu_path("fused")          # every batch on the engine
     _C._set_cpu_engine_min_flops(0)   # every size runs on the whole team
-    _C._set_cpu_engine_projection_override(1)  # every cell projects inside the engine, on every ISA
+    if PRODUCT == "tiles":
+        _C._set_cpu_path("fused")          # every batch on the engine's register tiles
+        _C._set_cpu_engine_projection_override(1)  # every cell projects inside the engine, on every ISA
+    else:
+        _C._set_cpu_engine_blas_override(1)  # every batch on the engine's per-slice BLAS products
     calls = []
     op = torch.ops.rnnfused.layer_inference
     class Counting:
@@ -57,14 +62,18 @@ INFERENCE_SNIPPET = """
 """
 
 
+@pytest.mark.parametrize("product", ["tiles", "blas"])
 @pytest.mark.parametrize("isa", ["default", "avx2", "avx512"])
-def test_inference_parity_every_isa_and_team(isa):
+def test_inference_parity_every_isa_and_team(isa, product):
     """Outputs and final states of every layer class in eval mode under no_grad (two layers, both
     directions, every input form) match torch.nn in float64 and float32, for each instruction set
-    and teams of 1, 2 and 3 threads, with every layer on the inference op."""
+    and teams of 1, 2 and 3 threads, with every layer on the inference op: the engine's register
+    tiles projecting the input themselves, and its per-slice BLAS products."""
     if isa not in ISAS:
         pytest.skip(f"this processor or build cannot run the {isa} kernels")
-    out = _run(INFERENCE_SNIPPET, RNNFUSED_CPU_ISA=isa).split()
+    if product == "blas" and _C.cpu_blas() != "blas":
+        pytest.skip("this torch exports no BLAS (the engine's BLAS products need it)")
+    out = _run(f"PRODUCT = {product!r}\n" + textwrap.dedent(INFERENCE_SNIPPET), RNNFUSED_CPU_ISA=isa).split()
     assert out[0] == isa and out[-1] == "ok"
 
 
@@ -103,6 +112,7 @@ def cpu_path():
     yield _C._set_cpu_path
     _C._set_cpu_path(previous)
     _C._set_cpu_engine_min_flops(flops)
+    _C._set_cpu_engine_blas_override(0)
 
 
 @pytest.fixture
@@ -115,15 +125,22 @@ def projection_everywhere():
 
 
 @pytest.mark.parametrize("mode", list(LAYER_MODES))
-@pytest.mark.parametrize("path", ["fused", "steps"])
+@pytest.mark.parametrize("path", ["fused", "blas", "steps"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("bias", [True, False])
 def test_op_agrees_with_the_recurrence_op(mode, path, dtype, reverse, bias, cpu_path, projection_everywhere):
-    """On the engine the projection's sums run in another order than the GEMM's: agreement to
-    rounding. On the per-step path (and in 16-bit dtypes, which never project in the engine) the op
-    is the GEMM and the recurrence op: the same numbers, bit for bit."""
-    cpu_path(path)
+    """On the engine (register tiles or per-slice BLAS products) the projection's sums may run in
+    another order than the GEMM's: agreement to rounding. On the per-step path (and in 16-bit
+    dtypes, which never project in the engine) the op is the GEMM and the recurrence op: the same
+    numbers, bit for bit."""
+    if path == "blas":
+        if _C.cpu_blas() != "blas":
+            pytest.skip("this torch exports no BLAS")
+        cpu_path("auto")
+        _C._set_cpu_engine_blas_override(1)
+    else:
+        cpu_path(path)
     _C._set_cpu_engine_min_flops(0)
     batch_sizes = torch.tensor([6, 6, 5, 3, 3, 1])
     args = _op_inputs(mode, dtype, bias, batch_sizes)
@@ -131,7 +148,7 @@ def test_op_agrees_with_the_recurrence_op(mode, path, dtype, reverse, bias, cpu_
     output, h_n, c_n = ops.layer_inference(mode, *args, batch_sizes, reverse)
     actual = (output, h_n, c_n) if mode == "lstm" else (output, h_n)
     assert c_n.numel() == 0 or mode == "lstm"
-    in_engine = path == "fused" and dtype in (torch.float32, torch.float64)
+    in_engine = path in ("fused", "blas") and dtype in (torch.float32, torch.float64)
     if not in_engine:
         tolerance = dict(rtol=0, atol=0)
     elif dtype == torch.float64:
@@ -143,13 +160,22 @@ def test_op_agrees_with_the_recurrence_op(mode, path, dtype, reverse, bias, cpu_
         torch.testing.assert_close(a, e, **tolerance)
 
 
-def test_op_padded_and_long_sequences(cpu_path, projection_everywhere):
-    """No batch_sizes (a padded batch), and more steps than one chunk of the projection holds."""
-    cpu_path("fused")
+@pytest.mark.parametrize("product", ["tiles", "blas"])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_op_padded_and_long_sequences(product, reverse, cpu_path, projection_everywhere):
+    """No batch_sizes (a padded batch), and more steps than one chunk of the projection holds
+    (chunks ending inside the sequence, in both directions)."""
+    if product == "blas":
+        if _C.cpu_blas() != "blas":
+            pytest.skip("this torch exports no BLAS")
+        cpu_path("auto")
+        _C._set_cpu_engine_blas_override(1)
+    else:
+        cpu_path("fused")
     for mode in LAYER_MODES:
         args = _op_inputs(mode, torch.float64, True, torch.tensor([3] * 400), hidden=20, batch=3)
-        expected = _recurrence(mode, *args, None, False)
-        actual = ops.layer_inference(mode, *args, None, False)
+        expected = _recurrence(mode, *args, None, reverse)
+        actual = ops.layer_inference(mode, *args, None, reverse)
         for a, e in zip(actual, expected):
             torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
 
@@ -247,10 +273,15 @@ def test_layers_use_it_in_inference_only(mode, counted, cpu_path, projection_eve
         ours.to(torch.bfloat16)(x.to(torch.bfloat16))  # 16-bit dtypes: not in the engine's projection
         torch.func.vmap(lambda v: ours.float()(v)[0], in_dims=1)(x.float())
     assert counted.calls == 3
-    # Batches the engine does not run (the per-step path): one GEMM for the projection as before.
+    # Batches above the register tiles' run on the engine's BLAS products where the BLAS is
+    # libtorch's; on the per-step path, one GEMM for the projection as before.
     with torch.no_grad():
         ours(torch.randn(3, 40, 11))
-    assert counted.calls == 3
+        assert counted.calls == (4 if _C.cpu_blas() == "blas" else 3)
+        cpu_path("steps")
+        ours(torch.randn(3, 40, 11))
+        ours(x)
+    assert counted.calls == (4 if _C.cpu_blas() == "blas" else 3)
 
 
 def test_where_it_projects_inside_the_engine(counted, cpu_path):
@@ -259,6 +290,7 @@ def test_where_it_projects_inside_the_engine(counted, cpu_path):
     portable build: LSTM 2, GRU 4), never the Elman RNN, and each thread's share of W_ih and W_hh
     at most 1 MiB; elsewhere the layer projects with one GEMM first."""
     cpu_path("auto")
+    _C._set_cpu_engine_blas_override(-1)  # the register tiles' rule alone
     wide = rnnfused.build_info()["cpu_isa"] == "avx512"
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
@@ -281,6 +313,70 @@ def test_where_it_projects_inside_the_engine(counted, cpu_path):
             assert counted.calls == 1
     finally:
         torch.set_num_threads(threads)
+
+
+def test_where_it_runs_the_blas_products(counted, cpu_path):
+    """The rule of csrc/cpu/engine.h: with the auto path and libtorch's BLAS, above the register
+    tiles' batches (16 rows), and at every batch in float32 where MKL's packed GEMM is there;
+    never on the per-step path, never with the register tiles forced ("fused"), never on ATen's
+    GEMM (it would run inside the engine's parallel region)."""
+    cpu_path("auto")
+    if _C.cpu_blas() != "blas":
+        assert not _C._cpu_engine_blas_inference(64, 4)
+        return
+    mkl_packed = _C._cpu_blas_packs()
+    assert _C._cpu_engine_blas_inference(17, 4) and _C._cpu_engine_blas_inference(64, 8)
+    assert _C._cpu_engine_blas_inference(16, 4) == mkl_packed
+    assert _C._cpu_engine_blas_inference(1, 4) == mkl_packed
+    assert not _C._cpu_engine_blas_inference(16, 8)
+    with torch.no_grad():
+        rnnfused.GRU(24, 24).double().eval()(torch.randn(3, 40, 24, dtype=torch.float64))
+        assert counted.calls == 1
+    cpu_path("fused")
+    assert not _C._cpu_engine_blas_inference(64, 4)
+    cpu_path("steps")
+    assert not _C._cpu_engine_blas_inference(64, 4)
+    _C._set_cpu_engine_blas_override(1)
+    assert not _C._cpu_engine_blas_inference(64, 4)  # not even forced
+    cpu_path("auto")
+    assert _C._cpu_engine_blas_inference(2, 8)
+    _C._set_cpu_blas("aten")
+    try:
+        assert not _C._cpu_engine_blas_inference(64, 4)
+        with torch.no_grad():  # ATen's GEMM: the register tiles or the GEMM first, the same numbers
+            ref, ours = twin_layers("lstm", 11, 24, dtype=torch.float64)
+            x = torch.randn(4, 40, 11, dtype=torch.float64)
+            torch.testing.assert_close(ours.eval()(x)[0], ref.eval()(x)[0], rtol=1e-9, atol=1e-11)
+    finally:
+        _C._set_cpu_blas("blas")
+
+
+def test_blas_products_late_thread_is_taken_over():
+    """With the BLAS products too, a thread that owns slices other than the first and is late
+    before each phase has its phases run by the others (a slice's GEMMs and buffers belong to the
+    slice, not to a thread), and the numbers are still torch.nn's."""
+    if _C.cpu_blas() != "blas":
+        pytest.skip("this torch exports no BLAS")
+    snippet = """
+        import torch, rnnfused
+        from rnnfused import _C
+        from helpers import LAYER_MODES, flatten, sequence_inputs, twin_layers
+        torch.set_num_threads(2)
+        _C._set_cpu_engine_min_flops(0)
+        _C._set_cpu_engine_blas_override(1)
+        _C._set_cpu_engine_straggler_delay_us(300)
+        before = _C._cpu_engine_takeovers()
+        for mode in LAYER_MODES:
+            ref, ours = twin_layers(mode, 7, 45, dtype=torch.float64, bidirectional=True)
+            ref.eval(), ours.eval()
+            _, args = sequence_inputs("packed_unsorted", 12, 5, 7, None, torch.float64)()
+            with torch.no_grad():
+                for a, e in zip(flatten(ours(*args)), flatten(ref(*args))):
+                    torch.testing.assert_close(a, e, rtol=1e-9, atol=1e-11)
+        print("takeovers", _C._cpu_engine_takeovers() - before)
+    """
+    out = _run(snippet).split()
+    assert out[-2] == "takeovers" and int(out[-1]) > 0, out
 
 
 def test_regularized_and_projected_layers_do_not_use_it(counted, projection_everywhere):

@@ -125,17 +125,30 @@ bool mkl_packing_available() {
 }  // namespace
 
 template <typename T>
-StepWeight<T>::StepWeight(bool trans_b, int64_t rows, int64_t n, int64_t k, const T* b, int64_t ldb)
+int64_t StepWeight<T>::packed_size(int64_t rows, int64_t n, int64_t k) {
+  if constexpr (std::is_same_v<T, float>) {
+    const bool shapes_fit = rows > 0 && n > 0 && k > 0 && fits_int(rows) && fits_int(n) && fits_int(k);
+    if (!g_force_aten && mkl_packing_available() && shapes_fit) {
+      return static_cast<int64_t>(cblas_sgemm_pack_get_size(kMklBMatrix, int(rows), int(n), int(k)) / sizeof(float)) +
+             16;
+    }
+  }
+  return 0;
+}
+
+template <typename T>
+StepWeight<T>::StepWeight(bool trans_b, int64_t rows, int64_t n, int64_t k, const T* b, int64_t ldb, T* storage)
     : trans_b_(trans_b), rows_(rows), n_(n), k_(k), ldb_(ldb), b_(b) {
   if constexpr (std::is_same_v<T, float>) {
-    const bool shapes_fit = b != nullptr && rows > 0 && n > 0 && k > 0 && fits_int(rows) && fits_int(n) && fits_int(k) &&
-                            fits_int(ldb);
-    if (!g_force_aten && mkl_packing_available() && shapes_fit) {
-      const size_t bytes = cblas_sgemm_pack_get_size(kMklBMatrix, int(rows), int(n), int(k));
-      packed_storage_.reset(new float[bytes / sizeof(float) + 16]);
+    const int64_t size = packed_size(rows, n, k);
+    if (b != nullptr && size > 0 && fits_int(ldb)) {
+      if (storage == nullptr) {
+        packed_storage_.reset(new float[size]);
+        storage = packed_storage_.get();
+      }
       cblas_sgemm_pack(kCblasRowMajor, kMklBMatrix, trans_b ? kCblasTrans : kCblasNoTrans, int(rows), int(n),
-                       int(k), 1.0f, b, int(std::max<int64_t>(ldb, 1)), packed_storage_.get());
-      packed_ = packed_storage_.get();
+                       int(k), 1.0f, b, int(std::max<int64_t>(ldb, 1)), storage);
+      packed_ = storage;
     }
   }
 }

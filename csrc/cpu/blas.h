@@ -23,7 +23,11 @@ void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, 
 template <typename T>
 class StepWeight {
  public:
-  StepWeight(bool trans_b, int64_t rows, int64_t n, int64_t k, const T* b, int64_t ldb);
+  // `storage`: where the packed form goes (packed_size(rows, n, k) elements), so that a caller
+  // that keeps a buffer across calls spares the allocation and its page faults; null: allocated.
+  StepWeight(bool trans_b, int64_t rows, int64_t n, int64_t k, const T* b, int64_t ldb, T* storage = nullptr);
+  // Elements of the packed form for this shape (0 where B is used as it is).
+  static int64_t packed_size(int64_t rows, int64_t n, int64_t k);
   // C[m, n] = A[m, k] op(B) + beta * C (row-major). The packed form serves m == rows (MKL
   // documents packed operands for the shape they were packed for); other m take plain gemm.
   void multiply(int64_t m, const T* a, int64_t lda, T beta, T* c, int64_t ldc) const;

@@ -58,6 +58,9 @@ struct ForwardProblem {
   const T* w_ih = nullptr;     // [G*H, I]
   const T* b_ih = nullptr;     // [G*H]      null: none (the LSTM and Elman RNN add theirs to b_hh)
   int64_t input_size = 0;      // I
+  // Each slice's product with one BLAS GEMM per step (its rows of W_hh packed once) instead of
+  // the register tiles: for batches larger than the tiles serve well (engine_blas_product).
+  bool blas_product = false;
   // bfloat16/float16 calls compute in float and round h_t to this type at every step (it is what
   // the caller sees and what the next step reads); the dtype itself otherwise.
   c10::ScalarType storage = c10::ScalarType::Float;
@@ -127,6 +130,24 @@ constexpr int64_t kProjectingPanelBytes = 1 << 20;
 bool engine_projects_input(int64_t batch, int64_t gate_rows, int64_t hidden, int64_t input_size, int64_t element_size);
 // Testing hook: 1 projects inside the engine wherever the engine runs, -1 never, 0 by the rule.
 void set_engine_projection_override(int override);
+
+// Whether layer_inference runs the engine with the BLAS product (ForwardProblem::blas_product,
+// projecting the input itself) for a call of `batch` rows of `element_size` bytes: with the
+// "auto" path where the GEMMs are libtorch's BLAS (they run inside the team's parallel region),
+// above kEngineMaxBatch rows, and at every batch in float32 where MKL's packed GEMM is there.
+// Measured side by side (2 threads, AVX-512 Xeon, 2026-11-29, eval forward, T = 100, I = H):
+// against the register tiles (with their own projection where engine_projects_input says so)
+// LSTM H = 256 B = 1 / 4 / 8 / 16: 1.60 -> 1.49, 2.79 -> 2.51, 5.19 -> 4.19, 8.56 -> 7.49 ms;
+// B = 16 H = 512 / 768: 5-7% faster; GRU and Elman RNN B = 4, 16: 4-10% faster; capped to AVX2,
+// LSTM B = 16 13.9 -> 11.0 ms, GRU 9.95 -> 8.65, RNN 3.15 -> 3.26 (within noise). Against the
+// GEMM first and the per-step path at B = 64, H = 512: T = 100 5-10% faster (the [N, G*H]
+// projection no longer goes to memory and back), T = 25 the same; B = 256 H = 1024 4-15% faster.
+// MKL's single-thread kernel runs the slices' GEMMs at about the core's peak; the register tiles
+// do not.
+bool engine_blas_inference(int64_t batch, int64_t element_size);
+// Testing hook: 1 uses it wherever the BLAS is libtorch's and the path is not "steps", -1 never,
+// 0 by the rule.
+void set_engine_blas_override(int override);
 
 // The work of one step (in flops) that one more thread of the team must have at least; below
 // it the team is smaller (a barrier per step costs about a microsecond). 0: as many threads as

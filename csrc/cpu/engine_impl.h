@@ -24,6 +24,7 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <cstring>
 #include <memory>
 #include <type_traits>
@@ -31,6 +32,7 @@
 #include <vector>
 
 #include "../cell_math.h"
+#include "blas.h"
 #include "engine.h"
 #include "team.h"
 
@@ -277,6 +279,18 @@ T* panel_buffer(int64_t count) {
   return buffer.get();
 }
 
+// A slice's products with BLAS (ForwardProblem::blas_product; Hs: the slice's units).
+template <typename T>
+struct BlasSlice {
+  T* w_hh = nullptr;                      // [G*Hs, H]  the slice's rows of W_hh
+  T* w_ih = nullptr;                      // [G*Hs, I]  and of W_ih (with the input)
+  T* packed_hh = nullptr;                 // StepWeight's packed forms (where it packs)
+  T* packed_ih = nullptr;
+  T* gates_h = nullptr;                   // [B, G*Hs]  the step's h_{t-1} W_hh^T (gate g at g*Hs)
+  T* gates_x = nullptr;                   // [B, G*Hs]  the step's x W_ih^T (+ b_ih)
+  std::unique_ptr<StepWeight<T>> hh, ih;  // prepared for the per-step GEMM
+};
+
 // Per-slice buffers: the row pointers of a step and the partial sums of the chunked k loop.
 template <typename T>
 struct SliceScratch {
@@ -293,47 +307,114 @@ struct SliceScratch {
 // units; each thread writes and reads only its own), so that a thread's part stays in its cache
 // between the chunk's projection and the steps that read it.
 constexpr int64_t kProjectionChunkBytes = 512 * 1024;
+// The rows of input projection that a slice with the BLAS product computes at a time (at least).
+constexpr int64_t kBlasProjectionRows = 256;
 
-// Per step and slice: the product h_{t-1} W_hh^T for the slice's blocks, tile by tile, each
-// finished (row, block) going straight into the cell's element function
-// finish_element(row, r, gx, j, lanes, h_prev, acc): packed row `row` (batch row r of its step),
-// gx its G gates_x rows (row stride H), units [j, j + lanes), h_prev its h_{t-1}.
-// With p.input, every chunk of steps starts with the projection of the chunk's rows for the
-// slice's units (one register-tiled product over the chunk's rows, W_ih packed like W_hh).
+// Per step and slice: the product h_{t-1} W_hh^T for the slice's units, each finished (row, unit
+// block) going into the cell's element function
+//   finish_element(row, r, gx, gx_stride, j, lanes, h_prev, acc):
+// packed row `row` (batch row r of its step), units [j, j + lanes); gx points at the row's
+// gates_x of unit j, gate g at gx + g * gx_stride; h_prev is the row's h_{t-1}; acc[g] the G
+// products. Two ways to the product:
+// - register tiles (the default): W_hh packed into panels, tile by tile, each tile's sums going
+//   straight into the element function. With p.input, every chunk of steps starts with the
+//   projection of the chunk's rows for the slice's units (the same tiles, W_ih packed like W_hh).
+// - BLAS (p.blas_product): the slice's rows of W_hh (all G gates of its units [j0, j1), Hs of
+//   them) gathered into one matrix [G*Hs, H] that StepWeight prepares once (MKL's packed format
+//   where libtorch has it); every step one GEMM of the step's h_{t-1} rows into the slice's
+//   buffer [B, G*Hs], then the element function over it row by row while it is in the core's
+//   cache. With p.input the slice projects the x rows of a chunk of steps (at least
+//   kBlasProjectionRows rows) the same way, with its rows of W_ih, into a second buffer at the
+//   chunk's first step: the [N, G*H] projection never goes to memory.
 template <typename T, int G, typename Finish>
 void forward_loop(const ForwardProblem<T>& p, const Finish& finish_element) {
   constexpr int64_t V = kLanes<T>;
   const StepPlan& plan = *p.plan;
   const int64_t H = p.hidden;
   const int64_t I = p.input_size;
+  const bool blas = p.blas_product;
   const bool projects = p.input != nullptr;
+  const bool tiles_project = projects && !blas;
   const int64_t blocks = (H + V - 1) / V;
   const int64_t steps = plan.steps();
-  // Chunks of steps for the projection: chunk_row[s] is the first row of step s in its chunk's
-  // buffer `projected` [chunk rows, G*H].
+  // Chunks of steps for the register tiles' projection: chunk_row[s] is the first row of step s
+  // in its chunk's buffer `projected` [chunk rows, G*H].
   const int64_t chunk_steps =
-      projects ? std::max<int64_t>(1, kProjectionChunkBytes / (G * H * static_cast<int64_t>(sizeof(T))) /
-                                          std::max<int64_t>(1, plan.batch))
-               : 0;
-  std::vector<int64_t> chunk_row(projects ? steps : 0);
+      tiles_project ? std::max<int64_t>(1, kProjectionChunkBytes / (G * H * static_cast<int64_t>(sizeof(T))) /
+                                               std::max<int64_t>(1, plan.batch))
+                    : 0;
+  std::vector<int64_t> chunk_row(tiles_project ? steps : 0);
   int64_t chunk_rows = 0;
-  for (int64_t s = 0, n = 0; projects && s < steps; ++s) {
+  for (int64_t s = 0, n = 0; tiles_project && s < steps; ++s) {
     if (s % chunk_steps == 0) n = 0;
     chunk_row[s] = n;
     n += plan.batch_sizes[plan.step_at(s)];
     chunk_rows = std::max(chunk_rows, n);
   }
   const int64_t team = team_size(blocks, 2 * plan.batch * G * H * (H + I));
-  const int64_t hh_panel_size = blocks * H * G * V;
-  const int64_t ih_panel_size = projects ? blocks * I * G * V : 0;
-  T* const panels = panel_buffer<T>(hh_panel_size + ih_panel_size + chunk_rows * G * H);
+  auto slice_units = [&](int64_t slice) {
+    const auto [b0, b1] = slice_blocks(blocks, team, slice);
+    return std::make_pair(b0 * V, std::min(H, b1 * V));
+  };
+  // The BLAS product's projection runs for a chunk of steps at a time (at least
+  // kBlasProjectionRows rows: a GEMM of that many rows runs about a quarter faster than one of
+  // 64, measured on one core); blas_chunk_rows holds each chunk's rows [first, last) of the input.
+  const int64_t blas_chunk_steps =
+      blas && projects ? std::max<int64_t>(1, (kBlasProjectionRows + plan.batch - 1) / std::max<int64_t>(1, plan.batch))
+                       : 1;
+  std::vector<int64_t> blas_chunk_rows;
+  int64_t blas_projection_rows = 0;
+  for (int64_t s = 0; blas && projects && s < steps; s += blas_chunk_steps) {
+    int64_t first = plan.rows, last = 0;
+    for (int64_t s2 = s; s2 < std::min(steps, s + blas_chunk_steps); ++s2) {
+      const int64_t t = plan.step_at(s2);
+      first = std::min(first, plan.offsets[t]);
+      last = std::max(last, plan.offsets[t] + plan.batch_sizes[t]);
+    }
+    blas_chunk_rows.push_back(first);
+    blas_chunk_rows.push_back(last);
+    blas_projection_rows = std::max(blas_projection_rows, last - first);
+  }
+  // The BLAS products' buffers, slice after slice (each region 64-byte aligned).
+  std::vector<BlasSlice<T>> blas_slices(blas ? team : 0);
+  std::vector<int64_t> blas_offsets;
+  int64_t blas_size = 0;
+  auto blas_region = [&](int64_t count) {
+    blas_offsets.push_back(blas_size);
+    blas_size += (count + 15) / 16 * 16;
+  };
+  for (int64_t slice = 0; slice < static_cast<int64_t>(blas_slices.size()); ++slice) {
+    const auto [j0, j1] = slice_units(slice);
+    const int64_t width = G * (j1 - j0);
+    blas_region(width * H);
+    blas_region(projects ? width * I : 0);
+    blas_region(StepWeight<T>::packed_size(plan.batch, width, H));
+    blas_region(projects ? StepWeight<T>::packed_size(blas_projection_rows, width, I) : 0);
+    blas_region(plan.batch * width);
+    blas_region(blas_projection_rows * width);
+  }
+  const int64_t hh_panel_size = blas ? 0 : blocks * H * G * V;
+  const int64_t ih_panel_size = tiles_project ? blocks * I * G * V : 0;
+  T* const panels = panel_buffer<T>(hh_panel_size + ih_panel_size + chunk_rows * G * H + blas_size + 16);
   T* const ih_panels = panels + hh_panel_size;
   T* const projected = ih_panels + ih_panel_size;
+  T* const blas_base = reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(projected + chunk_rows * G * H) + 63) &
+                                            ~uintptr_t(63));
+  for (int64_t slice = 0; slice < static_cast<int64_t>(blas_slices.size()); ++slice) {
+    const int64_t* o = blas_offsets.data() + 6 * slice;
+    BlasSlice<T>& bs = blas_slices[slice];
+    bs.w_hh = blas_base + o[0];
+    bs.w_ih = blas_base + o[1];
+    bs.packed_hh = blas_base + o[2];
+    bs.packed_ih = blas_base + o[3];
+    bs.gates_h = blas_base + o[4];
+    bs.gates_x = blas_base + o[5];
+  }
   const int64_t tile_rows = std::max(plan.batch, chunk_rows);
   std::vector<SliceScratch<T>> scratch(team);
   for (auto& s : scratch) {
     s.rows.resize(tile_rows);
-    s.partial.resize(static_cast<size_t>(tile_rows * kTileBlocks<G> * G * V));
+    if (!blas) s.partial.resize(static_cast<size_t>(tile_rows * kTileBlocks<G> * G * V));
   }
   // What every cell's finish reads from memory, far out of cache: the G gates_x lines of the
   // (row, unit block). The LSTM's cell state and the bias are small enough to stay in cache, and
@@ -361,12 +442,78 @@ void forward_loop(const ForwardProblem<T>& p, const Finish& finish_element) {
                           },
                           [](int64_t, int64_t) {});
   };
+  // The BLAS product's preparation: the slice's rows of `weight` [G*H, K], all G gates of units
+  // [j0, j1), gathered into `gathered` [G*Hs, K] and prepared for the step's GEMM.
+  auto prepare_blas = [&](const T* weight, int64_t K, int64_t rows, int64_t j0, int64_t j1, T* gathered, T* packed,
+                          std::unique_ptr<StepWeight<T>>& product) {
+    const int64_t Hs = j1 - j0;
+    for (int g = 0; g < G; ++g) std::memcpy(gathered + g * Hs * K, weight + (g * H + j0) * K, Hs * K * sizeof(T));
+    product = std::make_unique<StepWeight<T>>(true, rows, G * Hs, K, gathered, K, packed);
+  };
+  // One step of a slice with the BLAS product (rows [rows], a[r]: the rows' h_{t-1}).
+  auto blas_step = [&](BlasSlice<T>& bs, int64_t j0, int64_t j1, int64_t s, int64_t off, int64_t rows,
+                       int64_t from_prev, const T* const* a) {
+    const int64_t Hs = j1 - j0, width = G * Hs;
+    T* const gh = bs.gates_h;
+    // The rows that continue read the previous step's output rows, the rows that start here h0's:
+    // two contiguous blocks of A.
+    if (from_prev > 0) bs.hh->multiply(from_prev, a[0], H, T(0), gh, width);
+    if (rows > from_prev) bs.hh->multiply(rows - from_prev, a[from_prev], H, T(0), gh + from_prev * width, width);
+    T* xs = nullptr;
+    if (projects) {
+      // The chunk's projection first (its rows are contiguous: rows [first, last) of the input).
+      const int64_t chunk = s / blas_chunk_steps;
+      const int64_t first = blas_chunk_rows[2 * chunk], last = blas_chunk_rows[2 * chunk + 1];
+      if (s % blas_chunk_steps == 0) {
+        T beta = T(0);
+        if (p.b_ih) {
+          for (int64_t r = 0; r < last - first; ++r) {
+            for (int g = 0; g < G; ++g) {
+              std::memcpy(bs.gates_x + r * width + g * Hs, p.b_ih + g * H + j0, Hs * sizeof(T));
+            }
+          }
+          beta = T(1);
+        }
+        bs.ih->multiply(last - first, p.input + first * I, I, beta, bs.gates_x, width);
+      }
+      xs = bs.gates_x + (off - first) * width;
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      // gates_x from memory: ask for the next row's lines of the slice's units while this row's
+      // go through the element function.
+      if (!projects && r + 1 < rows) {
+        for (int g = 0; g < G; ++g) {
+          const char* line = reinterpret_cast<const char*>(p.gates_x + (off + r + 1) * G * H + g * H + j0);
+          for (int64_t byte = 0; byte < Hs * static_cast<int64_t>(sizeof(T)); byte += 64) {
+            __builtin_prefetch(line + byte, 0, 3);
+          }
+        }
+      }
+      for (int64_t j = j0; j < j1; j += V) {
+        const Lanes<T> l{std::min<int64_t>(V, j1 - j)};
+        Vec<T> acc[G];
+        for (int g = 0; g < G; ++g) acc[g] = l.load(gh + r * width + g * Hs + (j - j0));
+        if (projects) {
+          finish_element(off + r, r, xs + r * width + (j - j0), Hs, j, l, a[r], acc);
+        } else {
+          finish_element(off + r, r, p.gates_x + (off + r) * G * H + j, H, j, l, a[r], acc);
+        }
+      }
+    }
+  };
   run_team(
       team, steps,
       [&](int64_t slice) {
         const auto [b0, b1] = slice_blocks(blocks, team, slice);
+        if (blas) {
+          const auto [j0, j1] = slice_units(slice);
+          BlasSlice<T>& bs = blas_slices[slice];
+          prepare_blas(p.w_hh, H, plan.batch, j0, j1, bs.w_hh, bs.packed_hh, bs.hh);
+          if (projects) prepare_blas(p.w_ih, I, blas_projection_rows, j0, j1, bs.w_ih, bs.packed_ih, bs.ih);
+          return;
+        }
         pack_row_panels<T, G>(p.w_hh, H, H, H, b0, b1, panels);
-        if (projects) pack_row_panels<T, G>(p.w_ih, H, H, I, b0, b1, ih_panels);
+        if (tiles_project) pack_row_panels<T, G>(p.w_ih, H, H, I, b0, b1, ih_panels);
       },
       [&](int64_t slice, int64_t s) {
         const auto [b0, b1] = slice_blocks(blocks, team, slice);
@@ -375,16 +522,22 @@ void forward_loop(const ForwardProblem<T>& p, const Finish& finish_element) {
         const int64_t from_prev = plan.rows_from_previous(t);
         const int64_t prev = plan.previous_step(t);
         SliceScratch<T>& sc = scratch[slice];
-        if (projects && s % chunk_steps == 0) project_chunk(sc, s, b0, b1);
-        const T* const gx = projects ? projected + chunk_row[s] * G * H : p.gates_x + off * G * H;
+        // (The chunk's projection uses the row pointers for the input rows first.)
+        if (tiles_project && s % chunk_steps == 0) project_chunk(sc, s, b0, b1);
         for (int64_t r = 0; r < rows; ++r) {
           sc.rows[r] = r < from_prev ? p.output + (plan.offsets[prev] + r) * H : p.h0 + r * H;
         }
+        if (blas) {
+          const auto [j0, j1] = slice_units(slice);
+          blas_step(blas_slices[slice], j0, j1, s, off, rows, from_prev, sc.rows.data());
+          return;
+        }
+        const T* const gx = tiles_project ? projected + chunk_row[s] * G * H : p.gates_x + off * G * H;
         multiply_blocks<T, G>(sc.rows.data(), rows, H, panels, b0, b1, sc.partial.data(),
                               [&](int64_t r, int64_t b, const Vec<T>* acc) {
                                 const int64_t j = b * V;
-                                finish_element(off + r, r, gx + r * G * H, j, Lanes<T>{std::min<int64_t>(V, H - j)},
-                                               sc.rows[r], acc);
+                                finish_element(off + r, r, gx + r * G * H + j, H, j,
+                                               Lanes<T>{std::min<int64_t>(V, H - j)}, sc.rows[r], acc);
                               },
                               [&](int64_t r, int64_t b) {
                                 prefetch_element(off, r, b * V);
@@ -396,11 +549,10 @@ void forward_loop(const ForwardProblem<T>& p, const Finish& finish_element) {
 template <typename T>
 void lstm_forward(const ForwardProblem<T>& p) {
   const int64_t H = p.hidden;
-  forward_loop<T, 4>(p, [&](int64_t row, int64_t r, const T* gx_row, int64_t j, const Lanes<T>& l, const T*,
-                            const Vec<T>* acc) {
-    const T* gx = gx_row + j;
+  forward_loop<T, 4>(p, [&](int64_t row, int64_t r, const T* gx, int64_t gx_stride, int64_t j, const Lanes<T>& l,
+                            const T*, const Vec<T>* acc) {
     const T* bias = p.bias + j;
-    auto pre = [&](int g) { return (l.load(gx + g * H) + acc[g]) + l.load(bias + g * H); };
+    auto pre = [&](int g) { return (l.load(gx + g * gx_stride) + acc[g]) + l.load(bias + g * H); };
     T* c = p.c_state + r * H + j;
     const auto a = rnnfused::lstm_forward(pre(0), pre(1), pre(2), pre(3), l.load(c));
     l.store(c, a.c);
@@ -419,14 +571,13 @@ void lstm_forward(const ForwardProblem<T>& p) {
 template <typename T>
 void gru_forward(const ForwardProblem<T>& p) {
   const int64_t H = p.hidden;
-  forward_loop<T, 3>(p, [&](int64_t row, int64_t r, const T* gx_row, int64_t j, const Lanes<T>& l,
+  forward_loop<T, 3>(p, [&](int64_t row, int64_t r, const T* gx, int64_t gx_stride, int64_t j, const Lanes<T>& l,
                             const T* h_prev, const Vec<T>* acc) {
-    const T* gx = gx_row + j;
     const T* bias = p.bias + j;
     auto hh = [&](int g) { return acc[g] + l.load(bias + g * H); };
     const auto hh_n = hh(2);
-    const auto a = rnnfused::gru_forward(l.load(gx), l.load(gx + H), l.load(gx + 2 * H), hh(0), hh(1), hh_n,
-                                         l.load(h_prev + j));
+    const auto a = rnnfused::gru_forward(l.load(gx), l.load(gx + gx_stride), l.load(gx + 2 * gx_stride), hh(0),
+                                         hh(1), hh_n, l.load(h_prev + j));
     store_h(p, p.output + row * H + j, p.h_state + r * H + j, a.h, l);
     if (p.workspace) {
       T* ws = p.workspace + row * 4 * H + j;
@@ -441,9 +592,9 @@ void gru_forward(const ForwardProblem<T>& p) {
 template <typename T, Activation act>
 void rnn_forward(const ForwardProblem<T>& p) {
   const int64_t H = p.hidden;
-  forward_loop<T, 1>(p, [&](int64_t row, int64_t r, const T* gx_row, int64_t j, const Lanes<T>& l, const T*,
+  forward_loop<T, 1>(p, [&](int64_t row, int64_t r, const T* gx, int64_t, int64_t j, const Lanes<T>& l, const T*,
                             const Vec<T>* acc) {
-    const auto h = rnnfused::rnn_forward<act>((l.load(gx_row + j) + acc[0]) + l.load(p.bias + j));
+    const auto h = rnnfused::rnn_forward<act>((l.load(gx) + acc[0]) + l.load(p.bias + j));
     store_h(p, p.output + row * H + j, p.h_state + r * H + j, h, l);
   });
 }

@@ -777,8 +777,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_inference_cpu(
   if (lstm) check_matrix(op, "c0", *c0, input, h0.size(0), H, "input");
   const int64_t B = h0.size(0);
   const auto dtype = input.scalar_type();
-  const bool engine = (dtype == at::kFloat || dtype == at::kDouble) &&
-                      engine_projects_input(B, G * H, H, I, static_cast<int64_t>(c10::elementSize(dtype)));
+  const bool own_dtype = dtype == at::kFloat || dtype == at::kDouble;
+  const bool blas_product = own_dtype && engine_blas_inference(B, static_cast<int64_t>(c10::elementSize(dtype)));
+  const bool engine = own_dtype && (blas_product || engine_projects_input(B, G * H, H, I,
+                                                                          static_cast<int64_t>(c10::elementSize(dtype))));
   if (!engine) {
     // One GEMM, then the cell's recurrence op.
     const at::Tensor gates_x = at::linear(input, w_ih, b_ih);
@@ -822,6 +824,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_inference_cpu(
     p.w_ih = wih.data_ptr<scalar_t>();
     p.b_ih = ptr_or_null<scalar_t>(bih);
     p.input_size = I;
+    p.blas_product = blas_product;
     engine_kernels<scalar_t>().forward(p);
   });
   return {output, h_state, c_state};
