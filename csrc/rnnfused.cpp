@@ -79,7 +79,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("_set_cpu_engine_projection_override", &rnnfused::cpu::set_engine_projection_override,
         "Testing hook: 1 makes layer_inference project inside the engine wherever it runs, -1 never, 0 by the rule");
   m.def("_cpu_engine_blas_inference", &rnnfused::cpu::engine_blas_inference,
-        "Whether layer_inference runs the engine with per-slice BLAS products for (batch, element size)");
+        "Whether layer_inference runs the engine with per-slice BLAS products for (batch, element size, every step "
+        "has the full batch)");
   m.def("_cpu_blas_packs", [] { return rnnfused::cpu::StepWeight<float>::packed_size(1, 1, 1) > 0; },
         "Whether the CPU time loops' float32 GEMMs use MKL's packed GEMM (libtorch exports it)");
   m.def("_set_cpu_engine_blas_override", &rnnfused::cpu::set_engine_blas_override,

@@ -109,17 +109,17 @@ def _reusable_projection(input, w_ih, b_ih):
     return input.shape[0] * w_ih.shape[0] * input.element_size() >= _REUSED_PROJECTION_MIN_BYTES
 
 
-def _infers_from_input(input, w_ih, w_hh, h0, tensors):
+def _infers_from_input(input, w_ih, w_hh, h0, batch_sizes, tensors):
     """Whether a layer runs as one rnnfused::layer_inference op, which projects the input itself
     inside the fused engine (csrc/op_schemas.h): in eager CPU inference in float32 or float64,
-    where the engine's per-slice BLAS products run (libtorch's BLAS; above 16 rows, and at every
-    batch in float32 with MKL's packed GEMM) or where its register tiles run and projecting inside
+    where the engine's per-slice BLAS products run (libtorch's BLAS; above 16 rows, and from 8
+    rows in float32 with MKL's packed GEMM, unless packed sequences of several lengths) or where its register tiles run and projecting inside
     them was measured faster (the cell, the ISA's tiles, whether each thread's share of W_ih and
     W_hh fits its cache). The rules and their measurements: csrc/cpu/engine.h. Elsewhere the
     projection is one GEMM before the recurrence op."""
     return (_ops_ns is _CPU_OPS and _eager_cpu_inference(input, tensors)
             and input.dtype in (torch.float32, torch.float64)
-            and (_C._cpu_engine_blas_inference(h0.shape[0], input.element_size())
+            and (_C._cpu_engine_blas_inference(h0.shape[0], input.element_size(), batch_sizes is None)
                  or _C._cpu_engine_projects_input(h0.shape[0], w_ih.shape[0], w_hh.shape[1], input.shape[1],
                                                   input.element_size())))
 
@@ -188,7 +188,7 @@ def lstm_layer(input, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0, batch_sizes=None, re
     ``training=False`` (eval mode) keeps no workspace for backward, so that inference, exported
     programs included, stores nothing extra; a backward through it recomputes the forward."""
     if (w_hr is None and recurrent_mask is None and zoneout is None and cell_zoneout is None
-            and _infers_from_input(input, w_ih, w_hh, h0, (input, w_ih, w_hh, b_ih, b_hh, h0, c0))):
+            and _infers_from_input(input, w_ih, w_hh, h0, batch_sizes, (input, w_ih, w_hh, b_ih, b_hh, h0, c0))):
         b_ih, b_hh = _summed_bias(b_ih, b_hh)
         return _ops_ns.layer_inference("lstm", input, w_ih, b_ih, w_hh, b_hh, h0, c0, batch_sizes, reverse)
     gates_x, bias = _project_summed_bias(input, w_ih, b_ih, b_hh)
@@ -201,7 +201,7 @@ def lstm_layer(input, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0, batch_sizes=None, re
 def gru_layer(input, w_ih, w_hh, b_ih, b_hh, h0, batch_sizes=None, reverse=False, training=True, recurrent_mask=None,
               zoneout=None):
     """GRU layer. Returns ``output, h_n``. ``training`` as for :func:`lstm_layer`."""
-    if recurrent_mask is None and zoneout is None and _infers_from_input(input, w_ih, w_hh, h0,
+    if recurrent_mask is None and zoneout is None and _infers_from_input(input, w_ih, w_hh, h0, batch_sizes,
                                                                           (input, w_ih, w_hh, b_ih, b_hh, h0)):
         output, h_n, _ = _ops_ns.layer_inference("gru", input, w_ih, b_ih, w_hh, b_hh, h0, None, batch_sizes, reverse)
         return output, h_n
@@ -213,7 +213,7 @@ def gru_layer(input, w_ih, w_hh, b_ih, b_hh, h0, batch_sizes=None, reverse=False
 
 
 def _elman_layer(nonlinearity, input, w_ih, w_hh, b_ih, b_hh, h0, batch_sizes, reverse, recurrent_mask, zoneout):
-    if recurrent_mask is None and zoneout is None and _infers_from_input(input, w_ih, w_hh, h0,
+    if recurrent_mask is None and zoneout is None and _infers_from_input(input, w_ih, w_hh, h0, batch_sizes,
                                                                           (input, w_ih, w_hh, b_ih, b_hh, h0)):
         b_ih, b_hh = _summed_bias(b_ih, b_hh)
         output, h_n, _ = _ops_ns.layer_inference(f"rnn_{nonlinearity}", input, w_ih, b_ih, w_hh, b_hh, h0, None,

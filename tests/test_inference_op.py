@@ -317,32 +317,34 @@ def test_where_it_projects_inside_the_engine(counted, cpu_path):
 
 def test_where_it_runs_the_blas_products(counted, cpu_path):
     """The rule of csrc/cpu/engine.h: with the auto path and libtorch's BLAS, above the register
-    tiles' batches (16 rows), and at every batch in float32 where MKL's packed GEMM is there;
-    never on the per-step path, never with the register tiles forced ("fused"), never on ATen's
-    GEMM (it would run inside the engine's parallel region)."""
+    tiles' batches (16 rows), and from 8 rows in float32 where MKL's packed GEMM is there and every
+    step has the full batch; never on the per-step path, never with the register tiles forced
+    ("fused"), never on ATen's GEMM (it would run inside the engine's parallel region)."""
     cpu_path("auto")
+    blas = _C._cpu_engine_blas_inference
     if _C.cpu_blas() != "blas":
-        assert not _C._cpu_engine_blas_inference(64, 4)
+        assert not blas(64, 4, True)
         return
     mkl_packed = _C._cpu_blas_packs()
-    assert _C._cpu_engine_blas_inference(17, 4) and _C._cpu_engine_blas_inference(64, 8)
-    assert _C._cpu_engine_blas_inference(16, 4) == mkl_packed
-    assert _C._cpu_engine_blas_inference(1, 4) == mkl_packed
-    assert not _C._cpu_engine_blas_inference(16, 8)
+    assert blas(17, 4, True) and blas(17, 4, False) and blas(64, 8, True)
+    assert blas(16, 4, True) == mkl_packed and blas(8, 4, True) == mkl_packed
+    assert not blas(7, 4, True) and not blas(1, 4, True)  # the register tiles: as fast or faster
+    assert not blas(16, 4, False)  # packed sequences of several lengths
+    assert not blas(16, 8, True)
     with torch.no_grad():
         rnnfused.GRU(24, 24).double().eval()(torch.randn(3, 40, 24, dtype=torch.float64))
         assert counted.calls == 1
     cpu_path("fused")
-    assert not _C._cpu_engine_blas_inference(64, 4)
+    assert not blas(64, 4, True)
     cpu_path("steps")
-    assert not _C._cpu_engine_blas_inference(64, 4)
+    assert not blas(64, 4, True)
     _C._set_cpu_engine_blas_override(1)
-    assert not _C._cpu_engine_blas_inference(64, 4)  # not even forced
+    assert not blas(64, 4, True)  # not even forced
     cpu_path("auto")
-    assert _C._cpu_engine_blas_inference(2, 8)
+    assert blas(2, 8, False)
     _C._set_cpu_blas("aten")
     try:
-        assert not _C._cpu_engine_blas_inference(64, 4)
+        assert not blas(64, 4, True)
         with torch.no_grad():  # ATen's GEMM: the register tiles or the GEMM first, the same numbers
             ref, ours = twin_layers("lstm", 11, 24, dtype=torch.float64)
             x = torch.randn(4, 40, 11, dtype=torch.float64)

@@ -132,19 +132,23 @@ bool engine_projects_input(int64_t batch, int64_t gate_rows, int64_t hidden, int
 void set_engine_projection_override(int override);
 
 // Whether layer_inference runs the engine with the BLAS product (ForwardProblem::blas_product,
-// projecting the input itself) for a call of `batch` rows of `element_size` bytes: with the
-// "auto" path where the GEMMs are libtorch's BLAS (they run inside the team's parallel region),
-// above kEngineMaxBatch rows, and at every batch in float32 where MKL's packed GEMM is there.
-// Measured side by side (2 threads, AVX-512 Xeon, 2026-11-29, eval forward, T = 100, I = H):
-// against the register tiles (with their own projection where engine_projects_input says so)
-// LSTM H = 256 B = 1 / 4 / 8 / 16: 1.60 -> 1.49, 2.79 -> 2.51, 5.19 -> 4.19, 8.56 -> 7.49 ms;
-// B = 16 H = 512 / 768: 5-7% faster; GRU and Elman RNN B = 4, 16: 4-10% faster; capped to AVX2,
-// LSTM B = 16 13.9 -> 11.0 ms, GRU 9.95 -> 8.65, RNN 3.15 -> 3.26 (within noise). Against the
-// GEMM first and the per-step path at B = 64, H = 512: T = 100 5-10% faster (the [N, G*H]
-// projection no longer goes to memory and back), T = 25 the same; B = 256 H = 1024 4-15% faster.
-// MKL's single-thread kernel runs the slices' GEMMs at about the core's peak; the register tiles
-// do not.
-bool engine_blas_inference(int64_t batch, int64_t element_size);
+// projecting the input itself) for a call of `batch` rows of `element_size` bytes (`full_steps`:
+// every step has all `batch` rows, no packed sequence of several lengths): with the "auto" path
+// where the GEMMs are libtorch's BLAS (they run inside the team's parallel region), above
+// kEngineMaxBatch rows, and from kEngineBlasMinBatch rows in float32 where MKL's packed GEMM is
+// there and every step has the full batch (a step with fewer rows than MKL packed for takes the
+// unpacked GEMM, which packs the slice's weights again: packed B = 16 LSTM 15% slower).
+// Measured side by side (2 threads, AVX-512 Xeon, 2026-11-29, eval forward, T = 100, I = H)
+// against the register tiles (with their own projection where engine_projects_input says so):
+// LSTM H = 256 B = 8 / 16: 5.19 -> 4.19, 8.56 -> 7.49 ms; B = 16 with H = 512 / 768: 5-7% faster;
+// GRU B = 16 6% and Elman RNN B = 8 / 16 5-10% faster; capped to AVX2, LSTM B = 16 13.9 ->
+// 11.0 ms, GRU 9.95 -> 8.65 ms. At B = 1 and 4 the tiles are as fast or faster (Elman RNN B = 1:
+// 0.59 vs 0.72 ms; a GEMM call costs more than its few FMAs). Against the GEMM first and the
+// per-step path at B = 64, H = 512: T = 100 5-10% faster (the [N, G*H] projection no longer goes
+// to memory and back), T = 25 the same; B = 256, H = 1024 4-15% faster. MKL's single-thread
+// kernel runs the slices' GEMMs at about the core's peak, which the register tiles do not reach.
+constexpr int64_t kEngineBlasMinBatch = 8;
+bool engine_blas_inference(int64_t batch, int64_t element_size, bool full_steps);
 // Testing hook: 1 uses it wherever the BLAS is libtorch's and the path is not "steps", -1 never,
 // 0 by the rule.
 void set_engine_blas_override(int override);

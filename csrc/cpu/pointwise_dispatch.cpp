@@ -198,12 +198,13 @@ bool engine_projects_input(int64_t batch, int64_t gate_rows, int64_t hidden, int
   return gate_rows * (hidden + input_size) * element_size <= kProjectingPanelBytes * team;
 }
 void set_engine_projection_override(int override) { g_projection_override = override; }
-bool engine_blas_inference(int64_t batch, int64_t element_size) {
+bool engine_blas_inference(int64_t batch, int64_t element_size, bool full_steps) {
   // The GEMMs run inside the team's parallel region: only the BLAS that libtorch links, never ATen.
   if (std::strcmp(blas_backend(), "blas") != 0 || cpu_path() == CpuPath::Steps) return false;
   if (g_blas_override != 0) return g_blas_override > 0;
   if (cpu_path() != CpuPath::Auto) return false;
-  return batch > kEngineMaxBatch || (element_size == 4 && StepWeight<float>::packed_size(1, 1, 1) > 0);
+  return batch > kEngineMaxBatch || (batch >= kEngineBlasMinBatch && full_steps && element_size == 4 &&
+                                     StepWeight<float>::packed_size(1, 1, 1) > 0);
 }
 void set_engine_blas_override(int override) { g_blas_override = override; }
 int64_t engine_min_flops_per_thread() { return g_min_flops_per_thread; }

@@ -777,8 +777,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_inference_cpu(
   if (lstm) check_matrix(op, "c0", *c0, input, h0.size(0), H, "input");
   const int64_t B = h0.size(0);
   const auto dtype = input.scalar_type();
+  const StepPlan plan = make_step_plan(op, input.size(0), B, batch_sizes, reverse);
   const bool own_dtype = dtype == at::kFloat || dtype == at::kDouble;
-  const bool blas_product = own_dtype && engine_blas_inference(B, static_cast<int64_t>(c10::elementSize(dtype)));
+  const bool blas_product =
+      own_dtype && engine_blas_inference(B, static_cast<int64_t>(c10::elementSize(dtype)), plan.rows == plan.steps() * B);
   const bool engine = own_dtype && (blas_product || engine_projects_input(B, G * H, H, I,
                                                                           static_cast<int64_t>(c10::elementSize(dtype))));
   if (!engine) {
@@ -805,7 +807,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_inference_cpu(
       }
     }
   }
-  const StepPlan plan = make_step_plan(op, input.size(0), B, batch_sizes, reverse);
   const at::Tensor x = input.contiguous();
   const at::Tensor wih = w_ih.contiguous();
   const at::Tensor bih = present(b_ih) ? b_ih->contiguous() : at::Tensor();
