@@ -124,6 +124,18 @@ def projection_everywhere():
     _C._set_cpu_engine_projection_override(0)
 
 
+def _run_on(path, cpu_path):
+    """Sets the CPU path ("fused": the engine's register tiles at every batch; "steps"), or for
+    "blas" the engine's per-slice BLAS products at every batch (skipped without libtorch's BLAS)."""
+    if path != "blas":
+        cpu_path(path)
+        return
+    if _C.cpu_blas() != "blas":
+        pytest.skip("this torch exports no BLAS")
+    cpu_path("auto")
+    _C._set_cpu_engine_blas_override(1)
+
+
 @pytest.mark.parametrize("mode", list(LAYER_MODES))
 @pytest.mark.parametrize("path", ["fused", "blas", "steps"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
@@ -134,13 +146,7 @@ def test_op_agrees_with_the_recurrence_op(mode, path, dtype, reverse, bias, cpu_
     another order than the GEMM's: agreement to rounding. On the per-step path (and in 16-bit
     dtypes, which never project in the engine) the op is the GEMM and the recurrence op: the same
     numbers, bit for bit."""
-    if path == "blas":
-        if _C.cpu_blas() != "blas":
-            pytest.skip("this torch exports no BLAS")
-        cpu_path("auto")
-        _C._set_cpu_engine_blas_override(1)
-    else:
-        cpu_path(path)
+    _run_on(path, cpu_path)
     _C._set_cpu_engine_min_flops(0)
     batch_sizes = torch.tensor([6, 6, 5, 3, 3, 1])
     args = _op_inputs(mode, dtype, bias, batch_sizes)
@@ -165,13 +171,7 @@ def test_op_agrees_with_the_recurrence_op(mode, path, dtype, reverse, bias, cpu_
 def test_op_padded_and_long_sequences(product, reverse, cpu_path, projection_everywhere):
     """No batch_sizes (a padded batch), and more steps than one chunk of the projection holds
     (chunks ending inside the sequence, in both directions)."""
-    if product == "blas":
-        if _C.cpu_blas() != "blas":
-            pytest.skip("this torch exports no BLAS")
-        cpu_path("auto")
-        _C._set_cpu_engine_blas_override(1)
-    else:
-        cpu_path("fused")
+    _run_on("fused" if product == "tiles" else "blas", cpu_path)
     for mode in LAYER_MODES:
         args = _op_inputs(mode, torch.float64, True, torch.tensor([3] * 400), hidden=20, batch=3)
         expected = _recurrence(mode, *args, None, reverse)
