@@ -779,10 +779,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_inference_cpu(
   const auto dtype = input.scalar_type();
   const StepPlan plan = make_step_plan(op, input.size(0), B, batch_sizes, reverse);
   const bool own_dtype = dtype == at::kFloat || dtype == at::kDouble;
-  const bool blas_product =
-      own_dtype && engine_blas_inference(B, static_cast<int64_t>(c10::elementSize(dtype)), plan.rows == plan.steps() * B);
-  const bool engine = own_dtype && (blas_product || engine_projects_input(B, G * H, H, I,
-                                                                          static_cast<int64_t>(c10::elementSize(dtype))));
+  const auto element_size = static_cast<int64_t>(c10::elementSize(dtype));
+  const bool full_steps = plan.rows == plan.steps() * B;  // no step with fewer rows than the batch
+  const bool blas_product = own_dtype && engine_blas_inference(B, element_size, full_steps);
+  const bool engine = own_dtype && (blas_product || engine_projects_input(B, G * H, H, I, element_size));
   if (!engine) {
     // One GEMM, then the cell's recurrence op.
     const at::Tensor gates_x = at::linear(input, w_ih, b_ih);
