@@ -58,8 +58,8 @@ struct ForwardProblem {
   const T* w_ih = nullptr;     // [G*H, I]
   const T* b_ih = nullptr;     // [G*H]      null: none (the LSTM and Elman RNN add theirs to b_hh)
   int64_t input_size = 0;      // I
-  // Each slice's product with one BLAS GEMM per step (its rows of W_hh packed once) instead of
-  // the register tiles: for batches larger than the tiles serve well (engine_blas_product).
+  // With `input`: each slice's products with BLAS GEMMs (its rows of W_hh and W_ih packed once)
+  // instead of the register tiles (engine_blas_inference); ignored without `input`.
   bool blas_product = false;
   // bfloat16/float16 calls compute in float and round h_t to this type at every step (it is what
   // the caller sees and what the next step reads); the dtype itself otherwise.

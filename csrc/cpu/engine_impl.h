@@ -323,17 +323,17 @@ constexpr int64_t kBlasProjectionRows = 256;
 //   them) gathered into one matrix [G*Hs, H] that StepWeight prepares once (MKL's packed format
 //   where libtorch has it); every step one GEMM of the step's h_{t-1} rows into the slice's
 //   buffer [B, G*Hs], then the element function over it row by row while it is in the core's
-//   cache. With p.input the slice projects the x rows of a chunk of steps (at least
-//   kBlasProjectionRows rows) the same way, with its rows of W_ih, into a second buffer at the
-//   chunk's first step: the [N, G*H] projection never goes to memory.
+//   cache. It needs p.input (without it the register tiles run): the slice projects the x rows
+//   of a chunk of steps (at least kBlasProjectionRows rows) the same way, with its rows of W_ih,
+//   into a second buffer at the chunk's first step, so the [N, G*H] projection never goes to memory.
 template <typename T, int G, typename Finish>
 void forward_loop(const ForwardProblem<T>& p, const Finish& finish_element) {
   constexpr int64_t V = kLanes<T>;
   const StepPlan& plan = *p.plan;
   const int64_t H = p.hidden;
   const int64_t I = p.input_size;
-  const bool blas = p.blas_product;
   const bool projects = p.input != nullptr;
+  const bool blas = p.blas_product && projects;  // the BLAS products always project the input themselves
   const bool tiles_project = projects && !blas;
   const int64_t blocks = (H + V - 1) / V;
   const int64_t steps = plan.steps();
@@ -360,11 +360,10 @@ void forward_loop(const ForwardProblem<T>& p, const Finish& finish_element) {
   // kBlasProjectionRows rows: a GEMM of that many rows runs about a quarter faster than one of
   // 64, measured on one core); blas_chunk_rows holds each chunk's rows [first, last) of the input.
   const int64_t blas_chunk_steps =
-      blas && projects ? std::max<int64_t>(1, (kBlasProjectionRows + plan.batch - 1) / std::max<int64_t>(1, plan.batch))
-                       : 1;
+      blas ? std::max<int64_t>(1, (kBlasProjectionRows + plan.batch - 1) / std::max<int64_t>(1, plan.batch)) : 1;
   std::vector<int64_t> blas_chunk_rows;
   int64_t blas_projection_rows = 0;
-  for (int64_t s = 0; blas && projects && s < steps; s += blas_chunk_steps) {
+  for (int64_t s = 0; blas && s < steps; s += blas_chunk_steps) {
     int64_t first = plan.rows, last = 0;
     for (int64_t s2 = s; s2 < std::min(steps, s + blas_chunk_steps); ++s2) {
       const int64_t t = plan.step_at(s2);
@@ -387,9 +386,9 @@ void forward_loop(const ForwardProblem<T>& p, const Finish& finish_element) {
     const auto [j0, j1] = slice_units(slice);
     const int64_t width = G * (j1 - j0);
     blas_region(width * H);
-    blas_region(projects ? width * I : 0);
+    blas_region(width * I);
     blas_region(StepWeight<T>::packed_size(plan.batch, width, H));
-    blas_region(projects ? StepWeight<T>::packed_size(blas_projection_rows, width, I) : 0);
+    blas_region(StepWeight<T>::packed_size(blas_projection_rows, width, I));
     blas_region(plan.batch * width);
     blas_region(blas_projection_rows * width);
   }
@@ -459,8 +458,8 @@ void forward_loop(const ForwardProblem<T>& p, const Finish& finish_element) {
     // two contiguous blocks of A.
     if (from_prev > 0) bs.hh->multiply(from_prev, a[0], H, T(0), gh, width);
     if (rows > from_prev) bs.hh->multiply(rows - from_prev, a[from_prev], H, T(0), gh + from_prev * width, width);
-    T* xs = nullptr;
-    if (projects) {
+    const T* xs = nullptr;
+    {
       // The chunk's projection first (its rows are contiguous: rows [first, last) of the input).
       const int64_t chunk = s / blas_chunk_steps;
       const int64_t first = blas_chunk_rows[2 * chunk], last = blas_chunk_rows[2 * chunk + 1];
@@ -479,25 +478,11 @@ void forward_loop(const ForwardProblem<T>& p, const Finish& finish_element) {
       xs = bs.gates_x + (off - first) * width;
     }
     for (int64_t r = 0; r < rows; ++r) {
-      // gates_x from memory: ask for the next row's lines of the slice's units while this row's
-      // go through the element function.
-      if (!projects && r + 1 < rows) {
-        for (int g = 0; g < G; ++g) {
-          const char* line = reinterpret_cast<const char*>(p.gates_x + (off + r + 1) * G * H + g * H + j0);
-          for (int64_t byte = 0; byte < Hs * static_cast<int64_t>(sizeof(T)); byte += 64) {
-            __builtin_prefetch(line + byte, 0, 3);
-          }
-        }
-      }
       for (int64_t j = j0; j < j1; j += V) {
         const Lanes<T> l{std::min<int64_t>(V, j1 - j)};
         Vec<T> acc[G];
         for (int g = 0; g < G; ++g) acc[g] = l.load(gh + r * width + g * Hs + (j - j0));
-        if (projects) {
-          finish_element(off + r, r, xs + r * width + (j - j0), Hs, j, l, a[r], acc);
-        } else {
-          finish_element(off + r, r, p.gates_x + (off + r) * G * H + j, H, j, l, a[r], acc);
-        }
+        finish_element(off + r, r, xs + r * width + (j - j0), Hs, j, l, a[r], acc);
       }
     }
   };
@@ -509,7 +494,7 @@ void forward_loop(const ForwardProblem<T>& p, const Finish& finish_element) {
           const auto [j0, j1] = slice_units(slice);
           BlasSlice<T>& bs = blas_slices[slice];
           prepare_blas(p.w_hh, H, plan.batch, j0, j1, bs.w_hh, bs.packed_hh, bs.hh);
-          if (projects) prepare_blas(p.w_ih, I, blas_projection_rows, j0, j1, bs.w_ih, bs.packed_ih, bs.ih);
+          prepare_blas(p.w_ih, I, blas_projection_rows, j0, j1, bs.w_ih, bs.packed_ih, bs.ih);
           return;
         }
         pack_row_panels<T, G>(p.w_hh, H, H, H, b0, b1, panels);
