@@ -78,14 +78,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "element size)");
   m.def("_set_cpu_engine_projection_override", &rnnfused::cpu::set_engine_projection_override,
         "Testing hook: 1 makes layer_inference project inside the engine wherever it runs, -1 never, 0 by the rule");
-  m.def("_cpu_engine_blas_inference", &rnnfused::cpu::engine_blas_inference,
-        "Whether layer_inference runs the engine with per-slice BLAS products for (batch, element size, every step "
-        "has the full batch)");
+  m.def("_cpu_engine_blas_product", &rnnfused::cpu::engine_blas_product,
+        "Whether the engine runs its products as per-slice BLAS GEMMs (layer_inference, the recurrence ops' "
+        "forward and backward) for (batch, element size, every step has the full batch)");
   m.def("_cpu_blas_packs", [] { return rnnfused::cpu::StepWeight<float>::packed_size(1, 1, 1) > 0; },
         "Whether the CPU time loops' float32 GEMMs use MKL's packed GEMM (libtorch exports it)");
   m.def("_set_cpu_engine_blas_override", &rnnfused::cpu::set_engine_blas_override,
-        "Testing hook: 1 makes layer_inference use the engine's BLAS products wherever the BLAS is libtorch's, "
-        "-1 never, 0 by the rule");
+        "Testing hook: 1 makes the engine use its BLAS products wherever the BLAS is libtorch's and the path "
+        "is not 'steps', -1 never, 0 by the rule");
+  m.def("_cpu_engine_blas_calls", &rnnfused::cpu::engine_blas_calls,
+        "Testing hook: how many engine calls (forward or backward) ran the per-slice BLAS products (since load)");
   m.def("_set_cpu_engine_straggler_delay_us", &rnnfused::cpu::set_engine_straggler_delay_us,
         "Testing hook: the threads owning slices other than the first sleep this long before each phase");
   m.def("_cpu_engine_takeovers", &rnnfused::cpu::engine_takeovers,

@@ -119,7 +119,7 @@ def _infers_from_input(input, w_ih, w_hh, h0, batch_sizes, tensors):
     csrc/cpu/engine.h. Elsewhere the projection is one GEMM before the recurrence op."""
     return (_ops_ns is _CPU_OPS and _eager_cpu_inference(input, tensors)
             and input.dtype in (torch.float32, torch.float64)
-            and (_C._cpu_engine_blas_inference(h0.shape[0], input.element_size(), batch_sizes is None)
+            and (_C._cpu_engine_blas_product(h0.shape[0], input.element_size(), batch_sizes is None)
                  or _C._cpu_engine_projects_input(h0.shape[0], w_ih.shape[0], w_hh.shape[1], input.shape[1],
                                                   input.element_size())))
 

@@ -45,6 +45,8 @@ ENGINE_SNIPPET = """
     print(rnnfused.build_info()["cpu_isa"])
     _C._set_cpu_path("fused")          # every batch on the engine
     _C._set_cpu_engine_min_flops(0)   # every size runs on the whole team
+    # The register tiles, or every slice's products as BLAS GEMMs
+    _C._set_cpu_engine_blas_override(1 if PRODUCT == "blas" else -1)
     cases = [(3, 1, 2, "padded", False), (37, 5, 9, "packed_unsorted", True), (70, 67, 4, "padded", True),
              (37, 17, 6, "packed_sorted", False), (21, 1, 5, "unbatched", True)]
     for threads in (1, 2, 3):
@@ -59,19 +61,27 @@ ENGINE_SNIPPET = """
             ref, ours = twin_layers(mode, 11, 37, dtype=torch.float32, bidirectional=True)
             assert_twins_agree(ref, ours, sequence_inputs("packed_unsorted", 8, 19, 11, None, torch.float32),
                                dtype=torch.float32)
-    print("ok")
+            # Every step with the whole batch: float32 GEMMs on MKL's packed weights where it has them
+            ref, ours = twin_layers(mode, 11, 37, dtype=torch.float32, bidirectional=True)
+            assert_twins_agree(ref, ours, sequence_inputs("padded", 6, 9, 11, None, torch.float32),
+                               dtype=torch.float32)
+    print("blas_calls", _C._cpu_engine_blas_calls(), "ok")
 """
 
 
+@pytest.mark.parametrize("product", ["tiles", "blas"])
 @pytest.mark.parametrize("isa", ["default", "avx2", "avx512"])
-def test_engine_parity_every_isa_and_team(isa):
+def test_engine_parity_every_isa_and_team(isa, product):
     """float64 parity with torch.nn (outputs, states, every gradient) on the engine, for each
     instruction set, with teams of 1, 2 and 3 threads (3 on a 2-core machine oversubscribes it:
-    the barrier must still make progress)."""
+    the barrier must still make progress), on the register tiles and on per-slice BLAS GEMMs."""
     if isa not in ISAS:
         pytest.skip(f"this processor or build cannot run the {isa} kernels")
-    out = _run(ENGINE_SNIPPET, RNNFUSED_CPU_ISA=isa).split()
-    assert out[0] == isa and out[-1] == "ok"
+    if product == "blas" and _C.cpu_blas() != "blas":
+        pytest.skip("this torch exports no BLAS")
+    out = _run(f"PRODUCT = {product!r}\n" + textwrap.dedent(ENGINE_SNIPPET), RNNFUSED_CPU_ISA=isa).split()
+    assert out[0] == isa and out[-3] == "blas_calls" and out[-1] == "ok", out
+    assert (int(out[-2]) > 0) == (product == "blas"), out
 
 
 @pytest.fixture
@@ -91,6 +101,7 @@ def cpu_path():
 
     yield set_path
     _C._set_cpu_path(previous)
+    _C._set_cpu_engine_blas_override(0)
 
 
 def _op_outputs(mode, dtype, path, set_path, reverse, batch_sizes):
@@ -122,12 +133,21 @@ def _op_outputs(mode, dtype, path, set_path, reverse, batch_sizes):
 @pytest.mark.parametrize("mode", list(LAYER_MODES))
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
-def test_engine_agrees_with_per_step_path(mode, reverse, dtype, cpu_path, whole_team):
-    """The engine and the per-step GEMM path compute the same formulas; they differ only in the
-    order of the GEMM's sums (and, in float32, in the vectorized tanh, which both share). bfloat16 /
-    float16 round h to the dtype at every step on both paths."""
-    batch_sizes = torch.tensor([6, 6, 5, 3, 3, 1])
+@pytest.mark.parametrize("product", ["tiles", "blas"])
+@pytest.mark.parametrize("lengths", ["shrinking", "full"])
+def test_engine_agrees_with_per_step_path(mode, reverse, dtype, product, lengths, cpu_path, whole_team):
+    """The engine (register tiles, or per-slice BLAS GEMMs: MKL's packed weights in float32 where
+    every step has the whole batch, the plain GEMM otherwise) and the per-step GEMM path compute
+    the same formulas; they differ only in the order of the GEMM's sums (and, in float32, in the
+    vectorized tanh, which both share). bfloat16 / float16 round h to the dtype at every step on
+    both paths."""
+    if product == "blas" and _C.cpu_blas() != "blas":
+        pytest.skip("this torch exports no BLAS")
+    batch_sizes = torch.tensor([6, 6, 5, 3, 3, 1] if lengths == "shrinking" else [6] * 6)
+    _C._set_cpu_engine_blas_override(1 if product == "blas" else -1)
+    calls = _C._cpu_engine_blas_calls()
     fused = _op_outputs(mode, dtype, "fused", cpu_path, reverse, batch_sizes)
+    assert _C._cpu_engine_blas_calls() - calls == (2 if product == "blas" else 0)  # forward and backward
     steps = _op_outputs(mode, dtype, "steps", cpu_path, reverse, batch_sizes)
     if dtype == torch.float64:
         tolerance = dict(rtol=1e-12, atol=1e-12)
@@ -233,6 +253,35 @@ def test_auto_path_gives_the_same_numbers_at_the_threshold(mode, cpu_path):
         assert_twins_agree(ref, ours, sequence_inputs("padded", 4, batch, 5, None, torch.float64))
 
 
+def test_training_runs_the_blas_products_where_the_rule_says(cpu_path):
+    """On the "auto" path the recurrence ops' forward and backward run on the per-slice BLAS
+    products where engine_blas_product says so (from 8 rows, float32 compute, every step with the
+    whole batch, MKL's packed GEMM there), on the register tiles below, and never above the engine's
+    16 rows (the per-step path) nor on the "fused" path."""
+    cpu_path("auto")
+    packs = _C.cpu_blas() == "blas" and _C._cpu_blas_packs()
+
+    def calls(batch, dtype=torch.float32, lengths=None):
+        layer = rnnfused.LSTM(7, 24).to(dtype)
+        x = torch.randn(5, batch, 7, dtype=dtype)
+        if lengths is not None:
+            x = torch.nn.utils.rnn.pack_padded_sequence(x, torch.tensor(lengths), enforce_sorted=False)
+        before = _C._cpu_engine_blas_calls()
+        out = layer(x)[0]
+        (out.data if lengths is not None else out).sum().backward()
+        return _C._cpu_engine_blas_calls() - before
+
+    expected = 2 if packs else 0  # forward and backward
+    assert calls(8) == expected and calls(16) == expected
+    assert calls(16, torch.bfloat16) == expected  # computed in float32
+    assert calls(7) == 0 and calls(1) == 0  # the register tiles
+    assert calls(16, torch.float64) == 0
+    assert calls(9, lengths=[5, 5, 4, 5, 5, 5, 5, 5, 5]) == 0  # a step with fewer rows
+    assert calls(17) == 0  # the per-step path
+    cpu_path("fused")
+    assert calls(16) == 0
+
+
 def test_bad_isa_is_a_clear_error():
     result = subprocess.run([sys.executable, "-c", "import rnnfused; rnnfused.build_info()"],
                             env=dict(os.environ, RNNFUSED_CPU_ISA="sse9"), capture_output=True, text=True)
@@ -265,10 +314,14 @@ def test_engine_from_several_python_threads(whole_team):
     assert not errors, errors
 
 
-def test_late_thread_is_taken_over():
+@pytest.mark.parametrize("product", ["tiles", "blas"])
+def test_late_thread_is_taken_over(product):
     """A thread that owns slices other than the first sleeps 300 us before each phase (as a thread
     whose core another process took): the others run its phases (takeovers counted), and the
-    numbers are still torch.nn's, forward and backward, for every cell."""
+    numbers are still torch.nn's, forward and backward, for every cell, on the register tiles and
+    on the per-slice BLAS products (a slice's GEMM weights belong to the slice, not to a thread)."""
+    if product == "blas" and _C.cpu_blas() != "blas":
+        pytest.skip("this torch exports no BLAS")
     snippet = """
         import torch, rnnfused
         from rnnfused import _C
@@ -277,11 +330,12 @@ def test_late_thread_is_taken_over():
         _C._set_cpu_path("fused")
         _C._set_cpu_engine_min_flops(0)
         _C._set_cpu_engine_straggler_delay_us(300)
+        _C._set_cpu_engine_blas_override(1 if PRODUCT == "blas" else -1)
         before = _C._cpu_engine_takeovers()
         for mode in LAYER_MODES:
             ref, ours = twin_layers(mode, 7, 45, dtype=torch.float64, bidirectional=True)
             assert_twins_agree(ref, ours, sequence_inputs("packed_unsorted", 12, 5, 7, None, torch.float64))
         print("takeovers", _C._cpu_engine_takeovers() - before)
     """
-    out = _run(snippet).split()
+    out = _run(f"PRODUCT = {product!r}\n" + textwrap.dedent(snippet)).split()
     assert out[-2] == "takeovers" and int(out[-1]) > 0, out

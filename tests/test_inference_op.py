@@ -321,7 +321,7 @@ def test_where_it_runs_the_blas_products(counted, cpu_path):
     step has the full batch; never on the per-step path, never with the register tiles forced
     ("fused"), never on ATen's GEMM (it would run inside the engine's parallel region)."""
     cpu_path("auto")
-    blas = _C._cpu_engine_blas_inference
+    blas = _C._cpu_engine_blas_product
     if _C.cpu_blas() != "blas":
         assert not blas(64, 4, True)
         return

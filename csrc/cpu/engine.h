@@ -17,6 +17,10 @@
 // - Backward step: the thread turns dL/dh_t of its units into the gate gradients of its units,
 //   then (after the step barrier) computes dL/dh_{t-1} of its units from all the step's gate
 //   gradients with W_hh's columns of its units, packed once per call the same way.
+// - From 8 rows (engine_blas_product) each slice runs its products as BLAS GEMMs instead of the
+//   register tiles: its rows of W_hh (and W_ih), or in the backward W_hh's columns of its units,
+//   packed once per call by MKL, one single-thread GEMM per step into a buffer of the slice that
+//   the element functions then read while it is in cache.
 // - Steps are separated by a barrier that spins briefly, then yields the core, so that a waiting
 //   thread never holds a core another process needs for long; a thread that has waited
 //   past the spin runs the late slice's step itself (team.h), so a thread that lost its core to
@@ -58,8 +62,8 @@ struct ForwardProblem {
   const T* w_ih = nullptr;     // [G*H, I]
   const T* b_ih = nullptr;     // [G*H]      null: none (the LSTM and Elman RNN add theirs to b_hh)
   int64_t input_size = 0;      // I
-  // With `input`: each slice's products with BLAS GEMMs (its rows of W_hh and W_ih packed once)
-  // instead of the register tiles (engine_blas_inference); ignored without `input`.
+  // Each slice's products with BLAS GEMMs (its rows of W_hh, and of W_ih with `input`, packed once)
+  // instead of the register tiles (engine_blas_product, engine_blas_training).
   bool blas_product = false;
   // bfloat16/float16 calls compute in float and round h_t to this type at every step (it is what
   // the caller sees and what the next step reads); the dtype itself otherwise.
@@ -82,6 +86,9 @@ struct BackwardProblem {
   T* dc_state = nullptr;           // [B, H]   LSTM: in: dL/dc_n; out: dL/dc0
   T* grad_gates = nullptr;         // [N, G*H] dL/d pre-activations (GRU: of gates_x)
   T* grad_gates_h = nullptr;       // [N, 3H]  GRU only: dL/d(h_{t-1} W_hh^T + b_hh)
+  // dL/dh_{t-1} of each slice's units with a BLAS GEMM (W_hh's columns of its units packed once)
+  // instead of the register tiles (engine_blas_training).
+  bool blas_product = false;
 };
 
 template <typename T>
@@ -131,27 +138,34 @@ bool engine_projects_input(int64_t batch, int64_t gate_rows, int64_t hidden, int
 // Testing hook: 1 projects inside the engine wherever the engine runs, -1 never, 0 by the rule.
 void set_engine_projection_override(int override);
 
-// Whether layer_inference runs the engine with the BLAS product (ForwardProblem::blas_product,
-// projecting the input itself) for a call of `batch` rows of `element_size` bytes (`full_steps`:
-// every step has all `batch` rows, no packed sequence of several lengths): with the "auto" path
-// where the GEMMs are libtorch's BLAS (they run inside the team's parallel region), above
-// kEngineMaxBatch rows, and from kEngineBlasMinBatch rows in float32 where MKL's packed GEMM is
-// there and every step has the full batch (a step with fewer rows than MKL packed for takes the
-// unpacked GEMM, which packs the slice's weights again: packed B = 16 LSTM 15% slower).
-// Measured side by side (2 threads, AVX-512 Xeon, 2026-11-29, eval forward, T = 100, I = H)
-// against the register tiles (with their own projection where engine_projects_input says so):
+// Whether the engine runs its products with BLAS GEMMs per slice (ForwardProblem::blas_product:
+// layer_inference, projecting the input itself, and the recurrence ops' forward;
+// BackwardProblem::blas_product: their backward's dL/dh_{t-1}) for a call of `batch` rows of
+// `element_size` bytes (the compute dtype's: 4 for bfloat16/float16 calls) where `full_steps`
+// says whether every step has all `batch` rows (no packed sequence of several lengths): with the
+// "auto" path where the GEMMs are libtorch's BLAS (they run inside the team's parallel region),
+// above kEngineMaxBatch rows, and from kEngineBlasMinBatch rows in float32 where MKL's packed
+// GEMM is there and every step has the full batch (a step with fewer rows than MKL packed for
+// takes the unpacked GEMM, which packs the slice's weights again: packed B = 16 LSTM 15% slower).
+// Measured side by side (2 threads, AVX-512 Xeon, 2026-11-29, I = H) against the register tiles:
+// eval forward T = 100 (with the tiles' own projection where engine_projects_input says so):
 // LSTM H = 256 B = 8 / 16: 5.19 -> 4.19, 8.56 -> 7.49 ms; B = 16 with H = 512 / 768: 5-7% faster;
 // GRU B = 16 6% and Elman RNN B = 8 / 16 5-10% faster; capped to AVX2, LSTM B = 16 13.9 ->
-// 11.0 ms, GRU 9.95 -> 8.65 ms. At B = 1 and 4 the tiles are as fast or faster (Elman RNN B = 1:
+// 11.0 ms, GRU 9.95 -> 8.65 ms. Training forward + backward (H = 256, T = 100): LSTM B = 16
+// 28.1 -> 27.3 ms, B = 8 15.8 -> 14.6, two layers T = 50 B = 16 30.0 -> 28.1, GRU B = 16 23.9 ->
+// 22.9, Elman RNN 8.8 -> 8.3. At B = 1 and 4 the tiles are as fast or faster (Elman RNN B = 1:
 // 0.59 vs 0.72 ms; a GEMM call costs more than its few FMAs). Against the GEMM first and the
-// per-step path at B = 64, H = 512: T = 100 5-10% faster (the [N, G*H] projection no longer goes
-// to memory and back), T = 25 the same; B = 256, H = 1024 4-15% faster. MKL's single-thread
-// kernel runs the slices' GEMMs at about the core's peak, which the register tiles do not reach.
+// per-step path at B = 64, H = 512 (eval forward): T = 100 5-10% faster (the [N, G*H] projection
+// no longer goes to memory and back), T = 25 the same; B = 256, H = 1024 4-15% faster. MKL's
+// single-thread kernel runs the slices' GEMMs at about the core's peak.
 constexpr int64_t kEngineBlasMinBatch = 8;
-bool engine_blas_inference(int64_t batch, int64_t element_size, bool full_steps);
+bool engine_blas_product(int64_t batch, int64_t element_size, bool full_steps);
 // Testing hook: 1 uses it wherever the BLAS is libtorch's and the path is not "steps", -1 never,
 // 0 by the rule.
 void set_engine_blas_override(int override);
+// Testing hook: the engine calls (forward or backward) that ran the BLAS products, since load.
+int64_t engine_blas_calls();
+void count_engine_blas_call();
 
 // The work of one step (in flops) that one more thread of the team must have at least; below
 // it the team is smaller (a barrier per step costs about a microsecond). 0: as many threads as

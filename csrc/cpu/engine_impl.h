@@ -323,9 +323,10 @@ constexpr int64_t kBlasProjectionRows = 256;
 //   them) gathered into one matrix [G*Hs, H] that StepWeight prepares once (MKL's packed format
 //   where libtorch has it); every step one GEMM of the step's h_{t-1} rows into the slice's
 //   buffer [B, G*Hs], then the element function over it row by row while it is in the core's
-//   cache. It needs p.input (without it the register tiles run): the slice projects the x rows
-//   of a chunk of steps (at least kBlasProjectionRows rows) the same way, with its rows of W_ih,
-//   into a second buffer at the chunk's first step, so the [N, G*H] projection never goes to memory.
+//   cache. With p.input the slice projects the x rows of a chunk of steps (at least
+//   kBlasProjectionRows rows) the same way, with its rows of W_ih, into a second buffer at the
+//   chunk's first step, so the [N, G*H] projection never goes to memory; without it the element
+//   function reads the given gates_x.
 template <typename T, int G, typename Finish>
 void forward_loop(const ForwardProblem<T>& p, const Finish& finish_element) {
   constexpr int64_t V = kLanes<T>;
@@ -333,7 +334,9 @@ void forward_loop(const ForwardProblem<T>& p, const Finish& finish_element) {
   const int64_t H = p.hidden;
   const int64_t I = p.input_size;
   const bool projects = p.input != nullptr;
-  const bool blas = p.blas_product && projects;  // the BLAS products always project the input themselves
+  const bool blas = p.blas_product;
+  const bool blas_project = blas && projects;
+  if (blas) count_engine_blas_call();
   const bool tiles_project = projects && !blas;
   const int64_t blocks = (H + V - 1) / V;
   const int64_t steps = plan.steps();
@@ -363,7 +366,7 @@ void forward_loop(const ForwardProblem<T>& p, const Finish& finish_element) {
       blas ? std::max<int64_t>(1, (kBlasProjectionRows + plan.batch - 1) / std::max<int64_t>(1, plan.batch)) : 1;
   std::vector<int64_t> blas_chunk_rows;
   int64_t blas_projection_rows = 0;
-  for (int64_t s = 0; blas && s < steps; s += blas_chunk_steps) {
+  for (int64_t s = 0; blas_project && s < steps; s += blas_chunk_steps) {
     int64_t first = plan.rows, last = 0;
     for (int64_t s2 = s; s2 < std::min(steps, s + blas_chunk_steps); ++s2) {
       const int64_t t = plan.step_at(s2);
@@ -386,9 +389,9 @@ void forward_loop(const ForwardProblem<T>& p, const Finish& finish_element) {
     const auto [j0, j1] = slice_units(slice);
     const int64_t width = G * (j1 - j0);
     blas_region(width * H);
-    blas_region(width * I);
+    blas_region(blas_project ? width * I : 0);
     blas_region(StepWeight<T>::packed_size(plan.batch, width, H));
-    blas_region(StepWeight<T>::packed_size(blas_projection_rows, width, I));
+    blas_region(blas_project ? StepWeight<T>::packed_size(blas_projection_rows, width, I) : 0);
     blas_region(plan.batch * width);
     blas_region(blas_projection_rows * width);
   }
@@ -458,8 +461,10 @@ void forward_loop(const ForwardProblem<T>& p, const Finish& finish_element) {
     // two contiguous blocks of A.
     if (from_prev > 0) bs.hh->multiply(from_prev, a[0], H, T(0), gh, width);
     if (rows > from_prev) bs.hh->multiply(rows - from_prev, a[from_prev], H, T(0), gh + from_prev * width, width);
-    const T* xs = nullptr;
-    {
+    // The rows' projection: row r's gate g of unit j at xs + r * x_row + g * x_gate + (j - j0).
+    const T* xs = p.gates_x + off * G * H + j0;
+    int64_t x_row = G * H, x_gate = H;
+    if (blas_project) {
       // The chunk's projection first (its rows are contiguous: rows [first, last) of the input).
       const int64_t chunk = s / blas_chunk_steps;
       const int64_t first = blas_chunk_rows[2 * chunk], last = blas_chunk_rows[2 * chunk + 1];
@@ -476,13 +481,15 @@ void forward_loop(const ForwardProblem<T>& p, const Finish& finish_element) {
         bs.ih->multiply(last - first, p.input + first * I, I, beta, bs.gates_x, width);
       }
       xs = bs.gates_x + (off - first) * width;
+      x_row = width;
+      x_gate = Hs;
     }
     for (int64_t r = 0; r < rows; ++r) {
       for (int64_t j = j0; j < j1; j += V) {
         const Lanes<T> l{std::min<int64_t>(V, j1 - j)};
         Vec<T> acc[G];
         for (int g = 0; g < G; ++g) acc[g] = l.load(gh + r * width + g * Hs + (j - j0));
-        finish_element(off + r, r, xs + r * width + (j - j0), Hs, j, l, a[r], acc);
+        finish_element(off + r, r, xs + r * x_row + (j - j0), x_gate, j, l, a[r], acc);
       }
     }
   };
@@ -494,7 +501,7 @@ void forward_loop(const ForwardProblem<T>& p, const Finish& finish_element) {
           const auto [j0, j1] = slice_units(slice);
           BlasSlice<T>& bs = blas_slices[slice];
           prepare_blas(p.w_hh, H, plan.batch, j0, j1, bs.w_hh, bs.packed_hh, bs.hh);
-          prepare_blas(p.w_ih, I, blas_projection_rows, j0, j1, bs.w_ih, bs.packed_ih, bs.ih);
+          if (blas_project) prepare_blas(p.w_ih, I, blas_projection_rows, j0, j1, bs.w_ih, bs.packed_ih, bs.ih);
           return;
         }
         pack_row_panels<T, G>(p.w_hh, H, H, H, b0, b1, panels);
@@ -601,7 +608,9 @@ void forward(const ForwardProblem<T>& p) {
 // ---------------------------------------------------------------------------------------------
 // Backward: phase 2s turns dL/dh_t of the slice's units into gate gradients (its units, all G
 // gates); phase 2s+1, after the barrier, computes dL/dh_{t-1} of its units from the step's gate
-// gradients of all units: dh[r][units] = sum_n dG[r][n] W_hh[n][units] (+ the GRU's direct dh z).
+// gradients of all units: dh[r][units] = sum_n dG[r][n] W_hh[n][units] (+ the GRU's direct dh z),
+// with the register tiles or (p.blas_product) one BLAS GEMM of the slice per step, straight into
+// the slice's columns of dh_state.
 // ---------------------------------------------------------------------------------------------
 
 template <typename T, typename Pointwise>
@@ -613,17 +622,37 @@ void backward_loop(const BackwardProblem<T>& p, int64_t G, const T* grad_for_dh,
   const int64_t K = G * H;
   const int64_t blocks = (H + V - 1) / V;
   const int64_t team = team_size(blocks, 2 * plan.batch * G * H * H);
-  T* const panels = panel_buffer<T>(blocks * K * V);
+  const bool blas = p.blas_product;
+  if (blas) count_engine_blas_call();
+  // BLAS product: slice s multiplies by W_hh's columns of its units [j0, j1) (read in place, ld H),
+  // which StepWeight packs into this buffer at offset blas_offsets[s].
+  std::vector<int64_t> blas_offsets;
+  int64_t blas_size = 0;
+  for (int64_t slice = 0; blas && slice < team; ++slice) {
+    const auto [b0, b1] = slice_blocks(blocks, team, slice);
+    blas_offsets.push_back(blas_size);
+    blas_size += (StepWeight<T>::packed_size(plan.batch, std::min(H, b1 * V) - b0 * V, K) + 15) / 16 * 16;
+  }
+  std::vector<std::unique_ptr<StepWeight<T>>> blas_weights(blas ? team : 0);
+  T* const panels = panel_buffer<T>(blas ? blas_size + 16 : blocks * K * V);
+  T* const blas_base =
+      reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(panels) + 63) & ~uintptr_t(63));
   std::vector<SliceScratch<T>> scratch(team);
   for (auto& s : scratch) {
     s.rows.resize(plan.batch);
-    s.partial.resize(static_cast<size_t>(plan.batch * kTileBlocks<1> * V));
+    if (!blas) s.partial.resize(static_cast<size_t>(plan.batch * kTileBlocks<1> * V));
   }
   const int64_t steps = plan.steps();
   run_team(
       team, 2 * steps,
       [&](int64_t slice) {
         const auto [b0, b1] = slice_blocks(blocks, team, slice);
+        if (blas) {
+          const int64_t j0 = b0 * V, j1 = std::min(H, b1 * V);
+          blas_weights[slice] = std::make_unique<StepWeight<T>>(false, plan.batch, j1 - j0, K, p.w_hh + j0, H,
+                                                                blas_base + blas_offsets[slice]);
+          return;
+        }
         pack_column_panels(p.w_hh, H, H, K, b0, b1, panels);
       },
       [&](int64_t slice, int64_t q) {
@@ -643,6 +672,12 @@ void backward_loop(const BackwardProblem<T>& p, int64_t G, const T* grad_for_dh,
               pointwise(off + r, r, prev_row, j, Lanes<T>{std::min<int64_t>(V, H - j)});
             }
           }
+          return;
+        }
+        if (blas) {
+          const int64_t j0 = b0 * V;
+          blas_weights[slice]->multiply(rows, grad_for_dh + off * K, K, accumulate_dh ? T(1) : T(0),
+                                        p.dh_state + j0, H);
           return;
         }
         SliceScratch<T>& sc = scratch[slice];

@@ -141,13 +141,14 @@ CpuPath cpu_path_from_environment() {
 CpuPath g_cpu_path = cpu_path_from_environment();
 int64_t g_straggler_delay_us = 0;
 std::atomic<int64_t> g_takeovers{0};
+std::atomic<int64_t> g_blas_calls{0};
 
 // About 1 us of one core's work: a step barrier costs a fraction of that.
 int64_t g_min_flops_per_thread = 32 * 1024;
 
 // engine_projects_input's testing override (engine.h).
 int g_projection_override = 0;
-// engine_blas_inference's testing override (engine.h).
+// engine_blas_product's testing override (engine.h).
 int g_blas_override = 0;
 
 }  // namespace
@@ -198,7 +199,7 @@ bool engine_projects_input(int64_t batch, int64_t gate_rows, int64_t hidden, int
   return gate_rows * (hidden + input_size) * element_size <= kProjectingPanelBytes * team;
 }
 void set_engine_projection_override(int override) { g_projection_override = override; }
-bool engine_blas_inference(int64_t batch, int64_t element_size, bool full_steps) {
+bool engine_blas_product(int64_t batch, int64_t element_size, bool full_steps) {
   // The GEMMs run inside the team's parallel region: only the BLAS that libtorch links, never ATen.
   if (std::strcmp(blas_backend(), "blas") != 0 || cpu_path() == CpuPath::Steps) return false;
   if (g_blas_override != 0) return g_blas_override > 0;
@@ -217,4 +218,6 @@ int64_t engine_straggler_delay_us() { return g_straggler_delay_us; }
 void set_engine_straggler_delay_us(int64_t us) { g_straggler_delay_us = us; }
 void count_engine_takeover() { g_takeovers.fetch_add(1, std::memory_order_relaxed); }
 int64_t engine_takeovers() { return g_takeovers.load(std::memory_order_relaxed); }
+void count_engine_blas_call() { g_blas_calls.fetch_add(1, std::memory_order_relaxed); }
+int64_t engine_blas_calls() { return g_blas_calls.load(std::memory_order_relaxed); }
 }  // namespace rnnfused::cpu
