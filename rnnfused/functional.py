@@ -112,7 +112,7 @@ def _reusable_projection(input, w_ih, b_ih):
 def _infers_from_input(input, w_ih, w_hh, h0, batch_sizes, tensors):
     """Whether a layer runs as one rnnfused::layer_inference op, which projects the input itself
     inside the fused engine (csrc/op_schemas.h): in eager CPU inference in float32 or float64,
-    where the engine's per-slice BLAS products run (libtorch's BLAS; above 16 rows, and from 8
+    where the engine's per-slice BLAS products run (libtorch's BLAS; above 16 rows, and from 2
     rows in float32 with MKL's packed GEMM unless the sequences are packed), or where its register
     tiles run and projecting inside them was measured faster (the cell, the ISA's tiles, whether
     each thread's share of W_ih and W_hh fits its cache). The rules and their measurements:

@@ -317,7 +317,7 @@ def test_where_it_projects_inside_the_engine(counted, cpu_path):
 
 def test_where_it_runs_the_blas_products(counted, cpu_path):
     """The rule of csrc/cpu/engine.h: with the auto path and libtorch's BLAS, above the register
-    tiles' batches (16 rows), and from 8 rows in float32 where MKL's packed GEMM is there and every
+    tiles' batches (16 rows), and from 2 rows in float32 where MKL's packed GEMM is there and every
     step has the full batch; never on the per-step path, never with the register tiles forced
     ("fused"), never on ATen's GEMM (it would run inside the engine's parallel region)."""
     cpu_path("auto")
@@ -327,8 +327,8 @@ def test_where_it_runs_the_blas_products(counted, cpu_path):
         return
     mkl_packed = _C._cpu_blas_packs()
     assert blas(17, 4, True) and blas(17, 4, False) and blas(64, 8, True)
-    assert blas(16, 4, True) == mkl_packed and blas(8, 4, True) == mkl_packed
-    assert not blas(7, 4, True) and not blas(1, 4, True)  # the register tiles: as fast or faster
+    assert blas(16, 4, True) == mkl_packed and blas(2, 4, True) == mkl_packed
+    assert not blas(1, 4, True)  # the register tiles: as fast or faster
     assert not blas(16, 4, False)  # packed sequences of several lengths
     assert not blas(16, 8, True)
     with torch.no_grad():

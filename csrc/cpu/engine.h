@@ -17,7 +17,7 @@
 // - Backward step: the thread turns dL/dh_t of its units into the gate gradients of its units,
 //   then (after the step barrier) computes dL/dh_{t-1} of its units from all the step's gate
 //   gradients with W_hh's columns of its units, packed once per call the same way.
-// - From 8 rows (engine_blas_product) each slice runs its products as BLAS GEMMs instead of the
+// - From 2 rows (engine_blas_product) each slice runs its products as BLAS GEMMs instead of the
 //   register tiles: its rows of W_hh (and W_ih), or in the backward W_hh's columns of its units,
 //   packed once per call by MKL, one single-thread GEMM per step into a buffer of the slice that
 //   the element functions then read while it is in cache.
@@ -153,12 +153,19 @@ void set_engine_projection_override(int override);
 // GRU B = 16 6% and Elman RNN B = 8 / 16 5-10% faster; capped to AVX2, LSTM B = 16 13.9 ->
 // 11.0 ms, GRU 9.95 -> 8.65 ms. Training forward + backward (H = 256, T = 100): LSTM B = 16
 // 28.1 -> 27.3 ms, B = 8 15.8 -> 14.6, two layers T = 50 B = 16 30.0 -> 28.1, GRU B = 16 23.9 ->
-// 22.9, Elman RNN 8.8 -> 8.3. At B = 1 and 4 the tiles are as fast or faster (Elman RNN B = 1:
-// 0.59 vs 0.72 ms; a GEMM call costs more than its few FMAs). Against the GEMM first and the
+// 22.9, Elman RNN 8.8 -> 8.3. B = 2 and 4 (measured again, 22:10-22:27 UTC): H = 256 eval forward
+// LSTM 2.61 -> 2.08 / 3.49 -> 3.02 ms, GRU 2.10 -> 1.62 / 2.91 -> 2.63, Elman RNN 0.96 -> 0.75 /
+// 1.23 -> 1.12; training B = 2 LSTM 7.60 -> 6.68, B = 4 LSTM 9.14 -> 8.93, GRU 9.30 -> 8.04,
+// Elman RNN 3.43 -> 3.07; H = 512 eval B = 2 LSTM 14.5 -> 13.3, GRU 7.45 -> 6.61, B = 4 LSTM
+// 15.3 -> 15.7, training B = 2 LSTM 28.2 -> 29.4; capped to AVX2, H = 256 eval LSTM B = 2 / 4
+// 2.99 -> 2.30 / 5.05 -> 3.45, GRU B = 4 3.30 -> 2.82, Elman RNN 1.19 -> 1.26. At B = 1 the
+// tiles stay: as fast or faster for the GRU and Elman RNN at H = 256 (RNN 0.80 / 0.80, 0.72 /
+// 0.74 ms) and for the LSTM at H = 512 (9.1 vs 11.9 ms; at H = 256 the BLAS was 6-9% faster).
+// Against the GEMM first and the
 // per-step path at B = 64, H = 512 (eval forward): T = 100 5-10% faster (the [N, G*H] projection
 // no longer goes to memory and back), T = 25 the same; B = 256, H = 1024 4-15% faster. MKL's
 // single-thread kernel runs the slices' GEMMs at about the core's peak.
-constexpr int64_t kEngineBlasMinBatch = 8;
+constexpr int64_t kEngineBlasMinBatch = 2;
 bool engine_blas_product(int64_t batch, int64_t element_size, bool full_steps);
 // Testing hook: 1 uses it wherever the BLAS is libtorch's and the path is not "steps", -1 never,
 // 0 by the rule.
