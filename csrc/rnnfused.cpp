@@ -81,7 +81,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("_cpu_engine_blas_product", &rnnfused::cpu::engine_blas_product,
         "Whether the engine runs its products as per-slice BLAS GEMMs (layer_inference, the recurrence ops' "
         "forward and backward) for (batch, element size, every step has the full batch)");
-  m.def("_cpu_blas_packs", [] { return rnnfused::cpu::StepWeight<float>::packed_size(1, 1, 1) > 0; },
+  m.def("_cpu_blas_packs", &rnnfused::cpu::blas_packs_float,
         "Whether the CPU time loops' float32 GEMMs use MKL's packed GEMM (libtorch exports it)");
   m.def("_set_cpu_engine_blas_override", &rnnfused::cpu::set_engine_blas_override,
         "Testing hook: 1 makes the engine use its BLAS products wherever the BLAS is libtorch's and the path "

@@ -136,6 +136,8 @@ int64_t StepWeight<T>::packed_size(int64_t rows, int64_t n, int64_t k) {
   return 0;
 }
 
+bool blas_packs_float() { return StepWeight<float>::packed_size(1, 1, 1) > 0; }
+
 template <typename T>
 StepWeight<T>::StepWeight(bool trans_b, int64_t rows, int64_t n, int64_t k, const T* b, int64_t ldb, T* storage)
     : trans_b_(trans_b), rows_(rows), n_(n), k_(k), ldb_(ldb), b_(b) {

@@ -41,6 +41,9 @@ class StepWeight {
   const float* packed_ = nullptr;
 };
 
+// Whether float32 StepWeights use MKL's packed GEMM (libtorch exports it and the "blas" backend runs).
+bool blas_packs_float();
+
 // "blas": the sgemm_/dgemm_ that libtorch_cpu itself calls (MKL or OpenBLAS);
 // "aten": at::addmm_out on wrapped buffers, used where libtorch exports no BLAS symbols.
 const char* blas_backend();

@@ -377,41 +377,37 @@ void forward_loop(const ForwardProblem<T>& p, const Finish& finish_element) {
     blas_chunk_rows.push_back(last);
     blas_projection_rows = std::max(blas_projection_rows, last - first);
   }
-  // The BLAS products' buffers, slice after slice (each region 64-byte aligned).
+  // The BLAS products' buffers, slice after slice (each region 64-byte aligned), carved from
+  // `base`; with a null base only counted. Returns the elements they take.
   std::vector<BlasSlice<T>> blas_slices(blas ? team : 0);
-  std::vector<int64_t> blas_offsets;
-  int64_t blas_size = 0;
-  auto blas_region = [&](int64_t count) {
-    blas_offsets.push_back(blas_size);
-    blas_size += (count + 15) / 16 * 16;
+  auto carve_blas = [&](T* base) {
+    int64_t used = 0;
+    auto take = [&](int64_t count) {
+      T* region = base != nullptr ? base + used : nullptr;
+      used += (count + 15) / 16 * 16;
+      return region;
+    };
+    for (int64_t slice = 0; slice < static_cast<int64_t>(blas_slices.size()); ++slice) {
+      const auto [j0, j1] = slice_units(slice);
+      const int64_t width = G * (j1 - j0);
+      BlasSlice<T>& bs = blas_slices[slice];
+      bs.w_hh = take(width * H);
+      bs.w_ih = take(blas_project ? width * I : 0);
+      bs.packed_hh = take(StepWeight<T>::packed_size(plan.batch, width, H));
+      bs.packed_ih = take(blas_project ? StepWeight<T>::packed_size(blas_projection_rows, width, I) : 0);
+      bs.gates_h = take(plan.batch * width);
+      bs.gates_x = take(blas_projection_rows * width);
+    }
+    return used;
   };
-  for (int64_t slice = 0; slice < static_cast<int64_t>(blas_slices.size()); ++slice) {
-    const auto [j0, j1] = slice_units(slice);
-    const int64_t width = G * (j1 - j0);
-    blas_region(width * H);
-    blas_region(blas_project ? width * I : 0);
-    blas_region(StepWeight<T>::packed_size(plan.batch, width, H));
-    blas_region(blas_project ? StepWeight<T>::packed_size(blas_projection_rows, width, I) : 0);
-    blas_region(plan.batch * width);
-    blas_region(blas_projection_rows * width);
-  }
+  const int64_t blas_size = carve_blas(nullptr);
   const int64_t hh_panel_size = blas ? 0 : blocks * H * G * V;
   const int64_t ih_panel_size = tiles_project ? blocks * I * G * V : 0;
   T* const panels = panel_buffer<T>(hh_panel_size + ih_panel_size + chunk_rows * G * H + blas_size + 16);
   T* const ih_panels = panels + hh_panel_size;
   T* const projected = ih_panels + ih_panel_size;
-  T* const blas_base = reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(projected + chunk_rows * G * H) + 63) &
-                                            ~uintptr_t(63));
-  for (int64_t slice = 0; slice < static_cast<int64_t>(blas_slices.size()); ++slice) {
-    const int64_t* o = blas_offsets.data() + 6 * slice;
-    BlasSlice<T>& bs = blas_slices[slice];
-    bs.w_hh = blas_base + o[0];
-    bs.w_ih = blas_base + o[1];
-    bs.packed_hh = blas_base + o[2];
-    bs.packed_ih = blas_base + o[3];
-    bs.gates_h = blas_base + o[4];
-    bs.gates_x = blas_base + o[5];
-  }
+  carve_blas(reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(projected + chunk_rows * G * H) + 63) &
+                                  ~uintptr_t(63)));
   const int64_t tile_rows = std::max(plan.batch, chunk_rows);
   std::vector<SliceScratch<T>> scratch(team);
   for (auto& s : scratch) {

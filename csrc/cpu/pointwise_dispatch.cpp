@@ -205,7 +205,7 @@ bool engine_blas_product(int64_t batch, int64_t element_size, bool full_steps) {
   if (g_blas_override != 0) return g_blas_override > 0;
   if (cpu_path() != CpuPath::Auto) return false;
   return batch > kEngineMaxBatch || (batch >= kEngineBlasMinBatch && full_steps && element_size == 4 &&
-                                     StepWeight<float>::packed_size(1, 1, 1) > 0);
+                                     blas_packs_float());
 }
 void set_engine_blas_override(int override) { g_blas_override = override; }
 int64_t engine_min_flops_per_thread() { return g_min_flops_per_thread; }
