@@ -63,7 +63,7 @@ struct ForwardProblem {
   const T* b_ih = nullptr;     // [G*H]      null: none (the LSTM and Elman RNN add theirs to b_hh)
   int64_t input_size = 0;      // I
   // Each slice's products with BLAS GEMMs (its rows of W_hh, and of W_ih with `input`, packed once)
-  // instead of the register tiles (engine_blas_product, engine_blas_training).
+  // instead of the register tiles (engine_blas_product).
   bool blas_product = false;
   // bfloat16/float16 calls compute in float and round h_t to this type at every step (it is what
   // the caller sees and what the next step reads); the dtype itself otherwise.
@@ -87,7 +87,7 @@ struct BackwardProblem {
   T* grad_gates = nullptr;         // [N, G*H] dL/d pre-activations (GRU: of gates_x)
   T* grad_gates_h = nullptr;       // [N, 3H]  GRU only: dL/d(h_{t-1} W_hh^T + b_hh)
   // dL/dh_{t-1} of each slice's units with a BLAS GEMM (W_hh's columns of its units packed once)
-  // instead of the register tiles (engine_blas_training).
+  // instead of the register tiles (engine_blas_product).
   bool blas_product = false;
 };
 
@@ -161,10 +161,9 @@ void set_engine_projection_override(int override);
 // 2.99 -> 2.30 / 5.05 -> 3.45, GRU B = 4 3.30 -> 2.82, Elman RNN 1.19 -> 1.26. At B = 1 the
 // tiles stay: as fast or faster for the GRU and Elman RNN at H = 256 (RNN 0.80 / 0.80, 0.72 /
 // 0.74 ms) and for the LSTM at H = 512 (9.1 vs 11.9 ms; at H = 256 the BLAS was 6-9% faster).
-// Against the GEMM first and the
-// per-step path at B = 64, H = 512 (eval forward): T = 100 5-10% faster (the [N, G*H] projection
-// no longer goes to memory and back), T = 25 the same; B = 256, H = 1024 4-15% faster. MKL's
-// single-thread kernel runs the slices' GEMMs at about the core's peak.
+// Against the GEMM first and the per-step path at B = 64, H = 512 (eval forward): T = 100 5-10%
+// faster (the [N, G*H] projection no longer goes to memory and back), T = 25 the same; B = 256,
+// H = 1024 4-15% faster. MKL's single-thread kernel runs the slices' GEMMs at about the core's peak.
 constexpr int64_t kEngineBlasMinBatch = 2;
 bool engine_blas_product(int64_t batch, int64_t element_size, bool full_steps);
 // Testing hook: 1 uses it wherever the BLAS is libtorch's and the path is not "steps", -1 never,

@@ -458,7 +458,7 @@ void forward_loop(const ForwardProblem<T>& p, const Finish& finish_element) {
     if (from_prev > 0) bs.hh->multiply(from_prev, a[0], H, T(0), gh, width);
     if (rows > from_prev) bs.hh->multiply(rows - from_prev, a[from_prev], H, T(0), gh + from_prev * width, width);
     // The rows' projection: row r's gate g of unit j at xs + r * x_row + g * x_gate + (j - j0).
-    const T* xs = p.gates_x + off * G * H + j0;
+    const T* xs = blas_project ? nullptr : p.gates_x + off * G * H + j0;  // gates_x is null with the input
     int64_t x_row = G * H, x_gate = H;
     if (blas_project) {
       // The chunk's projection first (its rows are contiguous: rows [first, last) of the input).
