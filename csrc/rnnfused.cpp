@@ -83,6 +83,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "forward and backward) for (batch, element size, every step has the full batch)");
   m.def("_cpu_blas_packs", &rnnfused::cpu::blas_packs_float,
         "Whether the CPU time loops' float32 GEMMs use MKL's packed GEMM (libtorch exports it)");
+  m.def("_cpu_is_intel", &rnnfused::cpu::cpu_is_intel,
+        "Whether the processor is Intel's (the engine runs MKL's per-slice GEMMs at 2-16 rows only there)");
+  m.def("_set_cpu_vendor_override", &rnnfused::cpu::set_cpu_vendor_override,
+        "Testing hook: 1 makes _cpu_is_intel() answer True, -1 False, 0 detects");
   m.def("_set_cpu_engine_blas_override", &rnnfused::cpu::set_engine_blas_override,
         "Testing hook: 1 makes the engine use its BLAS products wherever the BLAS is libtorch's and the path "
         "is not 'steps', -1 never, 0 by the rule");

@@ -102,6 +102,7 @@ def cpu_path():
     yield set_path
     _C._set_cpu_path(previous)
     _C._set_cpu_engine_blas_override(0)
+    _C._set_cpu_vendor_override(0)
 
 
 def _op_outputs(mode, dtype, path, set_path, reverse, batch_sizes):
@@ -256,9 +257,10 @@ def test_auto_path_gives_the_same_numbers_at_the_threshold(mode, cpu_path):
 def test_training_runs_the_blas_products_where_the_rule_says(cpu_path):
     """On the "auto" path the recurrence ops' forward and backward run on the per-slice BLAS
     products where engine_blas_product says so (from 2 rows, float32 compute, every step with the
-    whole batch, MKL's packed GEMM there), on the register tiles below, and never above the engine's
-    16 rows (the per-step path) nor on the "fused" path."""
+    whole batch, MKL's packed GEMM there, an Intel processor), on the register tiles elsewhere, and
+    never above the engine's 16 rows (the per-step path) nor on the "fused" path."""
     cpu_path("auto")
+    _C._set_cpu_vendor_override(1)  # the rule's Intel branch on every machine (reset by cpu_path)
     packs = _C.cpu_blas() == "blas" and _C._cpu_blas_packs()
 
     def calls(batch, dtype=torch.float32, lengths=None):
@@ -278,6 +280,9 @@ def test_training_runs_the_blas_products_where_the_rule_says(cpu_path):
     assert calls(16, torch.float64) == 0
     assert calls(9, lengths=[5, 5, 4, 5, 5, 5, 5, 5, 5]) == 0  # a step with fewer rows
     assert calls(17) == 0  # the per-step path
+    _C._set_cpu_vendor_override(-1)  # another vendor: the register tiles up to 16 rows
+    assert calls(2) == 0 and calls(16) == 0
+    _C._set_cpu_vendor_override(1)
     cpu_path("fused")
     assert calls(16) == 0
 

@@ -286,16 +286,16 @@ def test_layers_use_it_in_inference_only(mode, counted, cpu_path, projection_eve
 
 def test_where_it_projects_inside_the_engine(counted, cpu_path):
     """The rule of csrc/cpu/engine.h (what was measured faster than the GEMM first): the LSTM and
-    GRU where the ISA's register tiles hold at least 4 rows (AVX-512: LSTM 6, GRU 8; AVX2 and the
-    portable build: LSTM 2, GRU 4), never the Elman RNN, and each thread's share of W_ih and W_hh
+    GRU where the ISA's register tiles hold at least 3 rows (AVX-512: LSTM 6, GRU 8; AVX2 and the
+    portable build: LSTM 3, GRU 4), never the Elman RNN, and each thread's share of W_ih and W_hh
     at most 1 MiB; elsewhere the layer projects with one GEMM first."""
     cpu_path("auto")
     _C._set_cpu_engine_blas_override(-1)  # the register tiles' rule alone
-    wide = rnnfused.build_info()["cpu_isa"] == "avx512"
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        assert _C._cpu_engine_projects_input(16, 4 * 256, 256, 256, 4) == wide  # 1 MiB per thread
+        assert _C._cpu_engine_projects_input(16, 4 * 256, 256, 256, 4)  # 1 MiB per thread
+        assert not _C._cpu_engine_projects_input(16, 4 * 256, 256, 264, 4)  # a little more
         assert _C._cpu_engine_projects_input(16, 3 * 256, 256, 256, 4)
         assert not _C._cpu_engine_projects_input(16, 256, 256, 256, 4)
         assert not _C._cpu_engine_projects_input(16, 5 * 256, 256, 256, 4)  # no cell has 5 gates
@@ -317,17 +317,28 @@ def test_where_it_projects_inside_the_engine(counted, cpu_path):
 
 def test_where_it_runs_the_blas_products(counted, cpu_path):
     """The rule of csrc/cpu/engine.h: with the auto path and libtorch's BLAS, above the register
-    tiles' batches (16 rows), and from 2 rows in float32 where MKL's packed GEMM is there and every
-    step has the full batch; never on the per-step path, never with the register tiles forced
-    ("fused"), never on ATen's GEMM (it would run inside the engine's parallel region)."""
+    tiles' batches (16 rows), and from 2 rows in float32 on an Intel processor where MKL's packed
+    GEMM is there and every step has the full batch; never on the per-step path, never with the
+    register tiles forced ("fused"), never on ATen's GEMM (it would run inside the engine's
+    parallel region)."""
     cpu_path("auto")
     blas = _C._cpu_engine_blas_product
     if _C.cpu_blas() != "blas":
         assert not blas(64, 4, True)
         return
     mkl_packed = _C._cpu_blas_packs()
+    try:
+        _C._set_cpu_vendor_override(1)
+        assert _C._cpu_is_intel()
+        assert blas(16, 4, True) == mkl_packed and blas(2, 4, True) == mkl_packed
+        _C._set_cpu_vendor_override(-1)  # an AMD processor: the register tiles up to 16 rows
+        assert not _C._cpu_is_intel()
+        assert not blas(16, 4, True) and not blas(2, 4, True)
+        assert blas(17, 4, True) and blas(64, 8, True)
+    finally:
+        _C._set_cpu_vendor_override(0)
     assert blas(17, 4, True) and blas(17, 4, False) and blas(64, 8, True)
-    assert blas(16, 4, True) == mkl_packed and blas(2, 4, True) == mkl_packed
+    assert blas(16, 4, True) == (mkl_packed and _C._cpu_is_intel())
     assert not blas(1, 4, True)  # the register tiles: as fast or faster
     assert not blas(16, 4, False)  # packed sequences of several lengths
     assert not blas(16, 8, True)

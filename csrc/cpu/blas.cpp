@@ -8,6 +8,10 @@
 #include <cstring>
 #include <type_traits>
 
+#if defined(__x86_64__) || defined(__i386__)
+#include <cpuid.h>
+#endif
+
 // The Fortran BLAS entry points that libtorch_cpu exports when it links MKL or OpenBLAS
 // statically (ATen's own CPUBlas.cpp calls these). Weak, so that a torch without them still
 // loads this library; a null address means "not available" and the ATen path is taken.
@@ -137,6 +141,32 @@ int64_t StepWeight<T>::packed_size(int64_t rows, int64_t n, int64_t k) {
 }
 
 bool blas_packs_float() { return StepWeight<float>::packed_size(1, 1, 1) > 0; }
+
+namespace {
+int g_vendor_override = 0;
+
+bool detect_intel() {
+#if defined(__x86_64__) || defined(__i386__)
+  unsigned int eax = 0, ebx = 0, ecx = 0, edx = 0;
+  if (__get_cpuid(0, &eax, &ebx, &ecx, &edx) == 0) return false;
+  char vendor[13];
+  std::memcpy(vendor, &ebx, 4);
+  std::memcpy(vendor + 4, &edx, 4);
+  std::memcpy(vendor + 8, &ecx, 4);
+  vendor[12] = '\0';
+  return std::strcmp(vendor, "GenuineIntel") == 0;
+#else
+  return false;
+#endif
+}
+}  // namespace
+
+bool cpu_is_intel() {
+  static const bool intel = detect_intel();
+  return g_vendor_override != 0 ? g_vendor_override > 0 : intel;
+}
+
+void set_cpu_vendor_override(int override) { g_vendor_override = override; }
 
 template <typename T>
 StepWeight<T>::StepWeight(bool trans_b, int64_t rows, int64_t n, int64_t k, const T* b, int64_t ldb, T* storage)

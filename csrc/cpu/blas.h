@@ -44,6 +44,13 @@ class StepWeight {
 // Whether float32 StepWeights use MKL's packed GEMM (libtorch exports it and the "blas" backend runs).
 bool blas_packs_float();
 
+// Whether the processor is Intel's (CPUID vendor "GenuineIntel"; false on other architectures).
+// MKL's small GEMMs run at about the core's peak there; on an AMD EPYC (Zen 3) the engine's
+// register tiles measured faster (engine_blas_product in engine.h).
+bool cpu_is_intel();
+// Testing hook: 1 answers as an Intel processor, -1 as another, 0 detects.
+void set_cpu_vendor_override(int override);
+
 // "blas": the sgemm_/dgemm_ that libtorch_cpu itself calls (MKL or OpenBLAS);
 // "aten": at::addmm_out on wrapped buffers, used where libtorch exports no BLAS symbols.
 const char* blas_backend();

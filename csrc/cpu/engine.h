@@ -17,10 +17,10 @@
 // - Backward step: the thread turns dL/dh_t of its units into the gate gradients of its units,
 //   then (after the step barrier) computes dL/dh_{t-1} of its units from all the step's gate
 //   gradients with W_hh's columns of its units, packed once per call the same way.
-// - From 2 rows (engine_blas_product) each slice runs its products as BLAS GEMMs instead of the
-//   register tiles: its rows of W_hh (and W_ih), or in the backward W_hh's columns of its units,
-//   packed once per call by MKL, one single-thread GEMM per step into a buffer of the slice that
-//   the element functions then read while it is in cache.
+// - From 2 rows on Intel processors, above 16 on others (engine_blas_product), each slice runs its
+//   products as BLAS GEMMs instead of the register tiles: its rows of W_hh (and W_ih), or in the
+//   backward W_hh's columns of its units, packed once per call by MKL, one single-thread GEMM per
+//   step into a buffer of the slice that the element functions then read while it is in cache.
 // - Steps are separated by a barrier that spins briefly, then yields the core, so that a waiting
 //   thread never holds a core another process needs for long; a thread that has waited
 //   past the spin runs the late slice's step itself (team.h), so a thread that lost its core to
@@ -125,14 +125,16 @@ inline bool engine_runs(int64_t batch) {
 
 // Whether layer_inference projects the input inside the engine (ForwardProblem::input) for a call
 // of `batch` rows, G*H = gate_rows, H = hidden, I = input_size: where the engine runs, for the LSTM
-// and GRU where the ISA's register tiles hold at least 4 rows, and where each thread's packed W_ih
+// and GRU where the ISA's register tiles hold at least 3 rows, and where each thread's packed W_ih
 // and W_hh together take at most kProjectingPanelBytes; otherwise the op projects with one GEMM
 // first. Measured side by side against the GEMM first (2 threads, AVX-512 Xeon with 2 MiB of L2
 // per core, 2026-11-29, eval forward, T = 100, I = H = 256, B = 16 unless said): AVX-512 LSTM
 // (6-row tiles) 4-9% faster, GRU (8 rows) 20-25% faster, Elman RNN 10% slower (a quarter of the
 // work per row, where the GEMM's larger tiles win); capped to AVX2: GRU (4 rows) 7% faster, LSTM
 // (2 rows) 7% slower, RNN 32% slower. AVX-512 LSTM with H = I = 512 (4 MiB per thread) 8% slower,
-// H = I = 768 (9 MiB, T = 256) 7% slower: the panels no longer stay in cache.
+// H = I = 768 (9 MiB, T = 256) 7% slower: the panels no longer stay in cache. The AVX2 LSTM's
+// tiles hold 3 rows since 2026-11-30; on an AMD EPYC (Zen 3, AVX2) projecting inside was then
+// faster at B = 2, 4 and 16 and 5% slower at B = 8 (figures at engine_blas_product below).
 constexpr int64_t kProjectingPanelBytes = 1 << 20;
 bool engine_projects_input(int64_t batch, int64_t gate_rows, int64_t hidden, int64_t input_size, int64_t element_size);
 // Testing hook: 1 projects inside the engine wherever the engine runs, -1 never, 0 by the rule.
@@ -164,6 +166,14 @@ void set_engine_projection_override(int override);
 // Against the GEMM first and the per-step path at B = 64, H = 512 (eval forward): T = 100 5-10%
 // faster (the [N, G*H] projection no longer goes to memory and back), T = 25 the same; B = 256,
 // H = 1024 4-15% faster. MKL's single-thread kernel runs the slices' GEMMs at about the core's peak.
+// On other processors than Intel's the register tiles stay up to kEngineMaxBatch rows (cpu_is_intel
+// in blas.h): on an AMD EPYC (Zen 3, AVX2 only, 2 threads, 2026-11-30, I = H = 256, T = 100; ms,
+// tiles with the GEMM first / tiles projecting the input / BLAS products / torch.nn) eval forward
+// LSTM B = 16 19.4 / 18.0 / 21.1 / 17.5, B = 8 13.2 / 13.8 / 15.9 / 11.7, B = 4 9.0 / 8.2 / 10.3 /
+// 8.2, B = 2 5.5 / 4.7 / 7.5 / 6.8, GRU B = 16 16.1 / 14.7 / 17.7 / 26.2, B = 4 3.9 / 3.9 / 5.6;
+// training (tiles / BLAS / torch.nn) LSTM B = 16 44.6 / 55.2 / 42.8, B = 4 13.9 / 18.6 / 15.4, GRU
+// B = 16 39.7 / 43.7 / 69.8, B = 4 14.2 / 17.2, Elman RNN B = 16 16.1 / 16.6 / 31.6, B = 4 5.1 / 6.9.
+// (Only the Elman RNN's eval forward at B = 16 was faster with BLAS there: 6.7 -> 5.7 ms.)
 constexpr int64_t kEngineBlasMinBatch = 2;
 bool engine_blas_product(int64_t batch, int64_t element_size, bool full_steps);
 // Testing hook: 1 uses it wherever the BLAS is libtorch's and the path is not "steps", -1 never,

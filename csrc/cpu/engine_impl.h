@@ -45,12 +45,21 @@ constexpr int kVectorRegisters = 32;
 constexpr int kVectorRegisters = 16;
 #endif
 
-// Register tiles of several rows: R rows x U blocks x G gates of accumulators, plus U*G weight
-// vectors reused by every row and one broadcast: R*U*G + U*G + 1 registers at most.
+// Register tiles of several rows: R rows x U blocks x G gates of accumulators, and either the
+// U*G weight vectors of step k reused by every row plus one broadcast (R*U*G + U*G + 1 registers),
+// or, where those do not fit, the R broadcasts of step k held while each weight vector is loaded
+// once and used by every row (R*U*G + R + 1; run_tile picks the order that fits).
 //   AVX-512 (32): G=4: 6x1 (29)   G=3: 8x1 (28)   G=1: 6x4 (29)
-//   AVX2    (16): G=4: 2x1 (13)   G=3: 4x1 (16)   G=1: 4x3 (16)
+//   AVX2    (16): G=4: 3x1 (16, broadcasts held)   G=3: 4x1 (16)   G=1: 4x3 (16)
+// The AVX2 LSTM tile had 2 rows (8 accumulators, 13 registers) until 2026-11-30: 8 FMA chains do
+// not hide the FMA latency on two FMA pipes; 3 rows (12 chains) measured faster on an AMD EPYC
+// (Zen 3) and capped to AVX2 on an AVX-512 Xeon (figures at engine_blas_product in engine.h).
 template <int G>
-constexpr int kTileRows = kVectorRegisters == 32 ? (G == 4 ? 6 : G == 3 ? 8 : 6) : (G == 4 ? 2 : G == 3 ? 4 : 4);
+constexpr int kTileRows = kVectorRegisters == 32 ? (G == 4 ? 6 : G == 3 ? 8 : 6) : (G == 4 ? 3 : G == 3 ? 4 : 4);
+// Whether a tile of R rows x U blocks keeps the step's weight vectors in registers (else it holds
+// the rows' broadcasts).
+template <int G, int R, int U>
+constexpr bool kTileHoldsWeights = R * U * G + U * G + 1 <= kVectorRegisters;
 template <int G>
 constexpr int kTileBlocks = kVectorRegisters == 32 ? (G == 1 ? 4 : 1) : (G == 1 ? 3 : 1);
 // Tiles of one row: the weights go straight from memory into the FMA; U*G accumulators, as many
@@ -150,7 +159,7 @@ inline void run_tile(const T* const* a, int64_t k0, int64_t k1, bool first, bool
 #pragma GCC unroll 64
         for (int g = 0; g < G; ++g)
           acc[0][u][g] = at::vec::fmadd(Vec<T>::loadu(w + u * block_stride + g * V), x, acc[0][u][g]);
-    } else {
+    } else if constexpr (kTileHoldsWeights<G, R, U>) {
       Vec<T> wv[U][G];
 #pragma GCC unroll 64
       for (int u = 0; u < U; ++u)
@@ -164,6 +173,18 @@ inline void run_tile(const T* const* a, int64_t k0, int64_t k1, bool first, bool
 #pragma GCC unroll 64
           for (int g = 0; g < G; ++g) acc[r][u][g] = at::vec::fmadd(wv[u][g], x, acc[r][u][g]);
       }
+    } else {
+      Vec<T> x[R];
+#pragma GCC unroll 64
+      for (int r = 0; r < R; ++r) x[r] = Vec<T>(ap[r][k]);
+#pragma GCC unroll 64
+      for (int u = 0; u < U; ++u)
+#pragma GCC unroll 64
+        for (int g = 0; g < G; ++g) {
+          const Vec<T> wv = Vec<T>::loadu(w + u * block_stride + g * V);
+#pragma GCC unroll 64
+          for (int r = 0; r < R; ++r) acc[r][u][g] = at::vec::fmadd(wv, x[r], acc[r][u][g]);
+        }
     }
   }
   if (last) {

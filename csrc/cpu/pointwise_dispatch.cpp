@@ -190,7 +190,7 @@ bool engine_projects_input(int64_t batch, int64_t gate_rows, int64_t hidden, int
   const int64_t gates = gate_rows / hidden;
   if (gates * hidden != gate_rows || (gates != 3 && gates != 4)) return false;  // the LSTM and GRU only
   const int* tile_rows = element_size == 8 ? engine_kernels<double>().tile_rows : engine_kernels<float>().tile_rows;
-  if (tile_rows[gates] < 4) return false;
+  if (tile_rows[gates] < 3) return false;
   // The engine's team (team_size in engine_impl.h, up to the number of unit blocks).
   const int64_t flops = 2 * batch * gate_rows * (hidden + input_size);
   int64_t team = at::in_parallel_region() ? 1 : at::get_num_threads();
@@ -205,7 +205,7 @@ bool engine_blas_product(int64_t batch, int64_t element_size, bool full_steps) {
   if (g_blas_override != 0) return g_blas_override > 0;
   if (cpu_path() != CpuPath::Auto) return false;
   return batch > kEngineMaxBatch || (batch >= kEngineBlasMinBatch && full_steps && element_size == 4 &&
-                                     blas_packs_float());
+                                     blas_packs_float() && cpu_is_intel());
 }
 void set_engine_blas_override(int override) { g_blas_override = override; }
 int64_t engine_min_flops_per_thread() { return g_min_flops_per_thread; }
