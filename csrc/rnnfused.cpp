@@ -72,7 +72,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       },
       "Testing hook: run the CPU time loops on 'auto', 'fused' (the engine) or 'steps' (per-step GEMMs)");
   m.def("_cpu_engine_runs", &rnnfused::cpu::engine_runs,
-        "Testing hook: whether a call of this many rows (no projection) runs on the engine under the current path");
+        "Testing hook: whether a call of this many rows (no projection) of a cell of this many gate blocks "
+        "(4 LSTM, 3 GRU, 1 Elman RNN) runs on the engine under the current path");
   m.def("_cpu_engine_projects_input", &rnnfused::cpu::engine_projects_input,
         "Whether layer_inference projects the input inside the engine for (batch, G * hidden, hidden, input_size, "
         "element size)");
@@ -80,7 +81,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Testing hook: 1 makes layer_inference project inside the engine wherever it runs, -1 never, 0 by the rule");
   m.def("_cpu_engine_blas_product", &rnnfused::cpu::engine_blas_product,
         "Whether the engine runs its products as per-slice BLAS GEMMs (layer_inference, the recurrence ops' "
-        "forward and backward) for (batch, element size, every step has the full batch)");
+        "forward and backward) for (batch, element size, every step has the full batch, gate blocks)");
   m.def("_cpu_blas_packs", &rnnfused::cpu::blas_packs_float,
         "Whether the CPU time loops' float32 GEMMs use MKL's packed GEMM (libtorch exports it)");
   m.def("_cpu_is_intel", &rnnfused::cpu::cpu_is_intel,

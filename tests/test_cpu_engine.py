@@ -240,14 +240,22 @@ def test_path_switch_and_errors(cpu_path):
 
 @pytest.mark.parametrize("mode", list(LAYER_MODES))
 def test_auto_path_gives_the_same_numbers_at_the_threshold(mode, cpu_path):
-    """'auto' runs batches of up to 16 rows on the engine and larger ones per step: at B = 16 and
-    B = 17 the numbers are torch.nn's either way (float64)."""
+    """'auto' runs batches of up to 16 rows on the engine and larger ones per step (but the LSTM's
+    on the engine at every batch on processors other than Intel's): at B = 16 and B = 17 the
+    numbers are torch.nn's either way (float64)."""
+    runs = _C._cpu_engine_runs
     cpu_path("auto")
-    assert _C._cpu_engine_runs(1) and _C._cpu_engine_runs(16) and not _C._cpu_engine_runs(17)
+    for gates in (4, 3, 1):
+        assert runs(1, gates) and runs(16, gates)
+    _C._set_cpu_vendor_override(1)
+    assert not runs(17, 4) and not runs(17, 3) and not runs(17, 1)
+    _C._set_cpu_vendor_override(-1)
+    assert runs(17, 4) and runs(1000, 4) and not runs(17, 3) and not runs(17, 1)
     cpu_path("fused")
-    assert _C._cpu_engine_runs(17) and _C._cpu_engine_runs(1000)
+    assert runs(17, 3) and runs(1000, 1)
     cpu_path("steps")
-    assert not _C._cpu_engine_runs(1)
+    assert not runs(1, 4) and not runs(1000, 4)
+    _C._set_cpu_vendor_override(0)
     cpu_path("auto")
     for batch in (16, 17):
         ref, ours = twin_layers(mode, 5, 19, dtype=torch.float64)

@@ -113,6 +113,7 @@ def cpu_path():
     _C._set_cpu_path(previous)
     _C._set_cpu_engine_min_flops(flops)
     _C._set_cpu_engine_blas_override(0)
+    _C._set_cpu_vendor_override(0)
 
 
 @pytest.fixture
@@ -316,46 +317,48 @@ def test_where_it_projects_inside_the_engine(counted, cpu_path):
 
 
 def test_where_it_runs_the_blas_products(counted, cpu_path):
-    """The rule of csrc/cpu/engine.h: with the auto path and libtorch's BLAS, above the register
-    tiles' batches (16 rows), and from 2 rows in float32 on an Intel processor where MKL's packed
-    GEMM is there and every step has the full batch; never on the per-step path, never with the
-    register tiles forced ("fused"), never on ATen's GEMM (it would run inside the engine's
-    parallel region)."""
+    """The rule of csrc/cpu/engine.h: with the auto path and libtorch's BLAS, on an Intel processor
+    above the register tiles' batches (16 rows) and from 2 rows in float32 where MKL's packed GEMM
+    is there and every step has the full batch; on other processors above 16 rows for the GRU and
+    Elman RNN only; never on the per-step path, never with the register tiles forced ("fused"),
+    never on ATen's GEMM (it would run inside the engine's parallel region)."""
     cpu_path("auto")
     blas = _C._cpu_engine_blas_product
     if _C.cpu_blas() != "blas":
-        assert not blas(64, 4, True)
+        assert not blas(64, 4, True, 3)
         return
     mkl_packed = _C._cpu_blas_packs()
     try:
         _C._set_cpu_vendor_override(1)
         assert _C._cpu_is_intel()
-        assert blas(16, 4, True) == mkl_packed and blas(2, 4, True) == mkl_packed
-        _C._set_cpu_vendor_override(-1)  # an AMD processor: the register tiles up to 16 rows
-        assert not _C._cpu_is_intel()
-        assert not blas(16, 4, True) and not blas(2, 4, True)
-        assert blas(17, 4, True) and blas(64, 8, True)
+        for gates in (4, 3, 1):
+            assert blas(16, 4, True, gates) == mkl_packed and blas(2, 4, True, gates) == mkl_packed
+            assert blas(17, 4, True, gates) and blas(17, 4, False, gates) and blas(64, 8, True, gates)
+            assert not blas(1, 4, True, gates)  # the register tiles: as fast or faster
+            assert not blas(16, 4, False, gates)  # packed sequences of several lengths
+            assert not blas(16, 8, True, gates)
+        _C._set_cpu_vendor_override(-1)  # an AMD processor: the register tiles up to 16 rows, and
+        assert not _C._cpu_is_intel()  # the LSTM's at every batch
+        for gates in (4, 3, 1):
+            assert not blas(16, 4, True, gates) and not blas(2, 4, True, gates)
+        assert blas(17, 4, True, 3) and blas(64, 8, True, 1) and blas(17, 4, False, 1)
+        assert not blas(17, 4, True, 4) and not blas(64, 8, True, 4)
     finally:
         _C._set_cpu_vendor_override(0)
-    assert blas(17, 4, True) and blas(17, 4, False) and blas(64, 8, True)
-    assert blas(16, 4, True) == (mkl_packed and _C._cpu_is_intel())
-    assert not blas(1, 4, True)  # the register tiles: as fast or faster
-    assert not blas(16, 4, False)  # packed sequences of several lengths
-    assert not blas(16, 8, True)
     with torch.no_grad():
         rnnfused.GRU(24, 24).double().eval()(torch.randn(3, 40, 24, dtype=torch.float64))
         assert counted.calls == 1
     cpu_path("fused")
-    assert not blas(64, 4, True)
+    assert not blas(64, 4, True, 3)
     cpu_path("steps")
-    assert not blas(64, 4, True)
+    assert not blas(64, 4, True, 3)
     _C._set_cpu_engine_blas_override(1)
-    assert not blas(64, 4, True)  # not even forced
+    assert not blas(64, 4, True, 3)  # not even forced
     cpu_path("auto")
-    assert blas(2, 8, False)
+    assert blas(2, 8, False, 4)
     _C._set_cpu_blas("aten")
     try:
-        assert not blas(64, 4, True)
+        assert not blas(64, 4, True, 3)
         with torch.no_grad():  # ATen's GEMM: the register tiles or the GEMM first, the same numbers
             ref, ours = twin_layers("lstm", 11, 24, dtype=torch.float64)
             x = torch.randn(4, 40, 11, dtype=torch.float64)

@@ -105,7 +105,8 @@ const EngineKernels<T>& engine_kernels();
 
 // Which time loop a call runs: the engine ("fused") or the per-step GEMM and gate passes
 // ("steps"; always for the LSTM with proj_size). "auto" (the default) takes the engine for batches
-// of at most kEngineMaxBatch rows. Measured side by side on 2 threads (AVX-512 Xeon, 2026-11-29):
+// of at most kEngineMaxBatch rows, and for the LSTM at every batch on processors other than
+// Intel's (engine_runs). Measured side by side on 2 threads (AVX-512 Xeon, 2026-11-29):
 // against the per-step path the engine is 1.2-2.8x faster at B <= 4, 1.0-1.3x at B = 8, 0.9-1.1x
 // at B = 16 and 0.6-0.9x at B >= 64 (where MKL's packed GEMM runs the product faster than the
 // engine's register tiles); with another process busy on one of the two cores, the engine slows
@@ -117,10 +118,23 @@ CpuPath cpu_path();
 void set_cpu_path(CpuPath path);
 const char* cpu_path_name(CpuPath path);
 CpuPath parse_cpu_path(const std::string& name, const char* what);
-// Whether a call of `batch` rows (without projection) runs on the engine.
-inline bool engine_runs(int64_t batch) {
+// The gate blocks of a cell: G = 4 (LSTM), 3 (GRU), 1 (Elman RNN).
+inline int64_t gate_blocks(CellKind cell) { return cell == CellKind::Lstm ? 4 : cell == CellKind::Gru ? 3 : 1; }
+// Whether a call of `batch` rows (without projection) of a cell of `gates` gate blocks runs on the
+// engine: up to kEngineMaxBatch rows, and the LSTM at every batch on processors other than
+// Intel's. There (an AMD EPYC, Zen 3, AVX2, 2 threads, 2026-11-30, H = I = 512; ms, per-step path
+// / engine on the register tiles / torch.nn) the LSTM's training forward+backward at B = 64 took
+// 258 / 220 / 224 (T = 25) and 991 / 893 / 788 (T = 100), at B = 32, H = 256, T = 100 129 / 110 /
+// 122; its eval forward at B = 64 127 / 96 / 89 (T = 25) and 382 / 257 / 278 (T = 100) against
+// 105 and 282 with the engine's BLAS products; at B = 256, H = 1024, T = 25 1305 / 1162 / 823
+// (BLAS products 1139). The GRU and Elman RNN at B = 64 were faster on the per-step path (GRU
+// training T = 25: 170 vs 192) or with the BLAS products (eval T = 100: GRU 198 vs 213, Elman RNN
+// 55 vs 62), as the LSTM is on the Intel Xeon measured (engine_blas_product below).
+bool cpu_is_intel();  // blas.h
+inline bool engine_runs(int64_t batch, int64_t gates) {
   const CpuPath path = cpu_path();
-  return path == CpuPath::Fused || (path == CpuPath::Auto && batch <= kEngineMaxBatch);
+  return path == CpuPath::Fused ||
+         (path == CpuPath::Auto && (batch <= kEngineMaxBatch || (gates == 4 && !cpu_is_intel())));
 }
 
 // Whether layer_inference projects the input inside the engine (ForwardProblem::input) for a call
@@ -175,7 +189,9 @@ void set_engine_projection_override(int override);
 // B = 16 39.7 / 43.7 / 69.8, B = 4 14.2 / 17.2, Elman RNN B = 16 16.1 / 16.6 / 31.6, B = 4 5.1 / 6.9.
 // (Only the Elman RNN's eval forward at B = 16 was faster with BLAS there: 6.7 -> 5.7 ms.)
 constexpr int64_t kEngineBlasMinBatch = 2;
-bool engine_blas_product(int64_t batch, int64_t element_size, bool full_steps);
+// On other processors than Intel's: above kEngineMaxBatch rows, for the GRU and Elman RNN only
+// (`gates`: the cell's gate blocks; figures at engine_runs above and below).
+bool engine_blas_product(int64_t batch, int64_t element_size, bool full_steps, int64_t gates);
 // Testing hook: 1 uses it wherever the BLAS is libtorch's and the path is not "steps", -1 never,
 // 0 by the rule.
 void set_engine_blas_override(int override);

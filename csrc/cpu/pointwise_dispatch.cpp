@@ -185,9 +185,10 @@ CpuPath parse_cpu_path(const std::string& name, const char* what) {
 }
 bool engine_projects_input(int64_t batch, int64_t gate_rows, int64_t hidden, int64_t input_size,
                            int64_t element_size) {
-  if (!engine_runs(batch) || input_size <= 0 || hidden <= 0) return false;
-  if (g_projection_override != 0) return g_projection_override > 0;
+  if (input_size <= 0 || hidden <= 0) return false;
   const int64_t gates = gate_rows / hidden;
+  if (!engine_runs(batch, gates)) return false;
+  if (g_projection_override != 0) return g_projection_override > 0;
   if (gates * hidden != gate_rows || (gates != 3 && gates != 4)) return false;  // the LSTM and GRU only
   const int* tile_rows = element_size == 8 ? engine_kernels<double>().tile_rows : engine_kernels<float>().tile_rows;
   if (tile_rows[gates] < 3) return false;
@@ -199,13 +200,14 @@ bool engine_projects_input(int64_t batch, int64_t gate_rows, int64_t hidden, int
   return gate_rows * (hidden + input_size) * element_size <= kProjectingPanelBytes * team;
 }
 void set_engine_projection_override(int override) { g_projection_override = override; }
-bool engine_blas_product(int64_t batch, int64_t element_size, bool full_steps) {
+bool engine_blas_product(int64_t batch, int64_t element_size, bool full_steps, int64_t gates) {
   // The GEMMs run inside the team's parallel region: only the BLAS that libtorch links, never ATen.
   if (std::strcmp(blas_backend(), "blas") != 0 || cpu_path() == CpuPath::Steps) return false;
   if (g_blas_override != 0) return g_blas_override > 0;
   if (cpu_path() != CpuPath::Auto) return false;
+  if (!cpu_is_intel()) return batch > kEngineMaxBatch && gates != 4;
   return batch > kEngineMaxBatch || (batch >= kEngineBlasMinBatch && full_steps && element_size == 4 &&
-                                     blas_packs_float() && cpu_is_intel());
+                                     blas_packs_float());
 }
 void set_engine_blas_override(int override) { g_blas_override = override; }
 int64_t engine_min_flops_per_thread() { return g_min_flops_per_thread; }

@@ -50,7 +50,9 @@ at::Tensor previous_h(const StepPlan& plan, const at::Tensor& output, const at::
 
 // Whether a call runs on the fused engine (engine.h): never with the LSTM projection, a recurrent
 // dropout mask or zoneout (`regularized`: the per-step path applies them).
-bool use_engine(bool proj, bool regularized, int64_t batch) { return !proj && !regularized && engine_runs(batch); }
+bool use_engine(bool proj, bool regularized, int64_t batch, CellKind cell) {
+  return !proj && !regularized && engine_runs(batch, gate_blocks(cell));
+}
 
 // ---------------------------------------------------------------------------------------------
 // Recurrent dropout: recurrent_mask [B, P] multiplies h_{t-1} before the product with W_hh, row b
@@ -176,7 +178,8 @@ ForwardProblem<T> forward_problem(CellKind cell, const StepPlan& plan, int64_t H
   p.output = output.data_ptr<T>();
   p.workspace = training ? workspace.data_ptr<T>() : nullptr;
   p.storage = storage;
-  p.blas_product = engine_blas_product(plan.batch, sizeof(T), plan.rows == plan.steps() * plan.batch);
+  p.blas_product =
+      engine_blas_product(plan.batch, sizeof(T), plan.rows == plan.steps() * plan.batch, gate_blocks(cell));
   return p;
 }
 
@@ -194,7 +197,8 @@ BackwardProblem<T> backward_problem(CellKind cell, const StepPlan& plan, int64_t
   p.grad_output = ptr_or_null<T>(go);
   p.dh_state = dh_state.data_ptr<T>();
   p.grad_gates = grad_gates.data_ptr<T>();
-  p.blas_product = engine_blas_product(plan.batch, sizeof(T), plan.rows == plan.steps() * plan.batch);
+  p.blas_product =
+      engine_blas_product(plan.batch, sizeof(T), plan.rows == plan.steps() * plan.batch, gate_blocks(cell));
   return p;
 }
 
@@ -237,7 +241,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_recurrence_cpu(
   const at::Tensor keep_h_t = zoneout_view(op, "zoneout", zoneout, plan.rows, P, gates_x, acc);
   const at::Tensor keep_c_t = zoneout_view(op, "cell_zoneout", cell_zoneout, plan.rows, H, gates_x, acc);
   const bool regularized = mask.defined() || keep_h_t.defined() || keep_c_t.defined();
-  if (use_engine(proj, regularized, B)) {
+  if (use_engine(proj, regularized, B, CellKind::Lstm)) {
     const at::Tensor h0_c = compute_view(h0, acc);
     AT_DISPATCH_FLOATING_TYPES(acc, "rnnfused_lstm_cpu", [&] {
       auto p = forward_problem<scalar_t>(CellKind::Lstm, plan, H, gx, whh, bias, h0_c, h_state, output, workspace,
@@ -345,7 +349,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor dh_kept = keep_h_t.defined() ? at::empty({B, P}, options) : at::Tensor();
   at::Tensor dc_kept = keep_c_t.defined() ? at::empty({B, H}, options) : at::Tensor();
 
-  if (use_engine(proj, regularized, B)) {
+  if (use_engine(proj, regularized, B, CellKind::Lstm)) {
     AT_DISPATCH_FLOATING_TYPES(acc, "rnnfused_lstm_backward_cpu", [&] {
       auto p = backward_problem<scalar_t>(CellKind::Lstm, plan, H, whh, h0_c, out, go, dh_state, grad_gates);
       p.c0 = c0_c.data_ptr<scalar_t>();
@@ -458,7 +462,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_recurrence_cpu(const at::Tens
   const at::Tensor mask = recurrent_mask_view(op, recurrent_mask, h0, acc);
   const at::Tensor keep_h_t = zoneout_view(op, "zoneout", zoneout, plan.rows, H, gates_x, acc);
   const bool regularized = mask.defined() || keep_h_t.defined();
-  if (use_engine(false, regularized, B)) {
+  if (use_engine(false, regularized, B, CellKind::Gru)) {
     const at::Tensor h0_c = compute_view(h0, acc);
     AT_DISPATCH_FLOATING_TYPES(acc, "rnnfused_gru_cpu", [&] {
       engine_kernels<scalar_t>().forward(forward_problem<scalar_t>(CellKind::Gru, plan, H, gx, whh, bias, h0_c,
@@ -534,7 +538,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_recurrence_backwa
   at::Tensor product = mask.defined() ? at::empty({B, H}, options) : at::Tensor();
   // Zoneout: the part of dL/dh_t that flows straight to step t-1 (k times the gradient).
   at::Tensor dh_kept = keep_h_t.defined() ? at::empty({B, H}, options) : at::Tensor();
-  if (use_engine(false, regularized, B)) {
+  if (use_engine(false, regularized, B, CellKind::Gru)) {
     AT_DISPATCH_FLOATING_TYPES(acc, "rnnfused_gru_backward_cpu", [&] {
       auto p = backward_problem<scalar_t>(CellKind::Gru, plan, H, whh, h0_c, out, go, dh_state, grad_gates_x);
       p.workspace = workspace.data_ptr<scalar_t>();
@@ -588,6 +592,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_recurrence_backwa
 // ---------------------------------------------------------------------------------------------
 
 template <Activation act>
+constexpr CellKind rnn_kind() {
+  return act == Activation::Tanh ? CellKind::RnnTanh : CellKind::RnnRelu;
+}
+
+template <Activation act>
 std::tuple<at::Tensor, at::Tensor> rnn_recurrence_cpu(const at::Tensor& gates_x, const at::Tensor& w_hh,
                                                        const c10::optional<at::Tensor>& b_hh, const at::Tensor& h0,
                                                        const c10::optional<at::Tensor>& batch_sizes, bool reverse,
@@ -609,13 +618,12 @@ std::tuple<at::Tensor, at::Tensor> rnn_recurrence_cpu(const at::Tensor& gates_x,
   const at::Tensor mask = recurrent_mask_view(op, recurrent_mask, h0, acc);
   const at::Tensor keep_h_t = zoneout_view(op, "zoneout", zoneout, plan.rows, H, gates_x, acc);
   const bool regularized = mask.defined() || keep_h_t.defined();
-  if (use_engine(false, regularized, B)) {
+  if (use_engine(false, regularized, B, rnn_kind<act>())) {
     const at::Tensor h0_c = compute_view(h0, acc);
     at::Tensor no_workspace;
     AT_DISPATCH_FLOATING_TYPES(acc, "rnnfused_rnn_cpu", [&] {
       engine_kernels<scalar_t>().forward(forward_problem<scalar_t>(
-          act == Activation::Tanh ? CellKind::RnnTanh : CellKind::RnnRelu, plan, H, gx, whh, bias, h0_c, h_state,
-          output, no_workspace, false, dtype));
+          rnn_kind<act>(), plan, H, gx, whh, bias, h0_c, h_state, output, no_workspace, false, dtype));
     });
     return {to_dtype(output, dtype), to_dtype(h_state, dtype)};
   }
@@ -692,11 +700,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_recurrence_backwa
     bias = bias_or_zeros(b_hh, H, output, acc);
     candidates = at::empty({plan.rows, H}, options);
   }
-  if (use_engine(false, regularized, B)) {
+  if (use_engine(false, regularized, B, rnn_kind<act>())) {
     AT_DISPATCH_FLOATING_TYPES(acc, "rnnfused_rnn_backward_cpu", [&] {
       engine_kernels<scalar_t>().backward(backward_problem<scalar_t>(
-          act == Activation::Tanh ? CellKind::RnnTanh : CellKind::RnnRelu, plan, H, whh, h0_c, out, go, dh_state,
-          grad_gates));
+          rnn_kind<act>(), plan, H, whh, h0_c, out, go, dh_state, grad_gates));
     });
   } else {
   AT_DISPATCH_FLOATING_TYPES(acc, "rnnfused_rnn_backward_cpu", [&] {
@@ -783,7 +790,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_inference_cpu(
   const bool own_dtype = dtype == at::kFloat || dtype == at::kDouble;
   const auto element_size = static_cast<int64_t>(c10::elementSize(dtype));
   const bool full_steps = plan.rows == plan.steps() * B;  // no step with fewer rows than the batch
-  const bool blas_product = own_dtype && engine_blas_product(B, element_size, full_steps);
+  const bool blas_product = own_dtype && engine_blas_product(B, element_size, full_steps, G);
   const bool engine = own_dtype && (blas_product || engine_projects_input(B, G * H, H, I, element_size));
   if (!engine) {
     // One GEMM, then the cell's recurrence op.
