@@ -155,7 +155,14 @@ def test_agrees_with_cpu_kernels(mode, form, dtype, path):
     proj = PROJ if mode == "lstm" and form == "padded" else 0
     if proj:
         kwargs["proj_size"] = proj
-    _, ours = twin_layers(mode, INPUT, HIDDEN, seed=1, **kwargs)
+    # ReLU's kink turns a one-ulp difference of a pre-activation near 0 into the whole upstream
+    # gradient: with seed 1 the float16 ReLU network has such a pre-activation where MKL's AMD
+    # (Zen) GEMM kernels round differently from the simulated path's sums (both CPU paths, every
+    # ISA; 15 of 225 input-gradient elements off by up to 0.12, 2026-11-30). Seed 2 agreed there
+    # under six other summation orders too (MKL_CBWR=COMPATIBLE, MKL capped to SSE4.2 and to AVX,
+    # the portable ISA, the per-step and the fused CPU paths).
+    seed = 2 if mode == "rnn_relu" and dtype == torch.float16 else 1
+    _, ours = twin_layers(mode, INPUT, HIDDEN, seed=seed, **kwargs)
     ours.to(dtype)
     make = sequence_inputs(form, STEPS, BATCH, INPUT, state_shapes(mode, 2, True, BATCH, HIDDEN, proj), dtype)
     assert_agrees_with_cpu_kernels(ours, make, dtype)
