@@ -127,9 +127,12 @@ inline int64_t gate_blocks(CellKind cell) { return cell == CellKind::Lstm ? 4 : 
 // 258 / 220 / 224 (T = 25) and 991 / 893 / 788 (T = 100), at B = 32, H = 256, T = 100 129 / 110 /
 // 122; its eval forward at B = 64 127 / 96 / 89 (T = 25) and 382 / 257 / 278 (T = 100) against
 // 105 and 282 with the engine's BLAS products; at B = 256, H = 1024, T = 25 1305 / 1162 / 823
-// (BLAS products 1139). The GRU and Elman RNN at B = 64 were faster on the per-step path (GRU
-// training T = 25: 170 vs 192) or with the BLAS products (eval T = 100: GRU 198 vs 213, Elman RNN
-// 55 vs 62), as the LSTM is on the Intel Xeon measured (engine_blas_product below).
+// (BLAS products 1139). The LSTM's training there is the weaker case: in a second run B = 64,
+// T = 100 994 (per-step) / 967 (engine), and B = 256, H = 1024, T = 25 3361 / 3676 (9% slower).
+// The GRU and Elman RNN at B = 64 were faster on the per-step path (GRU training T = 25: 170 vs
+// 192) or with the BLAS products (eval T = 100: GRU 198 vs 213, Elman RNN 55 vs 62), and on the
+// Intel Xeon measured the per-step path or the BLAS products beat the tiles above 16 rows for
+// every cell (above and at engine_blas_product below).
 bool cpu_is_intel();  // blas.h
 inline bool engine_runs(int64_t batch, int64_t gates) {
   const CpuPath path = cpu_path();
