@@ -36,6 +36,7 @@
 #include <string>
 
 #include "../checks.h"
+#include "blas.h"  // cpu_is_intel
 
 namespace rnnfused::cpu {
 
@@ -133,7 +134,6 @@ inline int64_t gate_blocks(CellKind cell) { return cell == CellKind::Lstm ? 4 : 
 // 192) or with the BLAS products (eval T = 100: GRU 198 vs 213, Elman RNN 55 vs 62), and on the
 // Intel Xeon measured the per-step path or the BLAS products beat the tiles above 16 rows for
 // every cell (above and at engine_blas_product below).
-bool cpu_is_intel();  // blas.h
 inline bool engine_runs(int64_t batch, int64_t gates) {
   const CpuPath path = cpu_path();
   return path == CpuPath::Fused ||

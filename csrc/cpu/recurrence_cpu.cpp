@@ -534,8 +534,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_recurrence_backwa
   const at::Tensor mask = recurrent_mask_view(op, recurrent_mask, h0, acc);
   const at::Tensor keep_h_t = zoneout_view(op, "zoneout", zoneout, plan.rows, H, output, acc);
   const bool regularized = mask.defined() || keep_h_t.defined();
-  // With a mask, dG_h W_hh of a step lands here before its masked sum joins dh_t * z.
-  at::Tensor product = mask.defined() ? at::empty({B, H}, options) : at::Tensor();
+  // dG_h W_hh of a step lands here before it (masked, with a mask) joins dh_t * z: added after the
+  // GEMM in both cases, so that a mask of ones gives the unmasked gradients bit for bit on every
+  // BLAS (a GEMM with beta = 1 may add C into its partial sums in another order).
+  at::Tensor product = at::empty({B, H}, options);
   // Zoneout: the part of dL/dh_t that flows straight to step t-1 (k times the gradient).
   at::Tensor dh_kept = keep_h_t.defined() ? at::empty({B, H}, options) : at::Tensor();
   if (use_engine(false, regularized, B, CellKind::Gru)) {
@@ -571,11 +573,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_recurrence_backwa
         step.grad_output = nullptr;
       }
       kernels.gru_backward(step);  // leaves dh_t * z in the state rows
+      recurrent.multiply(rows, step.grad_gates_h, 3 * H, T(0), product.data_ptr<T>(), H);
       if (mask.defined()) {
-        recurrent.multiply(rows, step.grad_gates_h, 3 * H, T(0), product.data_ptr<T>(), H);
         add_masked(rows * H, product.data_ptr<T>(), mask.data_ptr<T>(), dh);
       } else {
-        recurrent.multiply(rows, step.grad_gates_h, 3 * H, T(1), dh, H);
+        add_into(rows * H, product.data_ptr<T>(), dh);
       }
       if (keep_h) add_into(rows * H, dh_kept.data_ptr<T>(), dh);
     }
