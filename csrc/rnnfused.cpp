@@ -73,7 +73,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "Testing hook: run the CPU time loops on 'auto', 'fused' (the engine) or 'steps' (per-step GEMMs)");
   m.def("_cpu_engine_runs", &rnnfused::cpu::engine_runs,
         "Testing hook: whether a call of this many rows (no projection) of a cell of this many gate blocks "
-        "(4 LSTM, 3 GRU, 1 Elman RNN) runs on the engine under the current path");
+        "(4 LSTM, 3 GRU, 1 Elman RNN), in training (a forward recording the workspace, or a backward) or not, "
+        "runs on the engine under the current path",
+        py::arg("batch"), py::arg("gates"), py::arg("training"));
   m.def("_cpu_engine_projects_input", &rnnfused::cpu::engine_projects_input,
         "Whether layer_inference projects the input inside the engine for (batch, G * hidden, hidden, input_size, "
         "element size)");

@@ -1,6 +1,7 @@
 """The fused CPU engine (csrc/cpu/engine_impl.h): parity with torch.nn at odd sizes on every
 instruction set this processor has, with teams of 1, 2 and 3 threads; agreement with the per-step
 path; the vectorized tanh; the path and ISA switches."""
+import itertools
 import os
 import subprocess
 import sys
@@ -240,21 +241,23 @@ def test_path_switch_and_errors(cpu_path):
 
 @pytest.mark.parametrize("mode", list(LAYER_MODES))
 def test_auto_path_gives_the_same_numbers_at_the_threshold(mode, cpu_path):
-    """'auto' runs batches of up to 16 rows on the engine and larger ones per step (but the LSTM's
-    on the engine at every batch on processors other than Intel's): at B = 16 and B = 17 the
-    numbers are torch.nn's either way (float64)."""
+    """'auto' runs batches of up to 16 rows on the engine and larger ones per step (but on processors
+    other than Intel's the LSTM's inference on the engine at every batch and its training up to 128
+    rows): at B = 16 and B = 17 the numbers are torch.nn's either way (float64)."""
     runs = _C._cpu_engine_runs
     cpu_path("auto")
-    for gates in (4, 3, 1):
-        assert runs(1, gates) and runs(16, gates)
+    for gates, training in itertools.product((4, 3, 1), (False, True)):
+        assert runs(1, gates, training) and runs(16, gates, training)
     _C._set_cpu_vendor_override(1)
-    assert not runs(17, 4) and not runs(17, 3) and not runs(17, 1)
+    for gates, training in itertools.product((4, 3, 1), (False, True)):
+        assert not runs(17, gates, training)
     _C._set_cpu_vendor_override(-1)
-    assert runs(17, 4) and runs(1000, 4) and not runs(17, 3) and not runs(17, 1)
+    assert runs(17, 4, False) and runs(1000, 4, False) and runs(17, 4, True) and runs(128, 4, True)
+    assert not runs(129, 4, True) and not runs(17, 3, False) and not runs(17, 1, True)
     cpu_path("fused")
-    assert runs(17, 3) and runs(1000, 1)
+    assert runs(17, 3, True) and runs(1000, 1, False) and runs(1000, 4, True)
     cpu_path("steps")
-    assert not runs(1, 4) and not runs(1000, 4)
+    assert not runs(1, 4, False) and not runs(1000, 4, True)
     _C._set_cpu_vendor_override(0)
     cpu_path("auto")
     for batch in (16, 17):

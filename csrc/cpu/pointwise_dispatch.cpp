@@ -187,7 +187,7 @@ bool engine_projects_input(int64_t batch, int64_t gate_rows, int64_t hidden, int
                            int64_t element_size) {
   if (input_size <= 0 || hidden <= 0) return false;
   const int64_t gates = gate_rows / hidden;
-  if (!engine_runs(batch, gates)) return false;
+  if (!engine_runs(batch, gates, false)) return false;  // layer_inference: no training
   if (g_projection_override != 0) return g_projection_override > 0;
   if (gates * hidden != gate_rows || (gates != 3 && gates != 4)) return false;  // the LSTM and GRU only
   const int* tile_rows = element_size == 8 ? engine_kernels<double>().tile_rows : engine_kernels<float>().tile_rows;

@@ -49,9 +49,10 @@ at::Tensor previous_h(const StepPlan& plan, const at::Tensor& output, const at::
 }
 
 // Whether a call runs on the fused engine (engine.h): never with the LSTM projection, a recurrent
-// dropout mask or zoneout (`regularized`: the per-step path applies them).
-bool use_engine(bool proj, bool regularized, int64_t batch, CellKind cell) {
-  return !proj && !regularized && engine_runs(batch, gate_blocks(cell));
+// dropout mask or zoneout (`regularized`: the per-step path applies them). `training`: a forward
+// that records the workspace for backward, or a backward.
+bool use_engine(bool proj, bool regularized, int64_t batch, CellKind cell, bool training) {
+  return !proj && !regularized && engine_runs(batch, gate_blocks(cell), training);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -241,7 +242,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_recurrence_cpu(
   const at::Tensor keep_h_t = zoneout_view(op, "zoneout", zoneout, plan.rows, P, gates_x, acc);
   const at::Tensor keep_c_t = zoneout_view(op, "cell_zoneout", cell_zoneout, plan.rows, H, gates_x, acc);
   const bool regularized = mask.defined() || keep_h_t.defined() || keep_c_t.defined();
-  if (use_engine(proj, regularized, B, CellKind::Lstm)) {
+  if (use_engine(proj, regularized, B, CellKind::Lstm, training)) {
     const at::Tensor h0_c = compute_view(h0, acc);
     AT_DISPATCH_FLOATING_TYPES(acc, "rnnfused_lstm_cpu", [&] {
       auto p = forward_problem<scalar_t>(CellKind::Lstm, plan, H, gx, whh, bias, h0_c, h_state, output, workspace,
@@ -349,7 +350,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor dh_kept = keep_h_t.defined() ? at::empty({B, P}, options) : at::Tensor();
   at::Tensor dc_kept = keep_c_t.defined() ? at::empty({B, H}, options) : at::Tensor();
 
-  if (use_engine(proj, regularized, B, CellKind::Lstm)) {
+  if (use_engine(proj, regularized, B, CellKind::Lstm, true)) {
     AT_DISPATCH_FLOATING_TYPES(acc, "rnnfused_lstm_backward_cpu", [&] {
       auto p = backward_problem<scalar_t>(CellKind::Lstm, plan, H, whh, h0_c, out, go, dh_state, grad_gates);
       p.c0 = c0_c.data_ptr<scalar_t>();
@@ -462,7 +463,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_recurrence_cpu(const at::Tens
   const at::Tensor mask = recurrent_mask_view(op, recurrent_mask, h0, acc);
   const at::Tensor keep_h_t = zoneout_view(op, "zoneout", zoneout, plan.rows, H, gates_x, acc);
   const bool regularized = mask.defined() || keep_h_t.defined();
-  if (use_engine(false, regularized, B, CellKind::Gru)) {
+  if (use_engine(false, regularized, B, CellKind::Gru, training)) {
     const at::Tensor h0_c = compute_view(h0, acc);
     AT_DISPATCH_FLOATING_TYPES(acc, "rnnfused_gru_cpu", [&] {
       engine_kernels<scalar_t>().forward(forward_problem<scalar_t>(CellKind::Gru, plan, H, gx, whh, bias, h0_c,
@@ -540,7 +541,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_recurrence_backwa
   at::Tensor product = at::empty({B, H}, options);
   // Zoneout: the part of dL/dh_t that flows straight to step t-1 (k times the gradient).
   at::Tensor dh_kept = keep_h_t.defined() ? at::empty({B, H}, options) : at::Tensor();
-  if (use_engine(false, regularized, B, CellKind::Gru)) {
+  if (use_engine(false, regularized, B, CellKind::Gru, true)) {
     AT_DISPATCH_FLOATING_TYPES(acc, "rnnfused_gru_backward_cpu", [&] {
       auto p = backward_problem<scalar_t>(CellKind::Gru, plan, H, whh, h0_c, out, go, dh_state, grad_gates_x);
       p.workspace = workspace.data_ptr<scalar_t>();
@@ -620,7 +621,8 @@ std::tuple<at::Tensor, at::Tensor> rnn_recurrence_cpu(const at::Tensor& gates_x,
   const at::Tensor mask = recurrent_mask_view(op, recurrent_mask, h0, acc);
   const at::Tensor keep_h_t = zoneout_view(op, "zoneout", zoneout, plan.rows, H, gates_x, acc);
   const bool regularized = mask.defined() || keep_h_t.defined();
-  if (use_engine(false, regularized, B, rnn_kind<act>())) {
+  // (The Elman RNN's rule does not depend on training; its forward keeps no workspace.)
+  if (use_engine(false, regularized, B, rnn_kind<act>(), false)) {
     const at::Tensor h0_c = compute_view(h0, acc);
     at::Tensor no_workspace;
     AT_DISPATCH_FLOATING_TYPES(acc, "rnnfused_rnn_cpu", [&] {
@@ -702,7 +704,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_recurrence_backwa
     bias = bias_or_zeros(b_hh, H, output, acc);
     candidates = at::empty({plan.rows, H}, options);
   }
-  if (use_engine(false, regularized, B, rnn_kind<act>())) {
+  if (use_engine(false, regularized, B, rnn_kind<act>(), true)) {
     AT_DISPATCH_FLOATING_TYPES(acc, "rnnfused_rnn_backward_cpu", [&] {
       engine_kernels<scalar_t>().backward(backward_problem<scalar_t>(
           rnn_kind<act>(), plan, H, whh, h0_c, out, go, dh_state, grad_gates));
