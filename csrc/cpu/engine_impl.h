@@ -56,6 +56,9 @@ constexpr int kVectorRegisters = 16;
 // loop) on an AMD EPYC (Zen 3, 2 threads, eval forward, T = 100, H = I = 256, register tiles, the
 // GEMM first), speedup over torch.nn in the same process: B = 16 0.64x -> 0.83x, B = 8 0.82x ->
 // 0.95x, B = 2 1.24x -> 1.30x (before and after in two runs). Not measured on an Intel processor.
+// A row count of 3n + 1 ends in a 1-row tile (4 FMA chains); splitting the last 4 rows as 2 + 2
+// instead measured slower there (eval forward, T = 100, H = I = 256: B = 16 17.6 -> 19.9 ms, B = 4
+// 5.8 -> 6.5 ms, medians of six alternating processes, 2026-11-30), so multiply_blocks keeps it.
 template <int G>
 constexpr int kTileRows = kVectorRegisters == 32 ? (G == 4 ? 6 : G == 3 ? 8 : 6) : (G == 4 ? 3 : G == 3 ? 4 : 4);
 // Whether a tile of R rows x U blocks keeps the step's weight vectors in registers (else it holds
