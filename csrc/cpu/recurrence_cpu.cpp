@@ -535,10 +535,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_recurrence_backwa
   const at::Tensor mask = recurrent_mask_view(op, recurrent_mask, h0, acc);
   const at::Tensor keep_h_t = zoneout_view(op, "zoneout", zoneout, plan.rows, H, output, acc);
   const bool regularized = mask.defined() || keep_h_t.defined();
-  // dG_h W_hh of a step lands here before it (masked, with a mask) joins dh_t * z: added after the
-  // GEMM in both cases, so that a mask of ones gives the unmasked gradients bit for bit on every
-  // BLAS (a GEMM with beta = 1 may add C into its partial sums in another order).
-  at::Tensor product = at::empty({B, H}, options);
   // Zoneout: the part of dL/dh_t that flows straight to step t-1 (k times the gradient).
   at::Tensor dh_kept = keep_h_t.defined() ? at::empty({B, H}, options) : at::Tensor();
   if (use_engine(false, regularized, B, CellKind::Gru, true)) {
@@ -549,6 +545,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_recurrence_backwa
       engine_kernels<scalar_t>().backward(p);
     });
   } else {
+  // dG_h W_hh of a step lands here before it (masked, with a mask) joins dh_t * z: added after the
+  // GEMM in both cases, so that a mask of ones gives the unmasked gradients bit for bit on every
+  // BLAS (a GEMM with beta = 1 may add C into its partial sums in another order).
+  at::Tensor product = at::empty({B, H}, options);
 
   AT_DISPATCH_FLOATING_TYPES(acc, "rnnfused_gru_backward_cpu", [&] {
     using T = scalar_t;
