@@ -305,7 +305,9 @@ def test_where_it_projects_inside_the_engine(counted, cpu_path):
         assert not _C._cpu_engine_projects_input(16, 3 * 512, 512, 512, 4)
         assert not _C._cpu_engine_projects_input(16, 3 * 256, 256, 256, 8)  # float64: twice the bytes
         assert not _C._cpu_engine_projects_input(16, 3 * 256, 256, 0, 4)
-        assert not _C._cpu_engine_projects_input(64, 3, 1, 1, 4)  # no engine at B = 64 (auto)
+        _C._set_cpu_vendor_override(1)  # Intel's rule: no engine at B = 64 (auto)
+        assert not _C._cpu_engine_projects_input(64, 3, 1, 1, 4)
+        _C._set_cpu_vendor_override(0)
         with torch.no_grad():
             rnnfused.GRU(512, 512).eval()(torch.randn(3, 16, 512))
             rnnfused.RNN(256, 256).eval()(torch.randn(3, 16, 256))
@@ -338,7 +340,7 @@ def test_where_it_runs_the_blas_products(counted, cpu_path):
             assert not blas(16, 4, False, gates)  # packed sequences of several lengths
             assert not blas(16, 8, True, gates)
         _C._set_cpu_vendor_override(-1)  # an AMD processor: the register tiles up to 16 rows, and
-        assert not _C._cpu_is_intel()  # the LSTM's at every batch
+        assert not _C._cpu_is_intel()  # the LSTM's above them too
         for gates in (4, 3, 1):
             assert not blas(16, 4, True, gates) and not blas(2, 4, True, gates)
         assert blas(17, 4, True, 3) and blas(64, 8, True, 1) and blas(17, 4, False, 1)

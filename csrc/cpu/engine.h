@@ -106,8 +106,8 @@ const EngineKernels<T>& engine_kernels();
 
 // Which time loop a call runs: the engine ("fused") or the per-step GEMM and gate passes
 // ("steps"; always for the LSTM with proj_size). "auto" (the default) takes the engine for batches
-// of at most kEngineMaxBatch rows, and for the LSTM at larger batches on processors other than
-// Intel's (engine_runs). Measured side by side on 2 threads (AVX-512 Xeon, 2026-11-29):
+// of at most kEngineMaxBatch rows, and at larger batches on processors other than Intel's
+// (engine_runs). Measured side by side on 2 threads (AVX-512 Xeon, 2026-11-29):
 // against the per-step path the engine is 1.2-2.8x faster at B <= 4, 1.0-1.3x at B = 8, 0.9-1.1x
 // at B = 16 and 0.6-0.9x at B >= 64 (where MKL's packed GEMM runs the product faster than the
 // engine's register tiles); with another process busy on one of the two cores, the engine slows
@@ -122,26 +122,35 @@ CpuPath parse_cpu_path(const std::string& name, const char* what);
 // The gate blocks of a cell: G = 4 (LSTM), 3 (GRU), 1 (Elman RNN).
 inline int64_t gate_blocks(CellKind cell) { return cell == CellKind::Lstm ? 4 : cell == CellKind::Gru ? 3 : 1; }
 // Whether a call of `batch` rows (without projection) of a cell of `gates` gate blocks runs on the
-// engine: up to kEngineMaxBatch rows, and on processors other than Intel's the LSTM's inference at
-// every batch and its training (`training`: a forward that records the workspace, or a backward)
-// up to kEngineMaxLstmTrainingBatch rows. There (an AMD EPYC, Zen 3, AVX2, 2 threads, 2026-11-30;
-// ms, per-step path / engine on the register tiles / torch.nn, side by side in one process) the
-// LSTM's eval forward at H = I = 512, B = 64 took 127 / 96 / 89 (T = 25) and 382 / 257 / 278
-// (T = 100), against 105 and 282 with the engine's BLAS products; at B = 256, H = 1024, T = 25
-// 1305 / 1162 / 823 (BLAS products 1139). Its training forward+backward (T = 25 unless said) at
-// H = 512: B = 32 (T = 50) 180 / 184 / 162, B = 64 226 / 211 / 205 and (T = 100) 996 / 906 / 1034,
-// B = 128 450 / 439 / 381, B = 256 978 / 1202 / 841; at H = 1024: B = 64 907 / 822 / 766, B = 128
-// 1832 / 1867 / 1506, B = 256 3012 / 3522 / 2738: in training the engine loses above 128 rows.
-// The GRU and Elman RNN at B = 64 were faster on the per-step path (GRU training T = 25: 170 vs
-// 192) or with the BLAS products (eval T = 100: GRU 198 vs 213, Elman RNN 55 vs 62), and on the
-// Intel Xeon measured the per-step path or the BLAS products beat the tiles above 16 rows for
-// every cell (above and at engine_blas_product below).
+// engine: up to kEngineMaxBatch rows, and on processors other than Intel's inference at every
+// batch, training (`training`: a forward that records the workspace, or a backward) up to
+// kEngineMaxLstmTrainingBatch rows for the LSTM and kEngineMaxTrainingBatch for the GRU and Elman
+// RNN (whose products above 16 rows are per-slice BLAS GEMMs there: engine_blas_product). There
+// (an AMD EPYC, Zen 3, AVX2, 2 threads, 2026-11-30; ms, per-step path / engine on the register
+// tiles / torch.nn, side by side in one process) the LSTM's eval forward at H = I = 512, B = 64
+// took 127 / 96 / 89 (T = 25) and 382 / 257 / 278 (T = 100), against 105 and 282 with the engine's
+// BLAS products; at B = 256, H = 1024, T = 25 1305 / 1162 / 823 (BLAS products 1139). Its training
+// forward+backward (T = 25 unless said) at H = 512: B = 32 (T = 50) 180 / 184 / 162, B = 64 226 /
+// 211 / 205 and (T = 100) 996 / 906 / 1034, B = 128 450 / 439 / 381, B = 256 978 / 1202 / 841; at
+// H = 1024: B = 64 907 / 822 / 766, B = 128 1832 / 1867 / 1506, B = 256 3012 / 3522 / 2738: in
+// training the engine loses above 128 rows. The GRU and Elman RNN (ms, per-step path / engine with
+// the BLAS products / torch.nn, 07:36-07:41 UTC): eval forward H = I = 512 T = 25, B = 64 GRU 51.7
+// / 47.3 / 59.7, rnn_tanh 18.1 / 16.2 / 27.6, rnn_relu 17.3 / 15.3 / 17.9; B = 32 (T = 50) GRU
+// 81.4 / 77.7 / 89.0, rnn_tanh 27.7 / 25.2 / 31.7; H = 1024, B = 256, T = 10 GRU 294 / 302 / 333,
+// rnn_tanh 93.5 / 87.5 / 105; training T = 25 H = 512: B = 64 GRU 157 / 139 / 186, rnn_tanh 53.0 /
+// 48.7 / 54.2, rnn_relu 53.2 / 51.5 / 53.1; B = 128 GRU 279 / 279 / 302, rnn_tanh 75.8 / 87.4 /
+// 82.2; H = 1024, B = 256, T = 10 GRU 954 / 901 / 1031, rnn_tanh 301 / 304 / 328; B = 32 (T = 50)
+// GRU 163 / 153 / 205, rnn_relu 58.1 / 53.7 / 65.1. On the Intel Xeon measured, the per-step path
+// or the BLAS products beat the tiles above 16 rows for every cell (above and at
+// engine_blas_product below), and the per-step path stays there.
 constexpr int64_t kEngineMaxLstmTrainingBatch = 128;
+constexpr int64_t kEngineMaxTrainingBatch = 64;
 inline bool engine_runs(int64_t batch, int64_t gates, bool training) {
   const CpuPath path = cpu_path();
   if (path != CpuPath::Auto) return path == CpuPath::Fused;
   if (batch <= kEngineMaxBatch) return true;
-  return gates == 4 && !cpu_is_intel() && (!training || batch <= kEngineMaxLstmTrainingBatch);
+  if (cpu_is_intel()) return false;
+  return !training || batch <= (gates == 4 ? kEngineMaxLstmTrainingBatch : kEngineMaxTrainingBatch);
 }
 
 // Whether layer_inference projects the input inside the engine (ForwardProblem::input) for a call
