@@ -124,8 +124,8 @@ inline int64_t gate_blocks(CellKind cell) { return cell == CellKind::Lstm ? 4 : 
 // Whether a call of `batch` rows (without projection) of a cell of `gates` gate blocks runs on the
 // engine: up to kEngineMaxBatch rows, and on processors other than Intel's inference at every
 // batch, training (`training`: a forward that records the workspace, or a backward) up to
-// kEngineMaxLstmTrainingBatch rows for the LSTM and kEngineMaxTrainingBatch for the GRU and Elman
-// RNN (whose products above 16 rows are per-slice BLAS GEMMs there: engine_blas_product). There
+// kEngineMaxLstmTrainingBatch rows for the LSTM and kEngineMaxGruTrainingBatch for the GRU (whose
+// products above 16 rows are per-slice BLAS GEMMs there: engine_blas_product). There
 // (an AMD EPYC, Zen 3, AVX2, 2 threads, 2026-11-30; ms, per-step path / engine on the register
 // tiles / torch.nn, side by side in one process) the LSTM's eval forward at H = I = 512, B = 64
 // took 127 / 96 / 89 (T = 25) and 382 / 257 / 278 (T = 100), against 105 and 282 with the engine's
@@ -140,17 +140,21 @@ inline int64_t gate_blocks(CellKind cell) { return cell == CellKind::Lstm ? 4 : 
 // rnn_tanh 93.5 / 87.5 / 105; training T = 25 H = 512: B = 64 GRU 157 / 139 / 186, rnn_tanh 53.0 /
 // 48.7 / 54.2, rnn_relu 53.2 / 51.5 / 53.1; B = 128 GRU 279 / 279 / 302, rnn_tanh 75.8 / 87.4 /
 // 82.2; H = 1024, B = 256, T = 10 GRU 954 / 901 / 1031, rnn_tanh 301 / 304 / 328; B = 32 (T = 50)
-// GRU 163 / 153 / 205, rnn_relu 58.1 / 53.7 / 65.1. On the Intel Xeon measured, the per-step path
-// or the BLAS products beat the tiles above 16 rows for every cell (above and at
+// GRU 163 / 153 / 205, rnn_relu 58.1 / 53.7 / 65.1; measured again (08:04 UTC) at B = 64 GRU 216
+// / 183 / 245, rnn_relu 58.3 / 57.0 / 60.4 and 68.7 / 70.1 / 70.1, rnn_tanh 56.7 / 56.1 / 64.7, at
+// B = 48 rnn_tanh 41.9 / 43.0 / 52.4: the GRU's training gains, the Elman RNN's does not (within
+// 3% either way), so it stays on the per-step path above 16 rows. On the Intel Xeon measured, the
+// per-step path or the BLAS products beat the tiles above 16 rows for every cell (above and at
 // engine_blas_product below), and the per-step path stays there.
 constexpr int64_t kEngineMaxLstmTrainingBatch = 128;
-constexpr int64_t kEngineMaxTrainingBatch = 64;
+constexpr int64_t kEngineMaxGruTrainingBatch = 64;
 inline bool engine_runs(int64_t batch, int64_t gates, bool training) {
   const CpuPath path = cpu_path();
   if (path != CpuPath::Auto) return path == CpuPath::Fused;
   if (batch <= kEngineMaxBatch) return true;
   if (cpu_is_intel()) return false;
-  return !training || batch <= (gates == 4 ? kEngineMaxLstmTrainingBatch : kEngineMaxTrainingBatch);
+  if (!training) return true;
+  return batch <= (gates == 4 ? kEngineMaxLstmTrainingBatch : gates == 3 ? kEngineMaxGruTrainingBatch : kEngineMaxBatch);
 }
 
 // Whether layer_inference projects the input inside the engine (ForwardProblem::input) for a call
