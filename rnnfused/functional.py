@@ -116,8 +116,8 @@ def _infers_from_input(input, w_ih, w_hh, h0, batch_sizes, tensors):
     processors from 2 rows in float32 with MKL's packed GEMM unless the sequences are packed; on
     others not for the LSTM, whose register tiles run at every batch in inference there), or where
     its register tiles run and projecting inside them was measured faster (the cell, the ISA's
-    tiles, whether each thread's share of W_ih and W_hh fits its cache). The rules and their measurements:
-    csrc/cpu/engine.h. Elsewhere the projection is one GEMM before the recurrence op."""
+    tiles, whether each thread's share of W_ih and W_hh fits its cache). The rules and their
+    measurements: csrc/cpu/engine.h. Elsewhere the projection is one GEMM before the recurrence op."""
     return (_ops_ns is _CPU_OPS and _eager_cpu_inference(input, tensors)
             and input.dtype in (torch.float32, torch.float64)
             and (_C._cpu_engine_blas_product(h0.shape[0], input.element_size(), batch_sizes is None,
