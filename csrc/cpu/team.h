@@ -14,6 +14,16 @@
 // every step waiting for the one that lost its core. The results do not change: a slice's phase
 // computes the same values in the same order whichever thread runs it. While waiting, a thread
 // spins briefly, then yields its core to whatever else is runnable there.
+//
+// What a takeover cannot help: a thread that loses its core in the middle of a phase it claimed.
+// The barrier then waits for the rest of the other process's time slice (about 4 ms on a 2-core
+// AMD EPYC with one other busy process: a batch-1 Elman RNN forward + backward, 2 ms alone, took
+// either 2 or 6 ms per call, half the calls each; on one thread, 3.3 ms, it did not slow at all).
+// Two changes aimed at it were measured in a standalone team (2 slices, 200 phases of 1-10 us,
+// 2026-11-30) and in the library, and left out: claiming a taken-over slice's next phases without
+// the spin (mean time per 2 ms call under contention 6.1-7.0 -> 4.8-5.4 ms in the standalone team,
+// no consistent change in the library's batch-1 cells), and a thread whose phase stalled leaving
+// the team for 50 ms (5.8-6.4 ms there; 0.25 ms calls 1.14 -> 1.24 ms).
 #pragma once
 
 #include <ATen/Parallel.h>
