@@ -99,6 +99,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Testing hook: the threads owning slices other than the first sleep this long before each phase");
   m.def("_cpu_engine_takeovers", &rnnfused::cpu::engine_takeovers,
         "Testing hook: how many phases a thread has run for a late slice's owner (since load)");
+  m.def("_set_cpu_engine_straggler_inside_phase", &rnnfused::cpu::set_engine_straggler_delay_inside_phase,
+        "Testing hook: the straggler delay comes after the thread claimed its phase (a thread that lost its "
+        "core in the middle of a phase) instead of before");
+  m.def("_cpu_engine_stalls", &rnnfused::cpu::engine_stalls,
+        "Testing hook: how many times a thread waited 2 ms for a phase that another thread was running (since load)");
+  m.def("_cpu_engine_solo_runs", &rnnfused::cpu::engine_solo_runs,
+        "Testing hook: how many engine teams ran on their calling thread alone because of a recent stall (since load)");
+  m.def("_end_cpu_engine_solo", &rnnfused::cpu::end_engine_solo,
+        "Testing hook: teams use all their threads again from now, whatever the last stall");
   m.def("_cpu_engine_min_flops", &rnnfused::cpu::engine_min_flops_per_thread,
         "Testing hook: the per-step work each thread of the engine's team must have");
   m.def("_set_cpu_engine_min_flops", &rnnfused::cpu::set_engine_min_flops_per_thread,

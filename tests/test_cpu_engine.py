@@ -335,6 +335,44 @@ def test_engine_from_several_python_threads(whole_team):
 
 
 @pytest.mark.parametrize("product", ["tiles", "blas"])
+def test_stalled_phase_puts_the_next_teams_on_one_thread(product):
+    """A thread that stalls in the middle of a phase it claimed (it sleeps 3 ms there, as a thread
+    whose core another process took) is noted by the thread waiting for it; the teams that start
+    in the next 50 ms run on their calling thread alone, and the numbers are still torch.nn's,
+    forward and backward, for every cell, on the register tiles and on the per-slice BLAS
+    products. Once the one-thread period is ended, a team uses its threads again."""
+    if product == "blas" and _C.cpu_blas() != "blas":
+        pytest.skip("this torch exports no BLAS")
+    snippet = """
+        import torch, rnnfused
+        from rnnfused import _C
+        from helpers import LAYER_MODES, assert_twins_agree, sequence_inputs, twin_layers
+        torch.set_num_threads(2)
+        _C._set_cpu_path("fused")
+        _C._set_cpu_engine_min_flops(0)
+        _C._set_cpu_engine_blas_override(1 if PRODUCT == "blas" else -1)
+        _C._set_cpu_engine_straggler_delay_us(3000)
+        _C._set_cpu_engine_straggler_inside_phase(True)
+        before = _C._cpu_engine_stalls(), _C._cpu_engine_solo_runs()
+        for mode in LAYER_MODES:
+            ref, ours = twin_layers(mode, 7, 45, dtype=torch.float64, bidirectional=True)
+            assert_twins_agree(ref, ours, sequence_inputs("packed_unsorted", 12, 5, 7, None, torch.float64))
+        print("stalls", _C._cpu_engine_stalls() - before[0], _C._cpu_engine_solo_runs() - before[1])
+        _C._set_cpu_engine_straggler_delay_us(0)
+        ref, ours = twin_layers("lstm", 7, 45, dtype=torch.float64)
+        ours.eval()
+        _C._end_cpu_engine_solo()
+        solo = _C._cpu_engine_solo_runs()
+        with torch.no_grad():
+            ours(torch.randn(6, 5, 7, dtype=torch.float64))  # one team, started after the end
+        print("after_end", _C._cpu_engine_solo_runs() - solo)
+    """
+    out = _run(f"PRODUCT = {product!r}\n" + textwrap.dedent(snippet)).split()
+    assert out[-5] == "stalls" and int(out[-4]) > 0 and int(out[-3]) > 0, out
+    assert out[-2:] == ["after_end", "0"], out
+
+
+@pytest.mark.parametrize("product", ["tiles", "blas"])
 def test_late_thread_is_taken_over(product):
     """A thread that owns slices other than the first sleeps 300 us before each phase (as a thread
     whose core another process took): the others run its phases (takeovers counted), and the

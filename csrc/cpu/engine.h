@@ -226,9 +226,14 @@ int64_t engine_min_flops_per_thread();
 void set_engine_min_flops_per_thread(int64_t flops);
 
 // Testing hooks of the team (team.h): make the threads that own slices other than the first late
-// by this many microseconds before each phase (0: off), and count the phases that a thread ran
-// for a late slice's owner.
+// by this many microseconds before each phase (0: off), or inside each phase they claimed;
+// count the phases that a thread ran for a late slice's owner, the stalls noted (a phase waited
+// for kStallNs) and the teams run on one thread after one; end the one-thread period now.
 void set_engine_straggler_delay_us(int64_t us);
+void set_engine_straggler_delay_inside_phase(bool inside);
 int64_t engine_takeovers();
+int64_t engine_stalls();
+int64_t engine_solo_runs();
+void end_engine_solo();
 
 }  // namespace rnnfused::cpu

@@ -141,6 +141,9 @@ CpuPath cpu_path_from_environment() {
 CpuPath g_cpu_path = cpu_path_from_environment();
 int64_t g_straggler_delay_us = 0;
 std::atomic<int64_t> g_takeovers{0};
+bool g_straggler_inside_phase = false;
+std::atomic<int64_t> g_stalls{0};
+std::atomic<int64_t> g_solo_runs{0};
 std::atomic<int64_t> g_blas_calls{0};
 
 // About 1 us of one core's work: a step barrier costs a fraction of that.
@@ -220,6 +223,13 @@ int64_t engine_straggler_delay_us() { return g_straggler_delay_us; }
 void set_engine_straggler_delay_us(int64_t us) { g_straggler_delay_us = us; }
 void count_engine_takeover() { g_takeovers.fetch_add(1, std::memory_order_relaxed); }
 int64_t engine_takeovers() { return g_takeovers.load(std::memory_order_relaxed); }
+bool engine_straggler_delay_inside_phase() { return g_straggler_inside_phase; }
+void set_engine_straggler_delay_inside_phase(bool inside) { g_straggler_inside_phase = inside; }
+void count_engine_stall() { g_stalls.fetch_add(1, std::memory_order_relaxed); }
+int64_t engine_stalls() { return g_stalls.load(std::memory_order_relaxed); }
+void count_engine_solo_run() { g_solo_runs.fetch_add(1, std::memory_order_relaxed); }
+int64_t engine_solo_runs() { return g_solo_runs.load(std::memory_order_relaxed); }
+void end_engine_solo() { solo_until_ns().store(0, std::memory_order_relaxed); }
 void count_engine_blas_call() { g_blas_calls.fetch_add(1, std::memory_order_relaxed); }
 int64_t engine_blas_calls() { return g_blas_calls.load(std::memory_order_relaxed); }
 }  // namespace rnnfused::cpu

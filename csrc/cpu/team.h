@@ -19,21 +19,26 @@
 // The barrier then waits for the rest of the other process's time slice (about 4 ms on a 2-core
 // AMD EPYC with one other busy process: a batch-1 Elman RNN forward + backward, 2 ms alone, took
 // either 2 or 6 ms per call, half the calls each; on one thread, 3.3 ms, it did not slow at all).
-// Two changes aimed at it were measured in a standalone team (2 slices, 200 phases of 1-10 us,
-// 2026-11-30) and in the library, and left out: claiming a taken-over slice's next phases without
-// the spin (mean time per 2 ms call under contention 6.1-7.0 -> 4.8-5.4 ms in the standalone team,
-// no consistent change in the library's batch-1 cells), and a thread whose phase stalled leaving
-// the team for 50 ms (5.8-6.4 ms there; 0.25 ms calls 1.14 -> 1.24 ms).
+// So a thread that has waited kStallNs for a phase that another thread is running notes a stall,
+// and for the next kSoloNs every team runs on its calling thread alone (as inside another parallel
+// region): one thread, which the scheduler moves to the core nobody else wants, loses nothing to
+// the other process. Then the whole team is tried again. Two other changes aimed at the stall
+// were measured in a standalone team (2 slices, 200 phases of 1-10 us, 2026-11-30) and in the
+// library, and left out: claiming a taken-over slice's next phases without the spin (mean time
+// per 2 ms call under contention 6.1-7.0 -> 4.8-5.4 ms in the standalone team, no consistent
+// change in the library's batch-1 cells), and a thread whose phase stalled leaving the team for
+// 50 ms (5.8-6.4 ms there; 0.25 ms calls 1.14 -> 1.24 ms).
 #pragma once
 
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <thread>
 #include <vector>
 
-#include <time.h>  // nanosleep (the straggler testing hook)
+#include <time.h>  // clock_gettime, nanosleep (the straggler testing hook)
 
 namespace rnnfused::cpu {
 
@@ -41,7 +46,38 @@ namespace rnnfused::cpu {
 // first take before each of their phases (a thread that lost its core, on demand), and a count
 // of the phases run by a thread other than their slice's owner.
 int64_t engine_straggler_delay_us();
+bool engine_straggler_delay_inside_phase();  // the delay after claiming a phase instead of before
 void count_engine_takeover();
+void count_engine_stall();
+void count_engine_solo_run();
+
+inline int64_t monotonic_ns() {
+  timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return static_cast<int64_t>(ts.tv_sec) * 1000000000 + ts.tv_nsec;
+}
+
+// A phase that another thread has been waiting for this long, and for kStallPhases times the
+// average phase of the last team (its wall time over its phases), is stalled: its thread lost its
+// core in the middle of it (a phase takes microseconds, up to about 15 ms at the largest shapes,
+// and the threads' slices differ by at most one block of units).
+constexpr int64_t kStallNs = 2000000;
+constexpr int64_t kStallPhases = 8;
+// How long teams then run on one thread: several of the other process's time slices.
+constexpr int64_t kSoloNs = 50000000;
+
+// Until when (CLOCK_MONOTONIC, ns) teams run on one thread; one for the process, since the cores
+// are the process's.
+inline std::atomic<int64_t>& solo_until_ns() {
+  static std::atomic<int64_t> until{0};
+  return until;
+}
+
+// The average phase of the last team that ran (ns).
+inline std::atomic<int64_t>& last_phase_ns() {
+  static std::atomic<int64_t> ns{0};
+  return ns;
+}
 
 class PhaseFlags {
  public:
@@ -61,18 +97,37 @@ class PhaseFlags {
 
   // Returns once `slice` has finished `phases` phases. After a short spin, runs the slice's next
   // phase itself (run(slice, phase)) when nobody has claimed it yet.
+  // While yielding it looks at the clock now and then, and notes a stall (kStallNs).
   template <typename Run>
   void wait_for(int64_t slice, int64_t phases, const Run& run) {
     int64_t tries = 0;
+    int64_t yielding_since = 0;  // 0: not yet; -1: stall noted
+    int64_t waited_for = -1;     // the phase that yielding_since is about
     for (;;) {
       const int64_t done = flags_[slice].done.load(std::memory_order_acquire);
       if (done >= phases) return;
+      if (done != waited_for) {
+        waited_for = done;
+        if (yielding_since > 0) yielding_since = 0;
+      }
       if (tries >= kSpins && try_claim(slice, done)) {
         count_engine_takeover();
         run(slice, done);
         publish(slice, done + 1);
         tries = 0;
+        yielding_since = 0;
         continue;
+      }
+      if (tries >= kSpins && (tries & 15) == 0 && yielding_since >= 0) {
+        const int64_t now = monotonic_ns();
+        if (yielding_since == 0) {
+          yielding_since = now;
+        } else if (now - yielding_since >
+                   std::max(kStallNs, kStallPhases * last_phase_ns().load(std::memory_order_relaxed))) {
+          count_engine_stall();
+          solo_until_ns().store(now + kSoloNs, std::memory_order_relaxed);
+          yielding_since = -1;
+        }
       }
       back_off(tries++);
     }
@@ -115,34 +170,47 @@ void run_team(int64_t slices, int64_t phases, const Prepare& prepare, const Run&
     run(slice, q);
   };
   const int64_t delay_us = engine_straggler_delay_us();
+  const bool delay_inside = engine_straggler_delay_inside_phase();
+  auto straggle = [&](int64_t begin) {
+    if (delay_us > 0 && begin > 0) {
+      const timespec delay{static_cast<time_t>(delay_us / 1000000), static_cast<long>(delay_us % 1000000) * 1000};
+      nanosleep(&delay, nullptr);
+    }
+  };
   auto body = [&](int64_t begin, int64_t end) {
     for (int64_t q = 0; q < phases; ++q) {
-      if (delay_us > 0 && begin > 0) {
-        const timespec delay{static_cast<time_t>(delay_us / 1000000), static_cast<long>(delay_us % 1000000) * 1000};
-        nanosleep(&delay, nullptr);
-      }
+      if (!delay_inside) straggle(begin);
       if (q > 0 && barrier_before(q)) {
         for (int64_t slice = 0; slice < slices; ++slice) flags.wait_for(slice, q, run_phase);
       }
       for (int64_t slice = begin; slice < end; ++slice) {
         flags.wait_for(slice, q, run_phase);  // a phase another thread took must be finished first
         if (flags.try_claim(slice, q)) {
+          if (delay_inside) straggle(begin);
           run_phase(slice, q);
           flags.publish(slice, q + 1);
         }
       }
     }
   };
+  const int64_t start = monotonic_ns();
+  auto run_body = [&] {
 #if AT_PARALLEL_OPENMP
-  // at::parallel_for with grain 1 gives each OpenMP thread at most one contiguous chunk of slices,
-  // all chunks running at once (one parallel region); inside another parallel region it runs one
-  // chunk, all slices, on this thread.
-  if (slices > 1) {
-    at::parallel_for(0, slices, 1, body);
-    return;
-  }
+    // at::parallel_for with grain 1 gives each OpenMP thread at most one contiguous chunk of
+    // slices, all chunks running at once (one parallel region); inside another parallel region it
+    // runs one chunk, all slices, on this thread. So does a team within kSoloNs of a stall.
+    if (slices > 1) {
+      if (solo_until_ns().load(std::memory_order_relaxed) <= start) {
+        at::parallel_for(0, slices, 1, body);
+        return;
+      }
+      count_engine_solo_run();
+    }
 #endif
-  body(0, slices);
+    body(0, slices);
+  };
+  run_body();
+  if (phases > 0) last_phase_ns().store((monotonic_ns() - start) / phases, std::memory_order_relaxed);
 }
 
 }  // namespace rnnfused::cpu
