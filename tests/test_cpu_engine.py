@@ -334,6 +334,32 @@ def test_engine_from_several_python_threads(whole_team):
     assert not errors, errors
 
 
+# A late thread in a team on 2 threads (every cell, forward and backward, float64, packed unsorted,
+# bidirectional): STRAGGLER sets the testing delay, COUNTERS names what to count, and the snippet
+# prints each counter's increase over the loop after the word "counts".
+TEAM_SNIPPET = """
+    import torch, rnnfused
+    from rnnfused import _C
+    from helpers import LAYER_MODES, assert_twins_agree, sequence_inputs, twin_layers
+    torch.set_num_threads(2)
+    _C._set_cpu_path("fused")
+    _C._set_cpu_engine_min_flops(0)
+    _C._set_cpu_engine_blas_override(1 if PRODUCT == "blas" else -1)
+    STRAGGLER(_C)
+    before = [getattr(_C, name)() for name in COUNTERS]
+    for mode in LAYER_MODES:
+        ref, ours = twin_layers(mode, 7, 45, dtype=torch.float64, bidirectional=True)
+        assert_twins_agree(ref, ours, sequence_inputs("packed_unsorted", 12, 5, 7, None, torch.float64))
+    print("counts", *[getattr(_C, name)() - b for name, b in zip(COUNTERS, before)])
+"""
+
+
+def _team_snippet(product, straggler, counters, after=""):
+    head = f"PRODUCT = {product!r}\nCOUNTERS = {counters!r}\ndef STRAGGLER(_C):\n"
+    head += "".join(f"    _C.{call}\n" for call in straggler)
+    return head + textwrap.dedent(TEAM_SNIPPET) + textwrap.dedent(after)
+
+
 @pytest.mark.parametrize("product", ["tiles", "blas"])
 def test_stalled_phase_puts_the_next_teams_on_one_thread(product):
     """A thread that stalls in the middle of a phase it claimed (it sleeps 3 ms there, as a thread
@@ -343,21 +369,7 @@ def test_stalled_phase_puts_the_next_teams_on_one_thread(product):
     products. Once the one-thread period is ended, a team uses its threads again."""
     if product == "blas" and _C.cpu_blas() != "blas":
         pytest.skip("this torch exports no BLAS")
-    snippet = """
-        import torch, rnnfused
-        from rnnfused import _C
-        from helpers import LAYER_MODES, assert_twins_agree, sequence_inputs, twin_layers
-        torch.set_num_threads(2)
-        _C._set_cpu_path("fused")
-        _C._set_cpu_engine_min_flops(0)
-        _C._set_cpu_engine_blas_override(1 if PRODUCT == "blas" else -1)
-        _C._set_cpu_engine_straggler_delay_us(3000)
-        _C._set_cpu_engine_straggler_inside_phase(True)
-        before = _C._cpu_engine_stalls(), _C._cpu_engine_solo_runs()
-        for mode in LAYER_MODES:
-            ref, ours = twin_layers(mode, 7, 45, dtype=torch.float64, bidirectional=True)
-            assert_twins_agree(ref, ours, sequence_inputs("packed_unsorted", 12, 5, 7, None, torch.float64))
-        print("stalls", _C._cpu_engine_stalls() - before[0], _C._cpu_engine_solo_runs() - before[1])
+    after = """
         _C._set_cpu_engine_straggler_delay_us(0)
         ref, ours = twin_layers("lstm", 7, 45, dtype=torch.float64)
         ours.eval()
@@ -367,8 +379,9 @@ def test_stalled_phase_puts_the_next_teams_on_one_thread(product):
             ours(torch.randn(6, 5, 7, dtype=torch.float64))  # one team, started after the end
         print("after_end", _C._cpu_engine_solo_runs() - solo)
     """
-    out = _run(f"PRODUCT = {product!r}\n" + textwrap.dedent(snippet)).split()
-    assert out[-5] == "stalls" and int(out[-4]) > 0 and int(out[-3]) > 0, out
+    straggler = ["_set_cpu_engine_straggler_delay_us(3000)", "_set_cpu_engine_straggler_inside_phase(True)"]
+    out = _run(_team_snippet(product, straggler, ["_cpu_engine_stalls", "_cpu_engine_solo_runs"], after)).split()
+    assert out[-5] == "counts" and int(out[-4]) > 0 and int(out[-3]) > 0, out
     assert out[-2:] == ["after_end", "0"], out
 
 
@@ -380,20 +393,5 @@ def test_late_thread_is_taken_over(product):
     on the per-slice BLAS products (a slice's GEMM weights belong to the slice, not to a thread)."""
     if product == "blas" and _C.cpu_blas() != "blas":
         pytest.skip("this torch exports no BLAS")
-    snippet = """
-        import torch, rnnfused
-        from rnnfused import _C
-        from helpers import LAYER_MODES, assert_twins_agree, sequence_inputs, twin_layers
-        torch.set_num_threads(2)
-        _C._set_cpu_path("fused")
-        _C._set_cpu_engine_min_flops(0)
-        _C._set_cpu_engine_straggler_delay_us(300)
-        _C._set_cpu_engine_blas_override(1 if PRODUCT == "blas" else -1)
-        before = _C._cpu_engine_takeovers()
-        for mode in LAYER_MODES:
-            ref, ours = twin_layers(mode, 7, 45, dtype=torch.float64, bidirectional=True)
-            assert_twins_agree(ref, ours, sequence_inputs("packed_unsorted", 12, 5, 7, None, torch.float64))
-        print("takeovers", _C._cpu_engine_takeovers() - before)
-    """
-    out = _run(f"PRODUCT = {product!r}\n" + textwrap.dedent(snippet)).split()
-    assert out[-2] == "takeovers" and int(out[-1]) > 0, out
+    out = _run(_team_snippet(product, ["_set_cpu_engine_straggler_delay_us(300)"], ["_cpu_engine_takeovers"])).split()
+    assert out[-2] == "counts" and int(out[-1]) > 0, out
