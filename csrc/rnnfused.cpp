@@ -103,7 +103,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Testing hook: the straggler delay comes after the thread claimed its phase (a thread that lost its "
         "core in the middle of a phase) instead of before");
   m.def("_cpu_engine_stalls", &rnnfused::cpu::engine_stalls,
-        "Testing hook: how many times a thread waited 2 ms for a phase that another thread was running (since load)");
+        "Testing hook: how many stalls were noted: a thread waited at least 2 ms (and 8 times the last team's average "
+        "phase) for a phase that another thread was running (since load)");
   m.def("_cpu_engine_solo_runs", &rnnfused::cpu::engine_solo_runs,
         "Testing hook: how many engine teams ran on their calling thread alone because of a recent stall (since load)");
   m.def("_end_cpu_engine_solo", &rnnfused::cpu::end_engine_solo,

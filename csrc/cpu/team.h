@@ -199,22 +199,21 @@ void run_team(int64_t slices, int64_t phases, const Prepare& prepare, const Run&
     }
   };
   const int64_t start = monotonic_ns();
-  auto run_body = [&] {
+  bool whole_team = false;
 #if AT_PARALLEL_OPENMP
-    // at::parallel_for with grain 1 gives each OpenMP thread at most one contiguous chunk of
-    // slices, all chunks running at once (one parallel region); inside another parallel region it
-    // runs one chunk, all slices, on this thread. So does a team within kSoloNs of a stall.
-    if (slices > 1) {
-      if (solo_until_ns().load(std::memory_order_relaxed) <= start) {
-        at::parallel_for(0, slices, 1, body);
-        return;
-      }
-      count_engine_solo_run();
-    }
+  // at::parallel_for with grain 1 gives each OpenMP thread at most one contiguous chunk of slices,
+  // all chunks running at once (one parallel region); inside another parallel region it runs one
+  // chunk, all slices, on this thread. So does a team within kSoloNs of a stall.
+  if (slices > 1) {
+    whole_team = solo_until_ns().load(std::memory_order_relaxed) <= start;
+    if (!whole_team) count_engine_solo_run();
+  }
 #endif
+  if (whole_team) {
+    at::parallel_for(0, slices, 1, body);
+  } else {
     body(0, slices);
-  };
-  run_body();
+  }
   if (phases > 0) last_phase_ns().store((monotonic_ns() - start) / phases, std::memory_order_relaxed);
 }
 
