@@ -162,7 +162,14 @@ template <typename T, int G, int R, int U, typename Finish>
 inline void run_tile(const T* const* a, int64_t k0, int64_t k1, bool first, bool last, const T* panel,
                      int64_t block_stride, T* partial, const Finish& finish) {
   constexpr int64_t V = kLanes<T>;
-  Vec<T> acc[R][U][G];
+  // at::vec's Vectorized() zeroes its register; an array of them whose address reaches finish
+  // (not always inlined) was zeroed in memory with `rep stos` before every tile, then overwritten.
+  // The union leaves the accumulators unconstructed; every one is assigned below before use.
+  union Accumulators {
+    Vec<T> v[R][U][G];
+    Accumulators() {}
+  } accumulators;
+  auto& acc = accumulators.v;
 #pragma GCC unroll 64
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 64
