@@ -321,8 +321,8 @@ def test_where_it_projects_inside_the_engine(counted, cpu_path):
 def test_where_it_runs_the_blas_products(counted, cpu_path):
     """The rule of csrc/cpu/engine.h: with the auto path and libtorch's BLAS, on an Intel processor
     above the register tiles' batches (16 rows) and from 2 rows in float32 where MKL's packed GEMM
-    is there and every step has the full batch; on other processors above 16 rows for the GRU and
-    Elman RNN only; never on the per-step path, never with the register tiles forced ("fused"),
+    is there and every step has the full batch; on other processors above 16 rows for the Elman
+    RNN only; never on the per-step path, never with the register tiles forced ("fused"),
     never on ATen's GEMM (it would run inside the engine's parallel region)."""
     cpu_path("auto")
     blas = _C._cpu_engine_blas_product
@@ -340,16 +340,28 @@ def test_where_it_runs_the_blas_products(counted, cpu_path):
             assert not blas(16, 4, False, gates)  # packed sequences of several lengths
             assert not blas(16, 8, True, gates)
         _C._set_cpu_vendor_override(-1)  # an AMD processor: the register tiles up to 16 rows, and
-        assert not _C._cpu_is_intel()  # the LSTM's above them too
+        assert not _C._cpu_is_intel()  # the LSTM's and GRU's above them too
         for gates in (4, 3, 1):
             assert not blas(16, 4, True, gates) and not blas(2, 4, True, gates)
-        assert blas(17, 4, True, 3) and blas(64, 8, True, 1) and blas(17, 4, False, 1)
-        assert not blas(17, 4, True, 4) and not blas(64, 8, True, 4)
+        assert blas(17, 4, True, 1) and blas(64, 8, True, 1) and blas(17, 4, False, 1)
+        for gates in (4, 3):
+            assert not blas(17, 4, True, gates) and not blas(64, 8, True, gates) and not blas(256, 4, True, gates)
     finally:
         _C._set_cpu_vendor_override(0)
     with torch.no_grad():
         rnnfused.GRU(24, 24).double().eval()(torch.randn(3, 40, 24, dtype=torch.float64))
         assert counted.calls == 1
+    _C._set_cpu_vendor_override(-1)  # another vendor at B = 40: the GRU on the register tiles
+    try:
+        before = _C._cpu_engine_blas_calls()
+        with torch.no_grad():
+            rnnfused.GRU(24, 24).eval()(torch.randn(3, 40, 24))
+            assert _C._cpu_engine_blas_calls() == before
+            rnnfused.RNN(24, 24).eval()(torch.randn(3, 40, 24))  # the Elman RNN on the BLAS products
+            assert _C._cpu_engine_blas_calls() == before + 1
+        assert counted.calls == 3
+    finally:
+        _C._set_cpu_vendor_override(0)
     cpu_path("fused")
     assert not blas(64, 4, True, 3)
     cpu_path("steps")

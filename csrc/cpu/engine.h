@@ -124,8 +124,9 @@ inline int64_t gate_blocks(CellKind cell) { return cell == CellKind::Lstm ? 4 : 
 // Whether a call of `batch` rows (without projection) of a cell of `gates` gate blocks runs on the
 // engine: up to kEngineMaxBatch rows, and on processors other than Intel's inference at every
 // batch, training (`training`: a forward that records the workspace, or a backward) up to
-// kEngineMaxLstmTrainingBatch rows for the LSTM and kEngineMaxGruTrainingBatch for the GRU (whose
-// products above 16 rows are per-slice BLAS GEMMs there: engine_blas_product). There
+// kEngineMaxLstmTrainingBatch rows for the LSTM and kEngineMaxGruTrainingBatch for the GRU (the
+// Elman RNN's inference products above 16 rows are per-slice BLAS GEMMs there, the LSTM's and
+// GRU's the register tiles: engine_blas_product). There
 // (an AMD EPYC, Zen 3, AVX2, 2 threads, 2026-11-30; ms, per-step path / engine on the register
 // tiles / torch.nn, side by side in one process) the LSTM's eval forward at H = I = 512, B = 64
 // took 127 / 96 / 89 (T = 25) and 382 / 257 / 278 (T = 100), against 105 and 282 with the engine's
@@ -209,8 +210,16 @@ void set_engine_projection_override(int override);
 // B = 16 39.7 / 43.7 / 69.8, B = 4 14.2 / 17.2, Elman RNN B = 16 16.1 / 16.6 / 31.6, B = 4 5.1 / 6.9.
 // (Only the Elman RNN's eval forward at B = 16 was faster with BLAS there: 6.7 -> 5.7 ms.)
 constexpr int64_t kEngineBlasMinBatch = 2;
-// On other processors than Intel's: above kEngineMaxBatch rows, for the GRU and Elman RNN only
-// (`gates`: the cell's gate blocks; figures at engine_runs above and below).
+// On other processors than Intel's: above kEngineMaxBatch rows, for the Elman RNN only (`gates`:
+// the cell's gate blocks; figures at engine_runs above and below). The GRU took them above 16 rows
+// there until the register tiles were measured against them (AMD EPYC, Zen 3, AVX2, 2 threads,
+// 2026-11-30, after the G = 1 tiles lost their rep stos; ms, tiles / BLAS products, the two
+// alternating in one process, medians): GRU eval forward H = I = 512, T = 25, B = 64 46.5 / 52.9,
+// 48.7 / 52.8, 51.4 / 55.0; B = 32 26.2 / 29.8; B = 128 87.6 / 90.1; H = 1024, B = 256, T = 10
+// 283 / 289; H = 256, B = 32, T = 100 25.6 / 30.6; B = 64, T = 50 24.0 / 28.3; training forward +
+// backward B = 64 H = 512 T = 25 141.9 / 144.1, B = 32 H = 256 T = 100 69.3 / 73.4, B = 64 H = 256
+// T = 50 79.0 / 78.3. The Elman RNN's eval forward at B = 64, H = 512, T = 25 stays faster with
+// them: 16.9 / 14.1, 17.8 / 16.7 (its training runs the per-step path above 16 rows).
 bool engine_blas_product(int64_t batch, int64_t element_size, bool full_steps, int64_t gates);
 // Testing hook: 1 uses it wherever the BLAS is libtorch's and the path is not "steps", -1 never,
 // 0 by the rule.

@@ -208,7 +208,7 @@ bool engine_blas_product(int64_t batch, int64_t element_size, bool full_steps, i
   if (std::strcmp(blas_backend(), "blas") != 0 || cpu_path() == CpuPath::Steps) return false;
   if (g_blas_override != 0) return g_blas_override > 0;
   if (cpu_path() != CpuPath::Auto) return false;
-  if (!cpu_is_intel()) return batch > kEngineMaxBatch && gates != 4;
+  if (!cpu_is_intel()) return batch > kEngineMaxBatch && gates == 1;
   return batch > kEngineMaxBatch || (batch >= kEngineBlasMinBatch && full_steps && element_size == 4 &&
                                      blas_packs_float());
 }
