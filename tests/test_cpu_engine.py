@@ -3,6 +3,8 @@ instruction set this processor has, with teams of 1, 2 and 3 threads; agreement 
 path; the vectorized tanh; the path and ISA switches."""
 import itertools
 import os
+import platform
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -300,6 +302,31 @@ def test_training_runs_the_blas_products_where_the_rule_says(cpu_path):
     _C._set_cpu_vendor_override(1)
     cpu_path("fused")
     assert calls(16) == 0
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64" or shutil.which("objdump") is None,
+                    reason="reads x86 machine code with objdump")
+def test_forward_prefetches_are_in_the_build():
+    """The forward's tiles prefetch the gates_x lines their finish reads (multiply_blocks'
+    `prefetch`). GCC deletes every call to a callable that does nothing but __builtin_prefetch
+    unless it is inlined early, and no build had a single prefetch instruction until that was
+    found: the forward tiles of each compiled instruction set must have some."""
+    listing = subprocess.run(["objdump", "-d", "-C", "--no-show-raw-insn", _C.__file__], capture_output=True,
+                             text=True, check=True).stdout
+    counts = {}
+    function = ""
+    for line in listing.splitlines():
+        if line.endswith(">:"):
+            function = line
+        elif "prefetcht0" in line and "engine::multiply_blocks" in function and "forward_loop" in function:
+            isa = function.split("rnnfused::cpu::", 1)[1].split("::", 1)[0]
+            counts[isa] = counts.get(isa, 0) + 1
+    compiled = [isa for isa in ("default_isa", "avx2", "avx512")
+                if f"rnnfused::cpu::{isa}::engine::forward_loop" in listing]
+    assert compiled, "no engine forward found in the library's machine code"
+    for isa in compiled:
+        # Elman RNN (tanh, relu), GRU and LSTM, float and double: at least one per cell and type.
+        assert counts.get(isa, 0) >= 8, f"{isa}: {counts.get(isa, 0)} prefetch instructions in the forward tiles"
 
 
 def test_bad_isa_is_a_clear_error():
