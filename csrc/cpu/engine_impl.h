@@ -85,7 +85,7 @@ using Vec = at::vec::Vectorized<T>;
 // `const` by its interprocedural analysis, and every call to it is deleted. Until 2026-11-30 the
 // forward's gates_x prefetch was in no build (not one prefetch instruction in the library); in a
 // copy of the forward loop timed in one process against a loop of its own (Elman RNN, B = 16,
-// H = 256, one thread, AMD EPYC Zen 3), the step went from 30-45% slower than that loop to 5-10%.
+// H = 256, one thread, AMD EPYC Zen 3), the step went from 25-40% slower than that loop to 12-20%.
 // Inlined into multiply_blocks, which stores, the prefetches stay. (An asm statement instead
 // kept them too, but changed the inliner's choices: the tiles' k loop then zeroed its weight
 // registers in memory on every k, three times slower.)
