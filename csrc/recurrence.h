@@ -6,6 +6,7 @@
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 
+#include <array>
 #include <tuple>
 
 #include "checks.h"
@@ -45,9 +46,15 @@ constexpr const char* kLayerNormGruBackwardOp = "rnnfused::layer_norm_gru_recurr
 
 // The workspace of a forward call: [N, gates * H] in the compute dtype when the call records
 // for backward, else an empty [0].
-inline at::Tensor empty_workspace(const at::Tensor& gates_x, bool training, int64_t gates, int64_t hidden) {
+// `empty_rows`: how the [N, gates * H] tensor is allocated (the CPU ops pass their buffer cache,
+// cpu/buffer_cache.h); at::empty when null.
+using EmptyRows = at::Tensor (*)(at::IntArrayRef, const at::TensorOptions&);
+inline at::Tensor empty_workspace(const at::Tensor& gates_x, bool training, int64_t gates, int64_t hidden,
+                                  EmptyRows empty_rows = nullptr) {
   const auto options = gates_x.options().dtype(compute_dtype(gates_x.scalar_type()));
-  return training ? at::empty({gates_x.size(0), gates * hidden}, options) : at::empty({0}, options);
+  if (!training) return at::empty({0}, options);
+  const std::array<int64_t, 2> sizes{gates_x.size(0), gates * hidden};
+  return empty_rows != nullptr ? empty_rows(sizes, options) : at::empty(sizes, options);
 }
 
 // A backward call needs the workspace its forward recorded.

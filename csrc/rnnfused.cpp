@@ -17,6 +17,7 @@
 #include <torch/library.h>
 
 #include "cpu/blas.h"
+#include "cpu/buffer_cache.h"
 #include "cpu/engine.h"
 #include "cpu/pointwise.h"
 #include "op_schemas.h"
@@ -113,4 +114,27 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Testing hook: the per-step work each thread of the engine's team must have");
   m.def("_set_cpu_engine_min_flops", &rnnfused::cpu::set_engine_min_flops_per_thread,
         "Testing hook: set it (0: one thread per unit block, up to torch's thread count)");
+  m.def(
+      "cpu_buffer_cache_stats",
+      [] {
+        const auto s = rnnfused::cpu::buffer_cache_stats();
+        return std::make_tuple(s.held_bytes, s.lent_bytes, s.limit_bytes, s.reuses);
+      },
+      "The CPU ops' cache of large buffers (csrc/cpu/buffer_cache.h): (bytes of free blocks held, bytes lent to "
+      "live tensors, cap on the first, requests served from a held block)");
+  m.def("empty_cpu_buffer_cache", &rnnfused::cpu::empty_buffer_cache,
+        "Returns every free block of the CPU ops' buffer cache to the system");
+  m.def("_set_cpu_buffer_cache_limit", &rnnfused::cpu::set_buffer_cache_limit,
+        "Sets the cap on the free blocks the CPU buffer cache holds, in bytes (0 turns it off)");
+  m.def(
+      "_cpu_empty_recycled",
+      [](std::vector<int64_t> sizes, const at::Tensor& like) {
+        TORCH_CHECK(like.device().is_cpu(), "_cpu_empty_recycled: CPU tensors only");
+        return rnnfused::cpu::empty_recycled(sizes, at::TensorOptions().dtype(like.scalar_type()));
+      },
+      "torch.empty(sizes, dtype=like.dtype) on the CPU through the buffer cache (rnnfused.functional's "
+      "projections)");
+  m.attr("_cpu_recycled_min_bytes") = rnnfused::cpu::kRecycledMinBytes;
+  m.def("_set_cpu_buffer_cache_poison", &rnnfused::cpu::set_buffer_cache_poison,
+        "Testing hook: fill every block the CPU buffer cache hands out with 0xFF bytes (NaN) first");
 }

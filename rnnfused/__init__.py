@@ -14,7 +14,8 @@ from . import _autocast  # noqa: F401  (autocast rules of the recurrence ops)
 
 __version__ = "0.1.0"
 
-__all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "LayerNormLSTM", "LayerNormGRU", "convert", "functional", "cuda_built", "build_info"]
+__all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "LayerNormLSTM", "LayerNormGRU", "convert", "functional", "cuda_built", "build_info",
+           "empty_cpu_cache", "cpu_cache_info"]
 
 
 def cuda_built():
@@ -28,3 +29,22 @@ def build_info():
     behind the per-step path."""
     return {"version": __version__, "cuda": _C.cuda_built(), "cpu_isa": _C.cpu_isa(), "cpu_path": _C.cpu_path(),
             "cpu_blas": _C.cpu_blas()}
+
+
+def empty_cpu_cache():
+    """Returns to the system the large CPU buffers that rnnfused keeps for its next calls.
+
+    rnnfused's CPU ops allocate their outputs, workspaces and row-wise gradients of 4 MiB and more
+    through a cache: a freed buffer is kept and reused by the next call that fits it, instead of
+    being unmapped and faulted in again, page by page, on every call. The free buffers held are
+    capped by RNNFUSED_CPU_BUFFER_CACHE_MB (megabytes, read at the first such allocation; default
+    1024, 0 turns the cache off). Buffers that live tensors hold are not affected."""
+    _C.empty_cpu_buffer_cache()
+
+
+def cpu_cache_info():
+    """The CPU buffer cache's state (see empty_cpu_cache): ``held_bytes`` (free buffers kept),
+    ``lent_bytes`` (buffers live tensors hold), ``limit_bytes`` (the cap on held_bytes) and
+    ``reuses`` (allocations served by a kept buffer so far)."""
+    held, lent, limit, reuses = _C.cpu_buffer_cache_stats()
+    return {"held_bytes": held, "lent_bytes": lent, "limit_bytes": limit, "reuses": reuses}

@@ -126,13 +126,71 @@ def _infers_from_input(input, w_ih, w_hh, h0, batch_sizes, tensors):
                                                   input.element_size())))
 
 
+def _cached_projection(input, w_ih, b_ih):
+    """Whether ``x W_ih^T (+ b_ih)`` under autograd goes through _ProjectionIntoCache: in eager
+    CPU training (what autograd records is then that Function, not an addmm) on contiguous float32
+    or float64 tensors, where the projection is large enough for the CPU buffer cache."""
+    if input.device.type != "cpu" or input.dim() != 2 or torch.jit.is_tracing() or torch.compiler.is_compiling():
+        return False
+    tensors = [t for t in (input, w_ih, b_ih) if t is not None]
+    if any(type(t) not in _PLAIN_TENSOR_TYPES or _is_functorch_wrapped(t) for t in tensors):
+        return False
+    if torch.is_autocast_enabled("cpu") or not torch.is_grad_enabled() or not any(t.requires_grad for t in tensors):
+        return False
+    if input.dtype not in (torch.float32, torch.float64) or any(t.dtype != input.dtype for t in tensors):
+        return False
+    if not (input.is_contiguous() and w_ih.is_contiguous()):
+        return False
+    return input.shape[0] * w_ih.shape[0] * input.element_size() >= _C._cpu_recycled_min_bytes
+
+
+def _cache_mm(a, b):
+    """a @ b, into a buffer of the CPU buffer cache where no graph is being recorded (a backward
+    without create_graph) and the product is large enough for it."""
+    if torch.is_grad_enabled() or a.shape[0] * b.shape[1] * a.element_size() < _C._cpu_recycled_min_bytes:
+        return a.mm(b)
+    return torch.mm(a, b, out=_C._cpu_empty_recycled([a.shape[0], b.shape[1]], a))
+
+
+class _ProjectionIntoCache(torch.autograd.Function):
+    """``F.linear(input, weight, bias)`` for 2-D CPU tensors under autograd, written into a buffer of
+    rnnfused's CPU buffer cache (csrc/cpu/buffer_cache.h) instead of a fresh tensor: the [N, G*H]
+    projection of a training step is tens of megabytes, which glibc maps afresh on every call (a
+    page fault per 4 KiB page). Forward and backward make the calls that F.linear and its
+    autograd make (addmm or mm; grad_input = grad W, grad_weight = grad^T x, grad_bias = the sum
+    of grad's rows), so the results are bitwise the same (tests/test_buffer_cache.py); the
+    backward is itself differentiable (double backward). grad_input goes into the cache as well
+    where no graph is being recorded."""
+
+    @staticmethod
+    def forward(ctx, input, weight, bias):
+        out = _C._cpu_empty_recycled([input.shape[0], weight.shape[0]], input)
+        if bias is None:
+            torch.mm(input, weight.t(), out=out)
+        else:
+            torch.addmm(bias, input, weight.t(), out=out)
+        ctx.save_for_backward(input, weight)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        input, weight = ctx.saved_tensors
+        grad_input = _cache_mm(grad, weight) if ctx.needs_input_grad[0] else None
+        grad_weight = grad.t().mm(input) if ctx.needs_input_grad[1] else None
+        grad_bias = grad.sum(0) if ctx.needs_input_grad[2] else None
+        return grad_input, grad_weight, grad_bias
+
+
 def _linear(input, w_ih, b_ih=None):
     """F.linear(input, w_ih, b_ih), written into a buffer that this thread keeps across calls
     where _reusable_projection allows: a projection of tens of megabytes (T * B rows of G * H
     gates) would otherwise cost a page fault per 4 KiB page on every call, about a third of the
     GEMM's own time (measured: T100 B64 H512 LSTM, 57 ms fresh vs 41 ms into a kept buffer). The
     buffer grows to the largest projection the thread has run and is freed with the thread (as
-    oneDNN keeps its scratchpad, where torch.nn's LSTM writes the same projection)."""
+    oneDNN keeps its scratchpad, where torch.nn's LSTM writes the same projection). Under
+    autograd, into a buffer of the CPU buffer cache where _cached_projection allows."""
+    if _cached_projection(input, w_ih, b_ih):
+        return _ProjectionIntoCache.apply(input, w_ih, b_ih)
     if not _reusable_projection(input, w_ih, b_ih):
         return F.linear(input, w_ih, b_ih)
     count = input.shape[0] * w_ih.shape[0]

@@ -24,6 +24,7 @@
 #include "../cell_math.h"
 #include "../recurrence.h"
 #include "blas.h"
+#include "buffer_cache.h"
 #include "op_helpers.h"
 #include "pointwise.h"
 
@@ -154,11 +155,11 @@ void run_backward(const StepPlan& plan, int64_t G, int64_t H, void (*row_kernel)
   // with a projection dL/dh~ and r, for the reductions after the loop. Per step: the rows' scratch,
   // dL/dh_{t-1} through W_hh and (projection) dL/dr.
   const int64_t N = plan.rows;
-  at::Tensor d_hh = at::empty({N, GH}, options), d_product = at::empty({N, GH}, options);
-  at::Tensor d_c_hat = lstm ? at::empty({N, H}, options) : at::Tensor();
-  at::Tensor h_seen = at::empty({N, P}, options);
-  at::Tensor d_h_cand = proj ? at::empty({N, P}, options) : at::Tensor();
-  at::Tensor r_rows = proj ? at::empty({N, H}, options) : at::Tensor();
+  at::Tensor d_hh = empty_recycled({N, GH}, options), d_product = empty_recycled({N, GH}, options);
+  at::Tensor d_c_hat = lstm ? empty_recycled({N, H}, options) : at::Tensor();
+  at::Tensor h_seen = empty_recycled({N, P}, options);
+  at::Tensor d_h_cand = proj ? empty_recycled({N, P}, options) : at::Tensor();
+  at::Tensor r_rows = proj ? empty_recycled({N, H}, options) : at::Tensor();
   at::Tensor scratch = at::empty({B, 2 * H + GH}, options), dh_product = at::empty({B, P}, options);
   at::Tensor d_r = proj ? at::empty({B, H}, options) : at::Tensor();
   const T* ws_all = f.workspace.data_ptr<T>();
@@ -269,8 +270,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_lstm_cpu(
   f.keep_c = zoneout_view(op, "cell_zoneout", cell_zoneout, plan.rows, H, gates_x, acc);
   f.h_state = state_copy(h0, acc);
   f.c_state = state_copy(c0, acc);
-  f.output = at::empty({plan.rows, P}, options);
-  f.workspace = training ? at::empty({plan.rows, layer_norm_lstm_workspace_width(H)}, options) : at::empty({0}, options);
+  f.output = empty_recycled({plan.rows, P}, options);
+  f.workspace = training ? empty_recycled({plan.rows, layer_norm_lstm_workspace_width(H)}, options) : at::empty({0}, options);
   AT_DISPATCH_FLOATING_TYPES(acc, "rnnfused_layer_norm_lstm_cpu", [&] {
     run_forward<scalar_t>(plan, 4, H, eps, training, dtype, pointwise_kernels<scalar_t>().layer_norm_lstm_forward, f);
   });
@@ -311,7 +312,7 @@ layer_norm_lstm_backward_cpu(const c10::optional<at::Tensor>& grad_output, const
   f.workspace = workspace;
   f.dh_state = present(grad_h_n) ? state_copy(*grad_h_n, acc) : at::zeros({B, P}, options);
   f.dc_state = present(grad_c_n) ? state_copy(*grad_c_n, acc) : at::zeros({B, H}, options);
-  f.grad_gx = at::empty({plan.rows, GH}, options);
+  f.grad_gx = empty_recycled({plan.rows, GH}, options);
   f.grad_whh = at::zeros({GH, P}, options);
   f.grad_whr = f.whr.defined() ? at::zeros({P, H}, options) : at::empty({0}, options);
   f.grad_gain = at::zeros({GH}, options);
@@ -353,8 +354,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_gru_cpu(
   f.mask = recurrent_mask_view(op, recurrent_mask, h0, acc);
   f.keep_h = zoneout_view(op, "zoneout", zoneout, plan.rows, H, gates_x, acc);
   f.h_state = state_copy(h0, acc);
-  f.output = at::empty({plan.rows, H}, options);
-  f.workspace = training ? at::empty({plan.rows, layer_norm_gru_workspace_width(H)}, options) : at::empty({0}, options);
+  f.output = empty_recycled({plan.rows, H}, options);
+  f.workspace = training ? empty_recycled({plan.rows, layer_norm_gru_workspace_width(H)}, options) : at::empty({0}, options);
   AT_DISPATCH_FLOATING_TYPES(acc, "rnnfused_layer_norm_gru_cpu", [&] {
     run_forward<scalar_t>(plan, 3, H, eps, training, dtype, pointwise_kernels<scalar_t>().layer_norm_gru_forward, f);
   });
@@ -385,7 +386,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   f.keep_h = zoneout_view(op, "zoneout", zoneout, plan.rows, H, output, acc);
   f.workspace = workspace;
   f.dh_state = present(grad_h_n) ? state_copy(*grad_h_n, acc) : at::zeros({B, H}, options);
-  f.grad_gx = at::empty({plan.rows, GH}, options);
+  f.grad_gx = empty_recycled({plan.rows, GH}, options);
   f.grad_whh = at::zeros({GH, H}, options);
   f.grad_gain = at::zeros({GH}, options);
   f.grad_bias = at::zeros({GH}, options);

@@ -17,6 +17,7 @@
 #include "../cell_math.h"
 #include "../recurrence.h"
 #include "blas.h"
+#include "buffer_cache.h"
 #include "engine.h"
 #include "op_helpers.h"
 #include "pointwise.h"
@@ -40,7 +41,7 @@ void gather_previous_h(const StepPlan& plan, const T* output, const T* h0, int64
 }
 
 at::Tensor previous_h(const StepPlan& plan, const at::Tensor& output, const at::Tensor& h0) {
-  at::Tensor hprev = at::empty_like(output);
+  at::Tensor hprev = empty_recycled(output.sizes(), output.options());
   AT_DISPATCH_FLOATING_TYPES(output.scalar_type(), "rnnfused_previous_h", [&] {
     gather_previous_h<scalar_t>(plan, output.data_ptr<scalar_t>(), h0.data_ptr<scalar_t>(), output.size(1),
                                 hprev.data_ptr<scalar_t>());
@@ -236,8 +237,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_recurrence_cpu(
   const at::Tensor bias = bias_or_zeros(b_hh, 4 * H, gates_x, acc);
   at::Tensor h_state = state_copy(h0, acc);
   at::Tensor c_state = state_copy(c0, acc);
-  at::Tensor output = at::empty({plan.rows, P}, gates_x.options().dtype(acc));
-  at::Tensor workspace = empty_workspace(gates_x, training, kLstmWorkspaceGates, H);
+  at::Tensor output = empty_recycled({plan.rows, P}, gates_x.options().dtype(acc));
+  at::Tensor workspace = empty_workspace(gates_x, training, kLstmWorkspaceGates, H, &empty_recycled);
   const at::Tensor mask = recurrent_mask_view(op, recurrent_mask, h0, acc);
   const at::Tensor keep_h_t = zoneout_view(op, "zoneout", zoneout, plan.rows, P, gates_x, acc);
   const at::Tensor keep_c_t = zoneout_view(op, "cell_zoneout", cell_zoneout, plan.rows, H, gates_x, acc);
@@ -337,10 +338,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const at::Tensor go = optional_compute_view(grad_output, acc);
   at::Tensor dh_state = present(grad_h_n) ? state_copy(*grad_h_n, acc) : at::zeros({B, P}, options);
   at::Tensor dc_state = present(grad_c_n) ? state_copy(*grad_c_n, acc) : at::zeros({B, H}, options);
-  at::Tensor grad_gates = at::empty({plan.rows, 4 * H}, options);
+  at::Tensor grad_gates = empty_recycled({plan.rows, 4 * H}, options);
   // With a projection: dL/dh per row (for dW_hr), o tanh(c) per row, and dL/dr of one step.
-  at::Tensor grad_h_rows = proj ? at::empty({plan.rows, P}, options) : at::Tensor();
-  at::Tensor r_rows = proj ? at::empty({plan.rows, H}, options) : at::Tensor();
+  at::Tensor grad_h_rows = proj ? empty_recycled({plan.rows, P}, options) : at::Tensor();
+  at::Tensor r_rows = proj ? empty_recycled({plan.rows, H}, options) : at::Tensor();
   at::Tensor grad_r = proj ? at::empty({B, H}, options) : at::Tensor();
   const at::Tensor mask = recurrent_mask_view(op, recurrent_mask, h0, acc);
   const at::Tensor keep_h_t = zoneout_view(op, "zoneout", zoneout, plan.rows, P, output, acc);
@@ -371,8 +372,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     // the candidates c~) does not: recompute them, in the forward order, before the loop.
     at::Tensor c_prev_rows, zoned_cells;
     if (keep_c) {
-      c_prev_rows = at::empty({plan.rows, H}, options);
-      zoned_cells = at::empty({plan.rows, H}, options);
+      c_prev_rows = empty_recycled({plan.rows, H}, options);
+      zoned_cells = empty_recycled({plan.rows, H}, options);
       zoned_previous_cells(plan, H, ws, c0_c.data_ptr<T>(), keep_c, c_prev_rows.data_ptr<T>(),
                            zoned_cells.data_ptr<T>());
     }
@@ -458,8 +459,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_recurrence_cpu(const at::Tens
   const at::Tensor whh = compute_view(w_hh, acc);
   const at::Tensor bias = bias_or_zeros(b_hh, 3 * H, gates_x, acc);
   at::Tensor h_state = state_copy(h0, acc);
-  at::Tensor output = at::empty({plan.rows, H}, gates_x.options().dtype(acc));
-  at::Tensor workspace = empty_workspace(gates_x, training, kGruWorkspaceGates, H);
+  at::Tensor output = empty_recycled({plan.rows, H}, gates_x.options().dtype(acc));
+  at::Tensor workspace = empty_workspace(gates_x, training, kGruWorkspaceGates, H, &empty_recycled);
   const at::Tensor mask = recurrent_mask_view(op, recurrent_mask, h0, acc);
   const at::Tensor keep_h_t = zoneout_view(op, "zoneout", zoneout, plan.rows, H, gates_x, acc);
   const bool regularized = mask.defined() || keep_h_t.defined();
@@ -530,8 +531,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_recurrence_backwa
   const at::Tensor out = compute_view(output, acc);
   const at::Tensor h0_c = compute_view(h0, acc);
   const at::Tensor hprev = previous_h(plan, out, h0_c);
-  at::Tensor grad_gates_x = at::empty({plan.rows, 3 * H}, options);
-  at::Tensor grad_gates_h = at::empty({plan.rows, 3 * H}, options);
+  at::Tensor grad_gates_x = empty_recycled({plan.rows, 3 * H}, options);
+  at::Tensor grad_gates_h = empty_recycled({plan.rows, 3 * H}, options);
   const at::Tensor mask = recurrent_mask_view(op, recurrent_mask, h0, acc);
   const at::Tensor keep_h_t = zoneout_view(op, "zoneout", zoneout, plan.rows, H, output, acc);
   const bool regularized = mask.defined() || keep_h_t.defined();
@@ -617,7 +618,7 @@ std::tuple<at::Tensor, at::Tensor> rnn_recurrence_cpu(const at::Tensor& gates_x,
   const at::Tensor whh = compute_view(w_hh, acc);
   const at::Tensor bias = bias_or_zeros(b_hh, H, gates_x, acc);
   at::Tensor h_state = state_copy(h0, acc);
-  at::Tensor output = at::empty({plan.rows, H}, gates_x.options().dtype(acc));
+  at::Tensor output = empty_recycled({plan.rows, H}, gates_x.options().dtype(acc));
   const at::Tensor mask = recurrent_mask_view(op, recurrent_mask, h0, acc);
   const at::Tensor keep_h_t = zoneout_view(op, "zoneout", zoneout, plan.rows, H, gates_x, acc);
   const bool regularized = mask.defined() || keep_h_t.defined();
@@ -687,7 +688,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_recurrence_backwa
   const at::Tensor out = compute_view(output, acc);
   const at::Tensor go = optional_compute_view(grad_output, acc);
   at::Tensor dh_state = present(grad_h_n) ? state_copy(*grad_h_n, acc) : at::zeros({B, H}, options);
-  at::Tensor grad_gates = at::empty({plan.rows, H}, options);
+  at::Tensor grad_gates = empty_recycled({plan.rows, H}, options);
 
   const at::Tensor h0_c = compute_view(h0, acc);
   const at::Tensor mask = recurrent_mask_view(op, recurrent_mask, h0, acc);
@@ -702,7 +703,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_recurrence_backwa
     if (present(b_hh)) check_vector(op, "b_hh", *b_hh, output, H);
     gx = compute_view(*gates_x, acc);
     bias = bias_or_zeros(b_hh, H, output, acc);
-    candidates = at::empty({plan.rows, H}, options);
+    candidates = empty_recycled({plan.rows, H}, options);
   }
   if (use_engine(false, regularized, B, rnn_kind<act>(), true)) {
     AT_DISPATCH_FLOATING_TYPES(acc, "rnnfused_rnn_backward_cpu", [&] {
@@ -828,7 +829,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_inference_cpu(
   const at::Tensor h0_c = h0.contiguous();
   at::Tensor h_state = state_copy(h0, dtype);
   at::Tensor c_state = lstm ? state_copy(*c0, dtype) : at::empty({0}, input.options());
-  at::Tensor output = at::empty({plan.rows, H}, input.options());
+  at::Tensor output = empty_recycled({plan.rows, H}, input.options());
   at::Tensor no_workspace;
   AT_DISPATCH_FLOATING_TYPES(dtype, "rnnfused_layer_inference_cpu", [&] {
     auto p = forward_problem<scalar_t>(kind, plan, H, at::Tensor(), whh, bias, h0_c, h_state, output, no_workspace,
