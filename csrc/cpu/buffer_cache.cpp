@@ -73,8 +73,9 @@ class RecyclingAllocator final : public c10::Allocator {
         ++reuses_;
         return lend(block);
       }
-      // A new block: make room under the cap for it to be kept when it comes back.
-      evict_locked(capacity, evicted);
+      // A new block: make room under the cap for it to be kept when it comes back (a block
+      // larger than the cap will not be kept, and leaves the held ones alone).
+      if (capacity <= limit_) evict_locked(capacity, evicted);
       lent_ += capacity;
     }
     for (const Block& block : evicted) free_block(block);
