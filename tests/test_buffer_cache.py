@@ -195,3 +195,36 @@ def test_training_projection_double_backward():
     w = torch.randn(4, 3, dtype=torch.float64, generator=generator, requires_grad=True)
     b = torch.randn(4, dtype=torch.float64, generator=generator, requires_grad=True)
     assert torch.autograd.gradgradcheck(functional._ProjectionIntoCache.apply, (x, w, b))
+
+
+TORCH_NN_TWINS = {
+    "lstm": (rnnfused.LSTM, torch.nn.LSTM, {}),
+    "lstm_proj": (rnnfused.LSTM, torch.nn.LSTM, {"proj_size": 128}),
+    "gru": (rnnfused.GRU, torch.nn.GRU, {}),
+    "rnn_tanh": (rnnfused.RNN, torch.nn.RNN, {"nonlinearity": "tanh"}),
+    "rnn_relu": (rnnfused.RNN, torch.nn.RNN, {"nonlinearity": "relu"}),
+}
+
+
+@pytest.mark.parametrize("cell", sorted(TORCH_NN_TWINS))
+def test_parity_with_torch_nn_through_poisoned_buffers(cell):
+    """Training step against torch.nn holding the same weights, in float64, at a size whose buffers
+    all come from the cache, every one filled with NaN before use."""
+    torch.set_num_threads(2)
+    _C._set_cpu_buffer_cache_limit(1024 * MIB)
+    _C._set_cpu_buffer_cache_poison(True)
+    ours_cls, ref_cls, kwargs = TORCH_NN_TWINS[cell]
+    ref = ref_cls(32, 256, dtype=torch.float64, **kwargs)
+    ours = ours_cls(32, 256, dtype=torch.float64, **kwargs)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(64, 64, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    weights = torch.randn(64, 64, ref.proj_size or 256, dtype=torch.float64,
+                          generator=torch.Generator().manual_seed(6))
+    results = []
+    for module in (ref, ours):
+        xi = x.clone().requires_grad_(True)
+        output, _ = module(xi)
+        grads = torch.autograd.grad((output * weights).sum(), [xi] + list(module.parameters()))
+        results.append([output.detach()] + list(grads))
+    for want, got in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)
