@@ -37,7 +37,7 @@ def empty_cpu_cache():
     rnnfused's CPU ops allocate their outputs, workspaces and row-wise gradients of 4 MiB and more
     through a cache: a freed buffer is kept and reused by the next call that fits it, instead of
     being unmapped and faulted in again, page by page, on every call. The free buffers held are
-    capped by RNNFUSED_CPU_BUFFER_CACHE_MB (megabytes, read at the first such allocation; default
+    capped by RNNFUSED_CPU_BUFFER_CACHE_MB (megabytes, read when the cache is first used; default
     1024, 0 turns the cache off). Buffers that live tensors hold are not affected."""
     _C.empty_cpu_buffer_cache()
 

@@ -80,23 +80,34 @@ _PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
 _is_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 
 
-def _eager_cpu_inference(input, tensors):
-    """Whether a layer's call on ``tensors`` (``input`` among them) runs in eager mode on the CPU
-    on plain tensors of one dtype, outside autocast, with nothing for autograd to record."""
+def _eager_cpu_plain(input, tensors):
+    """The given ``tensors`` (``input`` among them; None left out) where a layer's call on them runs
+    in eager mode on the CPU on plain tensors of one dtype, outside autocast; else None."""
     if input.device.type != "cpu" or input.dim() != 2 or torch.jit.is_tracing() or torch.compiler.is_compiling():
-        return False
+        return None
     # Plain tensors only: under torch.export / make_fx the inputs are fake or functional tensors
     # (what the layer does here would enter the traced graph), and a subclass may not take out=.
     # Nor under torch.func transforms, whose wrapped tensors are plain to type() but have no
     # batching rule for out= (nor for the inference op).
     tensors = [t for t in tensors if t is not None]
     if any(type(t) not in _PLAIN_TENSOR_TYPES or _is_functorch_wrapped(t) for t in tensors):
-        return False
+        return None
     if torch.is_autocast_enabled("cpu"):
-        return False
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return False
-    return all(t.dtype == input.dtype and t.device.type == "cpu" for t in tensors)
+        return None
+    if not all(t.dtype == input.dtype and t.device.type == "cpu" for t in tensors):
+        return None
+    return tensors
+
+
+def _records_graph(tensors):
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def _eager_cpu_inference(input, tensors):
+    """Whether a layer's call on ``tensors`` (``input`` among them) runs in eager mode on the CPU
+    on plain tensors of one dtype, outside autocast, with nothing for autograd to record."""
+    tensors = _eager_cpu_plain(input, tensors)
+    return tensors is not None and not _records_graph(tensors)
 
 
 def _reusable_projection(input, w_ih, b_ih):
@@ -130,14 +141,8 @@ def _cached_projection(input, w_ih, b_ih):
     """Whether ``x W_ih^T (+ b_ih)`` under autograd goes through _ProjectionIntoCache: in eager
     CPU training (what autograd records is then that Function, not an addmm) on contiguous float32
     or float64 tensors, where the projection is large enough for the CPU buffer cache."""
-    if input.device.type != "cpu" or input.dim() != 2 or torch.jit.is_tracing() or torch.compiler.is_compiling():
-        return False
-    tensors = [t for t in (input, w_ih, b_ih) if t is not None]
-    if any(type(t) not in _PLAIN_TENSOR_TYPES or _is_functorch_wrapped(t) for t in tensors):
-        return False
-    if torch.is_autocast_enabled("cpu") or not torch.is_grad_enabled() or not any(t.requires_grad for t in tensors):
-        return False
-    if input.dtype not in (torch.float32, torch.float64) or any(t.dtype != input.dtype for t in tensors):
+    tensors = _eager_cpu_plain(input, (input, w_ih, b_ih))
+    if tensors is None or not _records_graph(tensors) or input.dtype not in (torch.float32, torch.float64):
         return False
     if not (input.is_contiguous() and w_ih.is_contiguous()):
         return False
