@@ -6,14 +6,29 @@ each side (time under contention / time alone) shows it.
 
 The spinner is a separate Python process, pinned (where the OS allows) to the last core this
 process may use, running a busy loop until the case is done; it is always stopped, also when the
-case fails.
+case fails, and it stops by itself when the process that started it is gone (killed, or crashed
+in native code, where no cleanup runs): a spinner left behind would make every later measurement
+on the machine a measurement under contention.
 """
 import contextlib
 import os
 import subprocess
 import sys
 
-_SPIN = "import os, sys\ncpu = int(sys.argv[1])\ntry:\n    os.sched_setaffinity(0, {cpu})\nexcept (AttributeError, OSError):\n    pass\nwhile True:\n    pass\n"
+# argv: the core to spin on, the pid of the process that started it (polled every 2^20 turns of
+# the loop, a few milliseconds).
+_SPIN = """import os, sys
+cpu, parent = int(sys.argv[1]), int(sys.argv[2])
+try:
+    os.sched_setaffinity(0, {cpu})
+except (AttributeError, OSError):
+    pass
+turns = 0
+while True:
+    turns += 1
+    if turns & 0xFFFFF == 0 and os.getppid() != parent:
+        break
+"""
 
 
 def spinner_core():
@@ -27,7 +42,8 @@ def spinner_core():
 @contextlib.contextmanager
 def busy_core():
     """A process spinning on one core for the duration of the block; yields its Popen."""
-    process = subprocess.Popen([sys.executable, "-c", _SPIN, str(spinner_core())], stdin=subprocess.DEVNULL,
+    process = subprocess.Popen([sys.executable, "-c", _SPIN, str(spinner_core()), str(os.getpid())],
+                               stdin=subprocess.DEVNULL,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         yield process

@@ -104,12 +104,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Testing hook: the straggler delay comes after the thread claimed its phase (a thread that lost its "
         "core in the middle of a phase) instead of before");
   m.def("_cpu_engine_stalls", &rnnfused::cpu::engine_stalls,
-        "Testing hook: how many stalls were noted: a thread waited at least 2 ms (and 8 times the last team's average "
-        "phase) for a phase that another thread was running (since load)");
+        "Testing hook: how many stalled teams were noted: a thread waited at least 2 ms (and 8 times the last team's "
+        "average phase) for a phase that another thread was running, or at least a quarter of the team's phases (and 8) "
+        "were taken over (since load)");
+  m.def("_cpu_engine_solo_period_ms", &rnnfused::cpu::engine_solo_period_ms,
+        "Testing hook: how long the teams after the next stall will run on one thread (ms)");
   m.def("_cpu_engine_solo_runs", &rnnfused::cpu::engine_solo_runs,
         "Testing hook: how many engine teams ran on their calling thread alone because of a recent stall (since load)");
   m.def("_end_cpu_engine_solo", &rnnfused::cpu::end_engine_solo,
-        "Testing hook: teams use all their threads again from now, whatever the last stall");
+        "Testing hook: teams use all their threads again from now, whatever the last stall; the next "
+        "one-thread period is the shortest again");
   m.def("_cpu_engine_min_flops", &rnnfused::cpu::engine_min_flops_per_thread,
         "Testing hook: the per-step work each thread of the engine's team must have");
   m.def("_set_cpu_engine_min_flops", &rnnfused::cpu::set_engine_min_flops_per_thread,

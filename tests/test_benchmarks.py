@@ -394,6 +394,33 @@ def test_busy_core_spins_while_open_and_is_gone_after():
     assert process.poll() is not None
 
 
+def test_busy_core_stops_when_its_parent_dies_without_cleanup():
+    """A process that dies inside the block (a crash in native code runs no `finally`) leaves no
+    spinner behind: the spinner sees that its parent is gone and exits by itself."""
+    import subprocess
+    import sys
+    import time
+
+    code = ("import os, sys\nsys.path.insert(0, sys.argv[1])\nfrom benchmarks import contention\n"
+            "with contention.busy_core() as process:\n    print(process.pid, flush=True)\n    os._exit(0)\n")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run([sys.executable, "-c", code, repo], capture_output=True, text=True, timeout=60)
+    pid = int(result.stdout.split()[0])
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat") as stat:
+                state = stat.read().rsplit(")", 1)[1].split()[0]
+        except FileNotFoundError:
+            break
+        if state == "Z":  # exited; its new parent has not reaped it yet
+            break
+        time.sleep(0.05)
+    else:
+        os.kill(pid, 9)
+        raise AssertionError("the spinner outlived its parent")
+
+
 def test_contention_run_reports_each_sides_slowdown(tmp_path):
     import contextlib
     import io

@@ -422,3 +422,50 @@ def test_late_thread_is_taken_over(product):
         pytest.skip("this torch exports no BLAS")
     out = _run(_team_snippet(product, ["_set_cpu_engine_straggler_delay_us(300)"], ["_cpu_engine_takeovers"])).split()
     assert out[-2] == "counts" and int(out[-1]) > 0, out
+
+
+@pytest.mark.parametrize("product", ["tiles", "blas"])
+def test_team_mostly_taken_over_puts_the_next_teams_on_one_thread(product):
+    """A thread that is late before every phase (300 us: never inside a phase, so no phase stalls)
+    has most of its phases run by the others; such a team notes a stall when it ends, and the
+    teams of the next 50 ms run on their calling thread alone (under contention every taken-over
+    phase costs the waiting thread its spin first). The numbers are still torch.nn's."""
+    if product == "blas" and _C.cpu_blas() != "blas":
+        pytest.skip("this torch exports no BLAS")
+    counters = ["_cpu_engine_takeovers", "_cpu_engine_stalls", "_cpu_engine_solo_runs"]
+    out = _run(_team_snippet(product, ["_set_cpu_engine_straggler_delay_us(300)"], counters)).split()
+    assert out[-4] == "counts" and all(int(n) > 0 for n in out[-3:]), out
+
+
+def test_one_thread_period_doubles_while_teams_keep_stalling():
+    """Each whole team that stalls right after a one-thread period (here: most of its phases taken
+    over from a late thread) doubles the next period (50, 100, 200 ms, ...); a whole team that runs
+    cleanly sets it back to 50 ms. Inference LSTM, T = 40, on 2 threads."""
+    out = _run("""
+        import time, torch, rnnfused
+        from rnnfused import _C
+        torch.set_num_threads(2)
+        _C._set_cpu_path("fused")
+        _C._set_cpu_engine_min_flops(0)
+        lstm = rnnfused.LSTM(7, 45).double().eval()
+        x = torch.randn(40, 5, 7, dtype=torch.float64)
+        busy = torch.ones(1 << 20)
+        _C._end_cpu_engine_solo()
+        periods = [_C._cpu_engine_solo_period_ms()]
+        _C._set_cpu_engine_straggler_delay_us(300)
+        for clean in (False, False, False, True):
+            if clean:
+                _C._set_cpu_engine_straggler_delay_us(0)
+            solo = _C._cpu_engine_solo_runs()
+            with torch.no_grad():
+                lstm(x)  # a whole team: the one-thread period before it is over
+            assert _C._cpu_engine_solo_runs() == solo
+            periods.append(_C._cpu_engine_solo_period_ms())
+            # Wait out the period that this team started with torch's threads busy (a thread that
+            # slept that long may wake too late to count as having started the next team).
+            end = time.monotonic() + periods[-1] / 2000 + 0.02
+            while time.monotonic() < end:
+                busy.add_(1)
+        print("periods", *periods)
+    """).split()
+    assert out[-6:] == ["periods", "50", "100", "200", "400", "50"], out

@@ -11,6 +11,9 @@
 #if defined(__x86_64__) || defined(__i386__)
 #include <cpuid.h>
 #endif
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 // The Fortran BLAS entry points that libtorch_cpu exports when it links MKL or OpenBLAS
 // statically (ATen's own CPUBlas.cpp calls these). Weak, so that a torch without them still
@@ -29,6 +32,11 @@ void cblas_sgemm_pack(int layout, int identifier, int trans, int m, int n, int k
                       int ld, float* dest) __attribute__((weak));
 void cblas_sgemm_compute(int layout, int transa, int transb, int m, int n, int k, const float* a, int lda,
                          const float* b, int ldb, float beta, float* c, int ldc) __attribute__((weak));
+
+// MKL's thread count for the calling thread (returns the previous one; 0: the process-wide one).
+// The C entry point that mkl.h's mkl_set_num_threads_local names; the lowercase symbol is the
+// Fortran one (its argument by pointer).
+int MKL_Set_Num_Threads_Local(int threads) __attribute__((weak));
 }
 
 namespace rnnfused::cpu {
@@ -160,6 +168,21 @@ bool detect_intel() {
 #endif
 }
 }  // namespace
+
+OneThreadBlas::OneThreadBlas() {
+  if (MKL_Set_Num_Threads_Local != nullptr) mkl_previous_ = MKL_Set_Num_Threads_Local(1);
+#ifdef _OPENMP
+  omp_previous_ = omp_get_max_threads();
+  omp_set_num_threads(1);
+#endif
+}
+
+OneThreadBlas::~OneThreadBlas() {
+  if (MKL_Set_Num_Threads_Local != nullptr) MKL_Set_Num_Threads_Local(mkl_previous_);
+#ifdef _OPENMP
+  omp_set_num_threads(omp_previous_);
+#endif
+}
 
 bool cpu_is_intel() {
   static const bool intel = detect_intel();

@@ -41,6 +41,25 @@ class StepWeight {
   const float* packed_ = nullptr;
 };
 
+// While alive, GEMMs called from this thread run on this thread alone: MKL's thread count for the
+// calling thread (mkl_set_num_threads_local, as torch.set_num_threads sets it) and OpenMP's
+// (thread-local in libgomp) are 1, and are restored after. A team that runs on its calling thread
+// alone (team.h) calls the per-slice GEMMs outside any parallel region, where MKL would otherwise
+// open a parallel region of torch's thread count for every slice's GEMM of every step: under
+// contention each of those waits for a thread whose core another process has (an LSTM's eval
+// forward at B = 16, T = 100 on a 2-core Intel Xeon VM, 2026-12-01: 88 ms per call, median).
+class OneThreadBlas {
+ public:
+  OneThreadBlas();
+  ~OneThreadBlas();
+  OneThreadBlas(const OneThreadBlas&) = delete;
+  OneThreadBlas& operator=(const OneThreadBlas&) = delete;
+
+ private:
+  int mkl_previous_ = 0;
+  int omp_previous_ = 1;
+};
+
 // Whether float32 StepWeights use MKL's packed GEMM (libtorch exports it and the "blas" backend runs).
 bool blas_packs_float();
 

@@ -244,5 +244,7 @@ int64_t engine_takeovers();
 int64_t engine_stalls();
 int64_t engine_solo_runs();
 void end_engine_solo();
+// The length of the next one-thread period after a stall (ms; team.h).
+int64_t engine_solo_period_ms();
 
 }  // namespace rnnfused::cpu

@@ -19,10 +19,15 @@
 // The barrier then waits for the rest of the other process's time slice (about 4 ms on a 2-core
 // AMD EPYC with one other busy process: a batch-1 Elman RNN forward + backward, 2 ms alone, took
 // either 2 or 6 ms per call, half the calls each; on one thread, 3.3 ms, it did not slow at all).
-// So a thread that has waited kStallNs for a phase that another thread is running notes a stall,
-// and for the next kSoloNs every team runs on its calling thread alone (as inside another parallel
-// region): one thread, which the scheduler moves to the core nobody else wants, loses nothing to
-// the other process. Then the whole team is tried again. Measured on that machine (T = 100,
+// So a thread that has waited kStallNs for a phase that another thread is running marks the team
+// stalled, and once it ends, every team of the next period (kSoloNs, doubling while teams keep
+// stalling) runs on its calling thread alone, its GEMMs too (as inside another parallel region):
+// one thread, which the scheduler moves to the core nobody else wants, loses nothing to the other
+// process. A team that had a large share of its phases taken over from threads that had started
+// running it counts as stalled too (kTakeoverShare below): its slices' owners kept missing their
+// phases without stalling in one (the phases before a thread starts are left out: a thread that
+// wakes late, after the team's threads were idle, misses the first phases of a short call without
+// any contention). Then the whole team is tried again. Measured on that machine (T = 100,
 // H = I = 256, eval forward under contention, medians of four alternating processes, 2026-11-30):
 // LSTM B = 1 5.3 -> 4.4 ms, GRU B = 1 5.9 -> 3.9 ms, LSTM B = 16 38.0 -> 35.7 ms, alone unchanged;
 // a batch-1 forward + backward gains little (Elman RNN 7.5 -> 7.8 and 6.8 -> 6.5 ms), since its
@@ -43,6 +48,8 @@
 #include <vector>
 
 #include <time.h>  // clock_gettime, nanosleep (the straggler testing hook)
+
+#include "blas.h"  // OneThreadBlas
 
 namespace rnnfused::cpu {
 
@@ -68,8 +75,14 @@ inline int64_t monotonic_ns() {
 // and the threads' slices differ by at most one block of units).
 constexpr int64_t kStallNs = 2000000;
 constexpr int64_t kStallPhases = 8;
-// How long teams then run on one thread: several of the other process's time slices.
+// How long teams then run on one thread: several of the other process's time slices. Each
+// stall noted right after such a period (no whole team ran cleanly in between) doubles the next
+// period, up to kMaxSoloNs: a whole team tried under lasting contention is itself slow (an LSTM's
+// eval forward at B = 16, T = 100 took 14-190 ms under contention against 6 ms alone and about 12
+// on one thread, 2-core Intel Xeon VM, 2026-12-01), and trying one every 50 ms cost more than the
+// periods on one thread saved. A whole team that runs cleanly sets the period back to kSoloNs.
 constexpr int64_t kSoloNs = 50000000;
+constexpr int64_t kMaxSoloNs = 800000000;
 
 // Until when (CLOCK_MONOTONIC, ns) teams run on one thread; one for the process, since the cores
 // are the process's.
@@ -78,15 +91,47 @@ inline std::atomic<int64_t>& solo_until_ns() {
   return until;
 }
 
+// The next one-thread period's length (ns).
+inline std::atomic<int64_t>& solo_period_ns() {
+  static std::atomic<int64_t> period{kSoloNs};
+  return period;
+}
+
+// A team (that ran on its threads) stalled: the teams that start in the next period run on one
+// thread, and the period after it is twice as long.
+inline void note_team_stall(int64_t now) {
+  count_engine_stall();
+  const int64_t period = solo_period_ns().load(std::memory_order_relaxed);
+  solo_until_ns().store(now + period, std::memory_order_relaxed);
+  solo_period_ns().store(std::min(2 * period, kMaxSoloNs), std::memory_order_relaxed);
+}
+
 // The average phase of the last team that ran (ns).
 inline std::atomic<int64_t>& last_phase_ns() {
   static std::atomic<int64_t> ns{0};
   return ns;
 }
 
+// A team in which at least this share of its phases (1 / kTakeoverShare), and at least
+// kMinTakeovers of them, were taken over from threads that had started running it had a thread
+// without a core for much of its run: every phase that another thread took over first cost that
+// thread the spin (kSpins, about 10-40 us) on top of the phase itself. Such a team counts as
+// stalled, as one with a phase that stalled does. Measured on a 2-core Intel Xeon VM with another
+// process spinning on one core (2026-12-01, T = 100, H = I = 256, ms per call, medians of 200
+// calls; before / after this rule, the one-thread periods' GEMMs on one thread (OneThreadBlas) and
+// the doubling periods): Elman RNN (tanh) B = 1 eval forward 8.6 / 0.54 (0.34-0.38 alone: about
+// half of its 200 phases per call were taken over, and one stall was noted in 200 calls), LSTM
+// B = 16 eval forward 18.2 / 12.6 (6.0-6.3 alone), Elman RNN (relu) B = 16 forward + backward
+// 34.3 / 16.8 (5.8-6.0 alone); alone unchanged.
+constexpr int64_t kTakeoverShare = 4;
+constexpr int64_t kMinTakeovers = 8;
+
 class PhaseFlags {
  public:
   explicit PhaseFlags(int64_t slices) : flags_(static_cast<size_t>(slices)) {}
+
+  // The thread that owns `slice` has started running the team.
+  void arrive(int64_t slice) { flags_[slice].owner_arrived.store(true, std::memory_order_relaxed); }
 
   // Claims phase `phase` of `slice` if nobody has and the slice has finished the phase before it.
   bool try_claim(int64_t slice, int64_t phase) {
@@ -117,6 +162,9 @@ class PhaseFlags {
       }
       if (tries >= kSpins && try_claim(slice, done)) {
         count_engine_takeover();
+        if (flags_[slice].owner_arrived.load(std::memory_order_relaxed)) {
+          late_takeovers_.fetch_add(1, std::memory_order_relaxed);
+        }
         run(slice, done);
         publish(slice, done + 1);
         tries = 0;
@@ -129,14 +177,19 @@ class PhaseFlags {
           yielding_since = now;
         } else if (now - yielding_since >
                    std::max(kStallNs, kStallPhases * last_phase_ns().load(std::memory_order_relaxed))) {
-          count_engine_stall();
-          solo_until_ns().store(now + kSoloNs, std::memory_order_relaxed);
+          stalled_.store(true, std::memory_order_relaxed);
           yielding_since = -1;
         }
       }
       back_off(tries++);
     }
   }
+
+  // The phases that wait_for ran for a slice whose owner had started running the team (not those
+  // before: a thread that wakes late, after the team's threads were idle, misses the first phases).
+  int64_t late_takeovers() const { return late_takeovers_.load(std::memory_order_relaxed); }
+  // Whether a phase of this team stalled (kept another thread waiting kStallNs).
+  bool stalled() const { return stalled_.load(std::memory_order_relaxed); }
 
  private:
   static void back_off(int64_t tries) {
@@ -158,9 +211,13 @@ class PhaseFlags {
   struct alignas(64) Flag {
     std::atomic<int64_t> done{0};
     std::atomic<int64_t> claimed{0};
+    std::atomic<bool> owner_arrived{false};
   };
   std::vector<Flag> flags_;
+  alignas(64) std::atomic<int64_t> late_takeovers_{0};
+  std::atomic<bool> stalled_{false};
 };
+
 
 // Runs `phases` phases on `slices` slices: prepare(slice) before the slice's first phase, then
 // run(slice, q) for each phase q, with a barrier before phase q where barrier_before(q) says so.
@@ -183,6 +240,7 @@ void run_team(int64_t slices, int64_t phases, const Prepare& prepare, const Run&
     }
   };
   auto body = [&](int64_t begin, int64_t end) {
+    for (int64_t slice = begin; slice < end; ++slice) flags.arrive(slice);
     for (int64_t q = 0; q < phases; ++q) {
       if (!delay_inside) straggle(begin);
       if (q > 0 && barrier_before(q)) {
@@ -200,21 +258,36 @@ void run_team(int64_t slices, int64_t phases, const Prepare& prepare, const Run&
   };
   const int64_t start = monotonic_ns();
   bool whole_team = false;
+  bool solo = false;  // on one thread in a one-thread period
 #if AT_PARALLEL_OPENMP
   // at::parallel_for with grain 1 gives each OpenMP thread at most one contiguous chunk of slices,
-  // all chunks running at once (one parallel region); inside another parallel region it runs one
-  // chunk, all slices, on this thread. So does a team within kSoloNs of a stall.
-  if (slices > 1) {
+  // all chunks running at once (one parallel region); inside another parallel region all slices
+  // run on this thread, as in a one-thread period after a stall.
+  if (slices > 1 && !at::in_parallel_region()) {
     whole_team = solo_until_ns().load(std::memory_order_relaxed) <= start;
-    if (!whole_team) count_engine_solo_run();
+    solo = !whole_team;
+    if (solo) count_engine_solo_run();
   }
 #endif
   if (whole_team) {
     at::parallel_for(0, slices, 1, body);
+  } else if (solo) {
+    // The slices' GEMMs on this thread too, as inside a parallel region.
+    OneThreadBlas one_thread;
+    body(0, slices);
   } else {
     body(0, slices);
   }
-  if (phases > 0) last_phase_ns().store((monotonic_ns() - start) / phases, std::memory_order_relaxed);
+  const int64_t end = monotonic_ns();
+  if (phases > 0) last_phase_ns().store((end - start) / phases, std::memory_order_relaxed);
+  if (whole_team) {
+    const int64_t takeovers = flags.late_takeovers();
+    if (flags.stalled() || (takeovers >= kMinTakeovers && takeovers * kTakeoverShare >= phases)) {
+      note_team_stall(end);
+    } else {
+      solo_period_ns().store(kSoloNs, std::memory_order_relaxed);
+    }
+  }
 }
 
 }  // namespace rnnfused::cpu
