@@ -118,11 +118,12 @@ inline std::atomic<int64_t>& last_phase_ns() {
 // thread the spin (kSpins, about 10-40 us) on top of the phase itself. Such a team counts as
 // stalled, as one with a phase that stalled does. Measured on a 2-core Intel Xeon VM with another
 // process spinning on one core (2026-12-01, T = 100, H = I = 256, ms per call, medians of 200
-// calls; before / after this rule, the one-thread periods' GEMMs on one thread (OneThreadBlas) and
-// the doubling periods): Elman RNN (tanh) B = 1 eval forward 8.6 / 0.54 (0.34-0.38 alone: about
-// half of its 200 phases per call were taken over, and one stall was noted in 200 calls), LSTM
-// B = 16 eval forward 18.2 / 12.6 (6.0-6.3 alone), Elman RNN (relu) B = 16 forward + backward
-// 34.3 / 16.8 (5.8-6.0 alone); alone unchanged.
+// calls; before (8992241) / after this rule, the one-thread periods' GEMMs on one thread
+// (OneThreadBlas), the doubling periods and the stalled team's threads leaving it): Elman RNN
+// (tanh) B = 1 eval forward 8.6 / 0.53 (0.34-0.38 alone: about half of its 200 phases per call
+// were taken over, and one stall was noted in 200 calls), LSTM B = 16 eval forward 18.2 / 11.2
+// (6.0-6.3 alone), Elman RNN (relu) B = 16 forward + backward 34.3 / 16.3 (5.8-6.1 alone); alone
+// unchanged.
 constexpr int64_t kTakeoverShare = 4;
 constexpr int64_t kMinTakeovers = 8;
 
@@ -145,9 +146,11 @@ class PhaseFlags {
     flags_[slice].done.store(phases_done, std::memory_order_release);
   }
 
-  // Returns once `slice` has finished `phases` phases. After a short spin, runs the slice's next
-  // phase itself (run(slice, phase)) when nobody has claimed it yet. While yielding it looks at the
-  // clock now and then, and notes a stall when one phase of the slice keeps it waiting too long.
+  // Returns once `slice` has finished `phases` phases. After a short spin (none once the team has
+  // stalled), runs the slice's next phase itself (run(slice, phase)) when nobody has claimed it
+  // yet. While yielding it looks at the clock now and then, and marks the team stalled when one
+  // phase of the slice keeps it waiting too long, or when it has taken over too many phases from
+  // threads that had started (kTakeoverShare, counted up to the phase it takes).
   template <typename Run>
   void wait_for(int64_t slice, int64_t phases, const Run& run) {
     int64_t tries = 0;
@@ -160,10 +163,13 @@ class PhaseFlags {
         waited_for = done;
         if (yielding_since > 0) yielding_since = 0;
       }
-      if (tries >= kSpins && try_claim(slice, done)) {
+      if ((tries >= kSpins || stalled()) && try_claim(slice, done)) {
         count_engine_takeover();
         if (flags_[slice].owner_arrived.load(std::memory_order_relaxed)) {
-          late_takeovers_.fetch_add(1, std::memory_order_relaxed);
+          const int64_t late = late_takeovers_.fetch_add(1, std::memory_order_relaxed) + 1;
+          if (late >= kMinTakeovers && late * kTakeoverShare >= done + 1) {
+            stalled_.store(true, std::memory_order_relaxed);
+          }
         }
         run(slice, done);
         publish(slice, done + 1);
@@ -188,7 +194,8 @@ class PhaseFlags {
   // The phases that wait_for ran for a slice whose owner had started running the team (not those
   // before: a thread that wakes late, after the team's threads were idle, misses the first phases).
   int64_t late_takeovers() const { return late_takeovers_.load(std::memory_order_relaxed); }
-  // Whether a phase of this team stalled (kept another thread waiting kStallNs).
+  // Whether the team stalled: a phase kept another thread waiting kStallNs, or a large share of
+  // the phases so far were taken over from threads that had started.
   bool stalled() const { return stalled_.load(std::memory_order_relaxed); }
 
  private:
@@ -239,9 +246,13 @@ void run_team(int64_t slices, int64_t phases, const Prepare& prepare, const Run&
       nanosleep(&delay, nullptr);
     }
   };
+  // Once the team has stalled, the threads other than the calling one (which runs the first
+  // chunk) leave it between two phases, and the calling thread runs every phase left, without
+  // spinning before it takes one over: the rest of the call runs as a one-thread team would.
   auto body = [&](int64_t begin, int64_t end) {
     for (int64_t slice = begin; slice < end; ++slice) flags.arrive(slice);
     for (int64_t q = 0; q < phases; ++q) {
+      if (begin > 0 && flags.stalled()) return;
       if (!delay_inside) straggle(begin);
       if (q > 0 && barrier_before(q)) {
         for (int64_t slice = 0; slice < slices; ++slice) flags.wait_for(slice, q, run_phase);
@@ -254,6 +265,9 @@ void run_team(int64_t slices, int64_t phases, const Prepare& prepare, const Run&
           flags.publish(slice, q + 1);
         }
       }
+    }
+    if (begin == 0 && flags.stalled()) {
+      for (int64_t slice = 0; slice < slices; ++slice) flags.wait_for(slice, phases, run_phase);
     }
   };
   const int64_t start = monotonic_ns();
