@@ -124,7 +124,8 @@ def _infers_from_input(input, w_ih, w_hh, h0, batch_sizes, tensors):
     """Whether a layer runs as one rnnfused::layer_inference op, which projects the input itself
     inside the fused engine (csrc/op_schemas.h): in eager CPU inference in float32 or float64,
     where the engine's per-slice BLAS products run (libtorch's BLAS; above 16 rows, and on Intel
-    processors from 2 rows in float32 with MKL's packed GEMM unless the sequences are packed; on
+    processors from 2 rows in float32 with MKL's packed GEMM unless the sequences are packed, and at
+1 row where W_hh takes at most 1 MiB; on
     others not for the LSTM, whose register tiles run at every batch in inference there), or where
     its register tiles run and projecting inside them was measured faster (the cell, the ISA's
     tiles, whether each thread's share of W_ih and W_hh fits its cache). The rules and their
@@ -132,7 +133,7 @@ def _infers_from_input(input, w_ih, w_hh, h0, batch_sizes, tensors):
     return (_ops_ns is _CPU_OPS and _eager_cpu_inference(input, tensors)
             and input.dtype in (torch.float32, torch.float64)
             and (_C._cpu_engine_blas_product(h0.shape[0], input.element_size(), batch_sizes is None,
-                                             w_ih.shape[0] // w_hh.shape[1])
+                                             w_ih.shape[0] // w_hh.shape[1], w_hh.shape[1])
                  or _C._cpu_engine_projects_input(h0.shape[0], w_ih.shape[0], w_hh.shape[1], input.shape[1],
                                                   input.element_size())))
 

@@ -273,15 +273,16 @@ def test_auto_path_gives_the_same_numbers_at_the_threshold(mode, cpu_path):
 
 def test_training_runs_the_blas_products_where_the_rule_says(cpu_path):
     """On the "auto" path the recurrence ops' forward and backward run on the per-slice BLAS
-    products where engine_blas_product says so (from 2 rows, float32 compute, every step with the
-    whole batch, MKL's packed GEMM there, an Intel processor), on the register tiles elsewhere, and
+    products where engine_blas_product says so (from 2 rows, or 1 where W_hh takes at most 1 MiB,
+    float32 compute, every step with the whole batch, MKL's packed GEMM there, an Intel processor),
+    on the register tiles elsewhere, and
     never above the engine's 16 rows (the per-step path) nor on the "fused" path."""
     cpu_path("auto")
     _C._set_cpu_vendor_override(1)  # the rule's Intel branch on every machine (reset by cpu_path)
     packs = _C.cpu_blas() == "blas" and _C._cpu_blas_packs()
 
-    def calls(batch, dtype=torch.float32, lengths=None):
-        layer = rnnfused.LSTM(7, 24).to(dtype)
+    def calls(batch, dtype=torch.float32, lengths=None, hidden=24):
+        layer = rnnfused.LSTM(7, hidden).to(dtype)
         x = torch.randn(5, batch, 7, dtype=dtype)
         if lengths is not None:
             x = torch.nn.utils.rnn.pack_padded_sequence(x, torch.tensor(lengths), enforce_sorted=False)
@@ -293,7 +294,8 @@ def test_training_runs_the_blas_products_where_the_rule_says(cpu_path):
     expected = 2 if packs else 0  # forward and backward
     assert calls(2) == expected and calls(8) == expected and calls(16) == expected
     assert calls(16, torch.bfloat16) == expected  # computed in float32
-    assert calls(1) == 0  # the register tiles
+    assert calls(1) == expected  # W_hh of at most 1 MiB
+    assert calls(1, hidden=300) == 0  # larger: the register tiles
     assert calls(16, torch.float64) == 0
     assert calls(9, lengths=[5, 5, 4, 5, 5, 5, 5, 5, 5]) == 0  # a step with fewer rows
     assert calls(17) == 0  # the per-step path

@@ -321,31 +321,37 @@ def test_where_it_projects_inside_the_engine(counted, cpu_path):
 def test_where_it_runs_the_blas_products(counted, cpu_path):
     """The rule of csrc/cpu/engine.h: with the auto path and libtorch's BLAS, on an Intel processor
     above the register tiles' batches (16 rows) and from 2 rows in float32 where MKL's packed GEMM
-    is there and every step has the full batch; on other processors above 16 rows for the Elman
+    is there and every step has the full batch, and at 1 row where W_hh (G * H * H floats) takes at
+    most 1 MiB; on other processors above 16 rows for the Elman
     RNN only; never on the per-step path, never with the register tiles forced ("fused"),
     never on ATen's GEMM (it would run inside the engine's parallel region)."""
     cpu_path("auto")
     blas = _C._cpu_engine_blas_product
     if _C.cpu_blas() != "blas":
-        assert not blas(64, 4, True, 3)
+        assert not blas(64, 4, True, 3, 64)
         return
     mkl_packed = _C._cpu_blas_packs()
     try:
         _C._set_cpu_vendor_override(1)
         assert _C._cpu_is_intel()
         for gates in (4, 3, 1):
-            assert blas(16, 4, True, gates) == mkl_packed and blas(2, 4, True, gates) == mkl_packed
-            assert blas(17, 4, True, gates) and blas(17, 4, False, gates) and blas(64, 8, True, gates)
-            assert not blas(1, 4, True, gates)  # the register tiles: as fast or faster
-            assert not blas(16, 4, False, gates)  # packed sequences of several lengths
-            assert not blas(16, 8, True, gates)
+            assert blas(16, 4, True, gates, 64) == mkl_packed and blas(2, 4, True, gates, 64) == mkl_packed
+            assert blas(17, 4, True, gates, 64) and blas(17, 4, False, gates, 64)
+            assert blas(64, 8, True, gates, 64)
+            assert not blas(1, 4, True, gates, 1024)  # a large W_hh: the register tiles are faster
+            assert blas(1, 4, True, gates, 256 if gates < 4 else 128) == mkl_packed  # up to 1 MiB
+            assert not blas(1, 8, True, gates, 64)
+            assert not blas(16, 4, False, gates, 64)  # packed sequences of several lengths
+            assert not blas(16, 8, True, gates, 64)
+        assert blas(1, 4, True, 4, 256) == mkl_packed and not blas(1, 4, True, 4, 257)
         _C._set_cpu_vendor_override(-1)  # an AMD processor: the register tiles up to 16 rows, and
         assert not _C._cpu_is_intel()  # the LSTM's and GRU's above them too
         for gates in (4, 3, 1):
-            assert not blas(16, 4, True, gates) and not blas(2, 4, True, gates)
-        assert blas(17, 4, True, 1) and blas(64, 8, True, 1) and blas(17, 4, False, 1)
+            assert not blas(16, 4, True, gates, 64) and not blas(2, 4, True, gates, 64)
+        assert blas(17, 4, True, 1, 64) and blas(64, 8, True, 1, 64) and blas(17, 4, False, 1, 64)
         for gates in (4, 3):
-            assert not blas(17, 4, True, gates) and not blas(64, 8, True, gates) and not blas(256, 4, True, gates)
+            assert not blas(17, 4, True, gates, 64) and not blas(64, 8, True, gates, 64)
+            assert not blas(256, 4, True, gates, 64) and not blas(1, 4, True, gates, 64)
     finally:
         _C._set_cpu_vendor_override(0)
     with torch.no_grad():
@@ -363,16 +369,16 @@ def test_where_it_runs_the_blas_products(counted, cpu_path):
     finally:
         _C._set_cpu_vendor_override(0)
     cpu_path("fused")
-    assert not blas(64, 4, True, 3)
+    assert not blas(64, 4, True, 3, 64)
     cpu_path("steps")
-    assert not blas(64, 4, True, 3)
+    assert not blas(64, 4, True, 3, 64)
     _C._set_cpu_engine_blas_override(1)
-    assert not blas(64, 4, True, 3)  # not even forced
+    assert not blas(64, 4, True, 3, 64)  # not even forced
     cpu_path("auto")
-    assert blas(2, 8, False, 4)
+    assert blas(2, 8, False, 4, 64)
     _C._set_cpu_blas("aten")
     try:
-        assert not blas(64, 4, True, 3)
+        assert not blas(64, 4, True, 3, 64)
         with torch.no_grad():  # ATen's GEMM: the register tiles or the GEMM first, the same numbers
             ref, ours = twin_layers("lstm", 11, 24, dtype=torch.float64)
             x = torch.randn(4, 40, 11, dtype=torch.float64)

@@ -178,10 +178,12 @@ void set_engine_projection_override(int override);
 // Whether the engine runs its products with BLAS GEMMs per slice (ForwardProblem::blas_product:
 // layer_inference, projecting the input itself, and the recurrence ops' forward;
 // BackwardProblem::blas_product: their backward's dL/dh_{t-1}) for a call of `batch` rows of
-// `element_size` bytes (the compute dtype's: 4 for bfloat16/float16 calls) where `full_steps`
+// `element_size` bytes (the compute dtype's: 4 for bfloat16/float16 calls), `gates` gate blocks of
+// `hidden` units, where `full_steps`
 // says whether every step has all `batch` rows (no packed sequence of several lengths): with the
 // "auto" path where the GEMMs are libtorch's BLAS (they run inside the team's parallel region),
-// above kEngineMaxBatch rows, and from kEngineBlasMinBatch rows in float32 where MKL's packed
+// above kEngineMaxBatch rows, and from kEngineBlasMinBatch rows (one row where W_hh is small,
+// kEngineBlasBatch1MaxWeightBytes below) in float32 where MKL's packed
 // GEMM is there and every step has the full batch (a step with fewer rows than MKL packed for
 // takes the unpacked GEMM, which packs the slice's weights again: packed B = 16 LSTM 15% slower).
 // Measured side by side (2 threads, AVX-512 Xeon, 2026-11-29, I = H) against the register tiles:
@@ -196,8 +198,9 @@ void set_engine_projection_override(int override);
 // Elman RNN 3.43 -> 3.07; H = 512 eval B = 2 LSTM 14.5 -> 13.3, GRU 7.45 -> 6.61, B = 4 LSTM
 // 15.3 -> 15.7, training B = 2 LSTM 28.2 -> 29.4; capped to AVX2, H = 256 eval LSTM B = 2 / 4
 // 2.99 -> 2.30 / 5.05 -> 3.45, GRU B = 4 3.30 -> 2.82, Elman RNN 1.19 -> 1.26. At B = 1 the
-// tiles stay: as fast or faster for the GRU and Elman RNN at H = 256 (RNN 0.80 / 0.80, 0.72 /
-// 0.74 ms) and for the LSTM at H = 512 (9.1 vs 11.9 ms; at H = 256 the BLAS was 6-9% faster).
+// tiles were as fast or faster for the GRU and Elman RNN at H = 256 (RNN 0.80 / 0.80, 0.72 /
+// 0.74 ms) and for the LSTM at H = 512 (9.1 vs 11.9 ms; at H = 256 the BLAS was 6-9% faster);
+// measured again on 2026-12-01 the BLAS products won wherever W_hh takes at most 1 MiB (below).
 // Against the GEMM first and the per-step path at B = 64, H = 512 (eval forward): T = 100 5-10%
 // faster (the [N, G*H] projection no longer goes to memory and back), T = 25 the same; B = 256,
 // H = 1024 4-15% faster. MKL's single-thread kernel runs the slices' GEMMs at about the core's peak.
@@ -220,7 +223,17 @@ constexpr int64_t kEngineBlasMinBatch = 2;
 // backward B = 64 H = 512 T = 25 141.9 / 144.1, B = 32 H = 256 T = 100 69.3 / 73.4, B = 64 H = 256
 // T = 50 79.0 / 78.3. The Elman RNN's eval forward at B = 64, H = 512, T = 25 stays faster with
 // them: 16.9 / 14.1, 17.8 / 16.7 (its training runs the per-step path above 16 rows).
-bool engine_blas_product(int64_t batch, int64_t element_size, bool full_steps, int64_t gates);
+// At one row, on Intel processors, where W_hh ([G*H, H], `gates` = G, `hidden` = H) in float32
+// takes at most kEngineBlasBatch1MaxWeightBytes: measured side by side in one process (2-core
+// Intel Xeon VM, AVX-512, 2 threads, 2026-12-01, T = 100, I = H, ms, register tiles (projecting
+// the input where engine_projects_input says so) / BLAS products), eval forward: LSTM H = 128
+// 0.379 / 0.349, H = 192 0.682 / 0.619, H = 256 1.157 / 0.986, GRU H = 256 0.876 / 0.799, Elman
+// RNN H = 256 0.344 / 0.344, H = 512 (1 MiB) 1.122 / 1.025; larger, the tiles win: LSTM H = 384
+// 2.041 / 2.107, H = 512 5.30 / 6.54, H = 768 19.9 / 24.6, GRU H = 512 2.97 / 3.70. Forward +
+// backward: LSTM H = 256 3.19 / 2.90, H = 128 1.18 / 1.26, GRU H = 256 2.39 / 2.31, Elman RNN
+// H = 256 1.11 / 1.12.
+constexpr int64_t kEngineBlasBatch1MaxWeightBytes = 1 << 20;
+bool engine_blas_product(int64_t batch, int64_t element_size, bool full_steps, int64_t gates, int64_t hidden);
 // Testing hook: 1 uses it wherever the BLAS is libtorch's and the path is not "steps", -1 never,
 // 0 by the rule.
 void set_engine_blas_override(int override);

@@ -203,13 +203,14 @@ bool engine_projects_input(int64_t batch, int64_t gate_rows, int64_t hidden, int
   return gate_rows * (hidden + input_size) * element_size <= kProjectingPanelBytes * team;
 }
 void set_engine_projection_override(int override) { g_projection_override = override; }
-bool engine_blas_product(int64_t batch, int64_t element_size, bool full_steps, int64_t gates) {
+bool engine_blas_product(int64_t batch, int64_t element_size, bool full_steps, int64_t gates, int64_t hidden) {
   // The GEMMs run inside the team's parallel region: only the BLAS that libtorch links, never ATen.
   if (std::strcmp(blas_backend(), "blas") != 0 || cpu_path() == CpuPath::Steps) return false;
   if (g_blas_override != 0) return g_blas_override > 0;
   if (cpu_path() != CpuPath::Auto) return false;
   if (!cpu_is_intel()) return batch > kEngineMaxBatch && gates == 1;
-  return batch > kEngineMaxBatch || (batch >= kEngineBlasMinBatch && full_steps && element_size == 4 &&
+  const bool small_w_hh = gates * hidden * hidden * 4 <= kEngineBlasBatch1MaxWeightBytes;
+  return batch > kEngineMaxBatch || ((batch >= kEngineBlasMinBatch || small_w_hh) && full_steps && element_size == 4 &&
                                      blas_packs_float());
 }
 void set_engine_blas_override(int override) { g_blas_override = override; }

@@ -181,7 +181,7 @@ ForwardProblem<T> forward_problem(CellKind cell, const StepPlan& plan, int64_t H
   p.workspace = training ? workspace.data_ptr<T>() : nullptr;
   p.storage = storage;
   p.blas_product =
-      engine_blas_product(plan.batch, sizeof(T), plan.rows == plan.steps() * plan.batch, gate_blocks(cell));
+      engine_blas_product(plan.batch, sizeof(T), plan.rows == plan.steps() * plan.batch, gate_blocks(cell), H);
   return p;
 }
 
@@ -200,7 +200,7 @@ BackwardProblem<T> backward_problem(CellKind cell, const StepPlan& plan, int64_t
   p.dh_state = dh_state.data_ptr<T>();
   p.grad_gates = grad_gates.data_ptr<T>();
   p.blas_product =
-      engine_blas_product(plan.batch, sizeof(T), plan.rows == plan.steps() * plan.batch, gate_blocks(cell));
+      engine_blas_product(plan.batch, sizeof(T), plan.rows == plan.steps() * plan.batch, gate_blocks(cell), H);
   return p;
 }
 
@@ -795,7 +795,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_inference_cpu(
   const bool own_dtype = dtype == at::kFloat || dtype == at::kDouble;
   const auto element_size = static_cast<int64_t>(c10::elementSize(dtype));
   const bool full_steps = plan.rows == plan.steps() * B;  // no step with fewer rows than the batch
-  const bool blas_product = own_dtype && engine_blas_product(B, element_size, full_steps, G);
+  const bool blas_product = own_dtype && engine_blas_product(B, element_size, full_steps, G, H);
   const bool engine = own_dtype && (blas_product || engine_projects_input(B, G * H, H, I, element_size));
   if (!engine) {
     // One GEMM, then the cell's recurrence op.
