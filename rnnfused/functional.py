@@ -125,7 +125,7 @@ def _infers_from_input(input, w_ih, w_hh, h0, batch_sizes, tensors):
     inside the fused engine (csrc/op_schemas.h): in eager CPU inference in float32 or float64,
     where the engine's per-slice BLAS products run (libtorch's BLAS; above 16 rows, and on Intel
     processors from 2 rows in float32 with MKL's packed GEMM unless the sequences are packed, and at
-1 row where W_hh takes at most 1 MiB; on
+1 row where W_hh takes 512 KiB to 1 MiB; on
     others not for the LSTM, whose register tiles run at every batch in inference there), or where
     its register tiles run and projecting inside them was measured faster (the cell, the ISA's
     tiles, whether each thread's share of W_ih and W_hh fits its cache). The rules and their

@@ -273,7 +273,7 @@ def test_auto_path_gives_the_same_numbers_at_the_threshold(mode, cpu_path):
 
 def test_training_runs_the_blas_products_where_the_rule_says(cpu_path):
     """On the "auto" path the recurrence ops' forward and backward run on the per-slice BLAS
-    products where engine_blas_product says so (from 2 rows, or 1 where W_hh takes at most 1 MiB,
+    products where engine_blas_product says so (from 2 rows, or 1 where W_hh takes 512 KiB to 1 MiB,
     float32 compute, every step with the whole batch, MKL's packed GEMM there, an Intel processor),
     on the register tiles elsewhere, and
     never above the engine's 16 rows (the per-step path) nor on the "fused" path."""
@@ -294,8 +294,8 @@ def test_training_runs_the_blas_products_where_the_rule_says(cpu_path):
     expected = 2 if packs else 0  # forward and backward
     assert calls(2) == expected and calls(8) == expected and calls(16) == expected
     assert calls(16, torch.bfloat16) == expected  # computed in float32
-    assert calls(1) == expected  # W_hh of at most 1 MiB
-    assert calls(1, hidden=300) == 0  # larger: the register tiles
+    assert calls(1, hidden=256) == expected  # W_hh of 512 KiB to 1 MiB
+    assert calls(1) == 0 and calls(1, hidden=300) == 0  # smaller or larger: the register tiles
     assert calls(16, torch.float64) == 0
     assert calls(9, lengths=[5, 5, 4, 5, 5, 5, 5, 5, 5]) == 0  # a step with fewer rows
     assert calls(17) == 0  # the per-step path

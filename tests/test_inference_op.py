@@ -321,8 +321,8 @@ def test_where_it_projects_inside_the_engine(counted, cpu_path):
 def test_where_it_runs_the_blas_products(counted, cpu_path):
     """The rule of csrc/cpu/engine.h: with the auto path and libtorch's BLAS, on an Intel processor
     above the register tiles' batches (16 rows) and from 2 rows in float32 where MKL's packed GEMM
-    is there and every step has the full batch, and at 1 row where W_hh (G * H * H floats) takes at
-    most 1 MiB; on other processors above 16 rows for the Elman
+    is there and every step has the full batch, and at 1 row where W_hh (G * H * H floats) takes
+    more than 512 KiB and at most 1 MiB; on other processors above 16 rows for the Elman
     RNN only; never on the per-step path, never with the register tiles forced ("fused"),
     never on ATen's GEMM (it would run inside the engine's parallel region)."""
     cpu_path("auto")
@@ -339,11 +339,13 @@ def test_where_it_runs_the_blas_products(counted, cpu_path):
             assert blas(17, 4, True, gates, 64) and blas(17, 4, False, gates, 64)
             assert blas(64, 8, True, gates, 64)
             assert not blas(1, 4, True, gates, 1024)  # a large W_hh: the register tiles are faster
-            assert blas(1, 4, True, gates, 256 if gates < 4 else 128) == mkl_packed  # up to 1 MiB
+            assert blas(1, 4, True, gates, 512 if gates == 1 else 256) == mkl_packed  # 512 KiB to 1 MiB
+            assert not blas(1, 4, True, gates, 128)  # a small W_hh: the register tiles are faster
             assert not blas(1, 8, True, gates, 64)
             assert not blas(16, 4, False, gates, 64)  # packed sequences of several lengths
             assert not blas(16, 8, True, gates, 64)
         assert blas(1, 4, True, 4, 256) == mkl_packed and not blas(1, 4, True, 4, 257)
+        assert blas(1, 4, True, 1, 363) == mkl_packed and not blas(1, 4, True, 1, 362)
         _C._set_cpu_vendor_override(-1)  # an AMD processor: the register tiles up to 16 rows, and
         assert not _C._cpu_is_intel()  # the LSTM's and GRU's above them too
         for gates in (4, 3, 1):

@@ -182,8 +182,8 @@ void set_engine_projection_override(int override);
 // `hidden` units, where `full_steps`
 // says whether every step has all `batch` rows (no packed sequence of several lengths): with the
 // "auto" path where the GEMMs are libtorch's BLAS (they run inside the team's parallel region),
-// above kEngineMaxBatch rows, and from kEngineBlasMinBatch rows (one row where W_hh is small,
-// kEngineBlasBatch1MaxWeightBytes below) in float32 where MKL's packed
+// above kEngineMaxBatch rows, and from kEngineBlasMinBatch rows (one row where W_hh takes 512 KiB
+// to 1 MiB, kEngineBlasBatch1MaxWeightBytes below) in float32 where MKL's packed
 // GEMM is there and every step has the full batch (a step with fewer rows than MKL packed for
 // takes the unpacked GEMM, which packs the slice's weights again: packed B = 16 LSTM 15% slower).
 // Measured side by side (2 threads, AVX-512 Xeon, 2026-11-29, I = H) against the register tiles:
@@ -200,7 +200,7 @@ void set_engine_projection_override(int override);
 // 2.99 -> 2.30 / 5.05 -> 3.45, GRU B = 4 3.30 -> 2.82, Elman RNN 1.19 -> 1.26. At B = 1 the
 // tiles were as fast or faster for the GRU and Elman RNN at H = 256 (RNN 0.80 / 0.80, 0.72 /
 // 0.74 ms) and for the LSTM at H = 512 (9.1 vs 11.9 ms; at H = 256 the BLAS was 6-9% faster);
-// measured again on 2026-12-01 the BLAS products won wherever W_hh takes at most 1 MiB (below).
+// measured again on 2026-12-01 the BLAS products won where W_hh takes 512 KiB to 1 MiB (below).
 // Against the GEMM first and the per-step path at B = 64, H = 512 (eval forward): T = 100 5-10%
 // faster (the [N, G*H] projection no longer goes to memory and back), T = 25 the same; B = 256,
 // H = 1024 4-15% faster. MKL's single-thread kernel runs the slices' GEMMs at about the core's peak.
@@ -224,14 +224,17 @@ constexpr int64_t kEngineBlasMinBatch = 2;
 // T = 50 79.0 / 78.3. The Elman RNN's eval forward at B = 64, H = 512, T = 25 stays faster with
 // them: 16.9 / 14.1, 17.8 / 16.7 (its training runs the per-step path above 16 rows).
 // At one row, on Intel processors, where W_hh ([G*H, H], `gates` = G, `hidden` = H) in float32
-// takes at most kEngineBlasBatch1MaxWeightBytes: measured side by side in one process (2-core
-// Intel Xeon VM, AVX-512, 2 threads, 2026-12-01, T = 100, I = H, ms, register tiles (projecting
-// the input where engine_projects_input says so) / BLAS products), eval forward: LSTM H = 128
-// 0.379 / 0.349, H = 192 0.682 / 0.619, H = 256 1.157 / 0.986, GRU H = 256 0.876 / 0.799, Elman
-// RNN H = 256 0.344 / 0.344, H = 512 (1 MiB) 1.122 / 1.025; larger, the tiles win: LSTM H = 384
-// 2.041 / 2.107, H = 512 5.30 / 6.54, H = 768 19.9 / 24.6, GRU H = 512 2.97 / 3.70. Forward +
-// backward: LSTM H = 256 3.19 / 2.90, H = 128 1.18 / 1.26, GRU H = 256 2.39 / 2.31, Elman RNN
-// H = 256 1.11 / 1.12.
+// takes more than kEngineBlasBatch1MinWeightBytes and at most kEngineBlasBatch1MaxWeightBytes.
+// Measured on a 2-core Intel Xeon VM (AVX-512, 2 threads, 2026-12-01, T = 100, I = H, eval
+// forward, ms, register tiles (projecting the input where engine_projects_input says so) / BLAS
+// products), timed as the benchmark suite times (torch.utils.benchmark, calls back to back,
+// medians of four alternating rounds in one process): LSTM H = 256 (1 MiB) 1.20 / 1.08, H = 192
+// (576 KiB) 0.76 / 0.75, GRU H = 256 (768 KiB) 0.91 / 0.88, Elman RNN H = 512 (1 MiB) 1.12 / 1.09;
+// smaller, the tiles win: Elman RNN H = 256 (256 KiB) 0.37 / 0.46, LSTM H = 128 0.40 / 0.42, GRU
+// H = 160 0.41 / 0.44; larger too (10 calls per round, alternating): LSTM H = 384 2.04 / 2.11,
+// H = 512 5.30 / 6.54, H = 768 19.9 / 24.6, GRU H = 512 2.97 / 3.70. Forward + backward (10 calls
+// per round): LSTM H = 256 3.19 / 2.90, GRU H = 256 2.39 / 2.31.
+constexpr int64_t kEngineBlasBatch1MinWeightBytes = 1 << 19;
 constexpr int64_t kEngineBlasBatch1MaxWeightBytes = 1 << 20;
 bool engine_blas_product(int64_t batch, int64_t element_size, bool full_steps, int64_t gates, int64_t hidden);
 // Testing hook: 1 uses it wherever the BLAS is libtorch's and the path is not "steps", -1 never,

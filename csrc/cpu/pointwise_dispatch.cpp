@@ -209,8 +209,10 @@ bool engine_blas_product(int64_t batch, int64_t element_size, bool full_steps, i
   if (g_blas_override != 0) return g_blas_override > 0;
   if (cpu_path() != CpuPath::Auto) return false;
   if (!cpu_is_intel()) return batch > kEngineMaxBatch && gates == 1;
-  const bool small_w_hh = gates * hidden * hidden * 4 <= kEngineBlasBatch1MaxWeightBytes;
-  return batch > kEngineMaxBatch || ((batch >= kEngineBlasMinBatch || small_w_hh) && full_steps && element_size == 4 &&
+  const int64_t w_hh_bytes = gates * hidden * hidden * 4;
+  const bool one_row = batch == 1 && w_hh_bytes > kEngineBlasBatch1MinWeightBytes &&
+                       w_hh_bytes <= kEngineBlasBatch1MaxWeightBytes;
+  return batch > kEngineMaxBatch || ((batch >= kEngineBlasMinBatch || one_row) && full_steps && element_size == 4 &&
                                      blas_packs_float());
 }
 void set_engine_blas_override(int override) { g_blas_override = override; }
