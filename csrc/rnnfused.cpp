@@ -107,6 +107,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Testing hook: how many stalled teams were noted: a thread waited at least 2 ms (and 8 times the last team's "
         "average phase) for a phase that another thread was running, or at least a quarter of the team's phases (and 8) "
         "were taken over (since load)");
+  m.def("_note_cpu_engine_team_stall", &rnnfused::cpu::note_engine_team_stall,
+        "Testing hook: note a stalled team now (the next teams run on one thread; the next period doubles)");
   m.def("_cpu_engine_solo_period_ms", &rnnfused::cpu::engine_solo_period_ms,
         "Testing hook: how long the teams after the next stall will run on one thread (ms)");
   m.def("_cpu_engine_solo_runs", &rnnfused::cpu::engine_solo_runs,

@@ -440,9 +440,10 @@ def test_team_mostly_taken_over_puts_the_next_teams_on_one_thread(product):
 
 
 def test_one_thread_period_doubles_while_teams_keep_stalling():
-    """Each whole team that stalls right after a one-thread period (here: most of its phases taken
-    over from a late thread) doubles the next period (50, 100, 200 ms, ...); a whole team that runs
-    cleanly sets it back to 50 ms. Inference LSTM, T = 40, on 2 threads."""
+    """Each stalled team (noted here through the testing hook, as a team that stalled notes itself
+    when it ends) puts the teams of the next period on one thread and doubles the next period (50,
+    100, 200, ... ms, at most 800); ending the period by hand sets it back to 50 ms, and so does a
+    whole team that runs without stalling. Inference LSTM on 2 threads."""
     out = _run("""
         import time, torch, rnnfused
         from rnnfused import _C
@@ -450,24 +451,27 @@ def test_one_thread_period_doubles_while_teams_keep_stalling():
         _C._set_cpu_path("fused")
         _C._set_cpu_engine_min_flops(0)
         lstm = rnnfused.LSTM(7, 45).double().eval()
-        x = torch.randn(40, 5, 7, dtype=torch.float64)
-        busy = torch.ones(1 << 20)
+        x = torch.randn(8, 5, 7, dtype=torch.float64)
         _C._end_cpu_engine_solo()
         periods = [_C._cpu_engine_solo_period_ms()]
-        _C._set_cpu_engine_straggler_delay_us(300)
-        for clean in (False, False, False, True):
-            if clean:
-                _C._set_cpu_engine_straggler_delay_us(0)
-            solo = _C._cpu_engine_solo_runs()
-            with torch.no_grad():
-                lstm(x)  # a whole team: the one-thread period before it is over
-            assert _C._cpu_engine_solo_runs() == solo
+        for _ in range(6):
+            _C._note_cpu_engine_team_stall()
             periods.append(_C._cpu_engine_solo_period_ms())
-            # Wait out the period that this team started with torch's threads busy (a thread that
-            # slept that long may wake too late to count as having started the next team).
-            end = time.monotonic() + periods[-1] / 2000 + 0.02
-            while time.monotonic() < end:
-                busy.add_(1)
-        print("periods", *periods)
+        solo = _C._cpu_engine_solo_runs()
+        with torch.no_grad():
+            lstm(x)  # within the period just noted: on one thread
+        print("solo", _C._cpu_engine_solo_runs() - solo)
+        _C._end_cpu_engine_solo()
+        print("ended", _C._cpu_engine_solo_period_ms())
+        _C._note_cpu_engine_team_stall()  # 50 ms on one thread, the next period 100 ms
+        time.sleep(0.06)
+        for _ in range(5):  # whole teams; one that stalls by chance (another process) doubles it again
+            with torch.no_grad():
+                lstm(x)
+            if _C._cpu_engine_solo_period_ms() == 50:
+                break
+            time.sleep(_C._cpu_engine_solo_period_ms() / 2000 + 0.01)
+        print("periods", *periods, "clean", _C._cpu_engine_solo_period_ms())
     """).split()
-    assert out[-6:] == ["periods", "50", "100", "200", "400", "50"], out
+    assert out[-14:] == ["solo", "1", "ended", "50", "periods", "50", "100", "200", "400", "800", "800", "800",
+                         "clean", "50"], out

@@ -262,5 +262,7 @@ int64_t engine_solo_runs();
 void end_engine_solo();
 // The length of the next one-thread period after a stall (ms; team.h).
 int64_t engine_solo_period_ms();
+// Testing hook: notes a stalled team now, as a team that stalled does when it ends.
+void note_engine_team_stall();
 
 }  // namespace rnnfused::cpu

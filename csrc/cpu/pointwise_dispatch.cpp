@@ -233,6 +233,7 @@ int64_t engine_stalls() { return g_stalls.load(std::memory_order_relaxed); }
 void count_engine_solo_run() { g_solo_runs.fetch_add(1, std::memory_order_relaxed); }
 int64_t engine_solo_runs() { return g_solo_runs.load(std::memory_order_relaxed); }
 int64_t engine_solo_period_ms() { return solo_period_ns().load(std::memory_order_relaxed) / 1000000; }
+void note_engine_team_stall() { note_team_stall(monotonic_ns()); }
 void end_engine_solo() {
   solo_until_ns().store(0, std::memory_order_relaxed);
   solo_period_ns().store(kSoloNs, std::memory_order_relaxed);

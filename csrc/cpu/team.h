@@ -112,8 +112,8 @@ inline std::atomic<int64_t>& last_phase_ns() {
   return ns;
 }
 
-// A team in which at least this share of its phases (1 / kTakeoverShare), and at least
-// kMinTakeovers of them, were taken over from threads that had started running it had a thread
+// A team in which at least this share of its phases so far (1 / kTakeoverShare), and at least
+// kMinTakeovers of them, were taken over from threads that had started running it has a thread
 // without a core for much of its run: every phase that another thread took over first cost that
 // thread the spin (kSpins, about 10-40 us) on top of the phase itself. Such a team counts as
 // stalled, as one with a phase that stalled does. Measured on a 2-core Intel Xeon VM with another
@@ -191,9 +191,6 @@ class PhaseFlags {
     }
   }
 
-  // The phases that wait_for ran for a slice whose owner had started running the team (not those
-  // before: a thread that wakes late, after the team's threads were idle, misses the first phases).
-  int64_t late_takeovers() const { return late_takeovers_.load(std::memory_order_relaxed); }
   // Whether the team stalled: a phase kept another thread waiting kStallNs, or a large share of
   // the phases so far were taken over from threads that had started.
   bool stalled() const { return stalled_.load(std::memory_order_relaxed); }
@@ -221,10 +218,11 @@ class PhaseFlags {
     std::atomic<bool> owner_arrived{false};
   };
   std::vector<Flag> flags_;
+  // The phases that wait_for ran for a slice whose owner had started running the team (not those
+  // before: a thread that wakes late, after the team's threads were idle, misses the first phases).
   alignas(64) std::atomic<int64_t> late_takeovers_{0};
   std::atomic<bool> stalled_{false};
 };
-
 
 // Runs `phases` phases on `slices` slices: prepare(slice) before the slice's first phase, then
 // run(slice, q) for each phase q, with a barrier before phase q where barrier_before(q) says so.
@@ -295,8 +293,7 @@ void run_team(int64_t slices, int64_t phases, const Prepare& prepare, const Run&
   const int64_t end = monotonic_ns();
   if (phases > 0) last_phase_ns().store((end - start) / phases, std::memory_order_relaxed);
   if (whole_team) {
-    const int64_t takeovers = flags.late_takeovers();
-    if (flags.stalled() || (takeovers >= kMinTakeovers && takeovers * kTakeoverShare >= phases)) {
+    if (flags.stalled()) {
       note_team_stall(end);
     } else {
       solo_period_ns().store(kSoloNs, std::memory_order_relaxed);
