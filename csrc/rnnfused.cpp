@@ -97,7 +97,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("_cpu_engine_blas_calls", &rnnfused::cpu::engine_blas_calls,
         "Testing hook: how many engine calls (forward or backward) ran the per-slice BLAS products (since load)");
   m.def("_set_cpu_engine_straggler_delay_us", &rnnfused::cpu::set_engine_straggler_delay_us,
-        "Testing hook: the threads owning slices other than the first sleep this long before each phase");
+        "Testing hook: the threads owning slices other than the first sleep this long before each phase, and in "
+        "the per-step path the threads other than the calling one before their share of each gate pass");
   m.def("_cpu_engine_takeovers", &rnnfused::cpu::engine_takeovers,
         "Testing hook: how many phases a thread has run for a late slice's owner (since load)");
   m.def("_set_cpu_engine_straggler_inside_phase", &rnnfused::cpu::set_engine_straggler_delay_inside_phase,
@@ -106,13 +107,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("_cpu_engine_stalls", &rnnfused::cpu::engine_stalls,
         "Testing hook: how many stalled teams were noted: a thread waited at least 2 ms (and 8 times the last team's "
         "average phase) for a phase that another thread was running, or at least a quarter of the team's phases (and 8) "
-        "were taken over (since load)");
+        "were taken over; or a per-step call stalled: a gate pass whose threads finished 2 ms apart, a step that took "
+        "2 ms and 8 times the fastest step of as many rows, or at least an eighth of the split passes (and 4) 250 us "
+        "apart (since load)");
   m.def("_note_cpu_engine_team_stall", &rnnfused::cpu::note_engine_team_stall,
         "Testing hook: note a stalled team now (the next teams run on one thread; the next period doubles)");
   m.def("_cpu_engine_solo_period_ms", &rnnfused::cpu::engine_solo_period_ms,
         "Testing hook: how long the teams after the next stall will run on one thread (ms)");
   m.def("_cpu_engine_solo_runs", &rnnfused::cpu::engine_solo_runs,
-        "Testing hook: how many engine teams ran on their calling thread alone because of a recent stall (since load)");
+        "Testing hook: how many engine teams and recurrence calls ran on their calling thread alone because of a "
+        "recent stall, and per-step calls that went on alone after stalling (since load)");
   m.def("_end_cpu_engine_solo", &rnnfused::cpu::end_engine_solo,
         "Testing hook: teams use all their threads again from now, whatever the last stall; the next "
         "one-thread period is the shortest again");

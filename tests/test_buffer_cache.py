@@ -71,9 +71,20 @@ def _eval_forward(make, batch, packed):
     return [(output.data if packed else output).clone()]
 
 
+@pytest.fixture
+def deterministic():
+    """Bitwise comparisons between calls: a per-step loop that stalls (another process took a
+    core) goes on one thread, whose GEMMs may round differently (csrc/cpu/team.h, LoopThreads);
+    torch.use_deterministic_algorithms(True) keeps its threads."""
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(previous)
+
+
 @pytest.mark.parametrize("cell", sorted(CELLS))
 @pytest.mark.parametrize("batch,packed", [(64, False), (16, True)])
-def test_results_match_plain_allocations_with_poisoned_buffers(cell, batch, packed):
+def test_results_match_plain_allocations_with_poisoned_buffers(cell, batch, packed, deterministic):
     torch.set_num_threads(2)
     _C._set_cpu_buffer_cache_limit(0)  # plain at::empty
     expected_train = _train_step(CELLS[cell], batch, packed)

@@ -475,3 +475,75 @@ def test_one_thread_period_doubles_while_teams_keep_stalling():
     """).split()
     assert out[-14:] == ["solo", "1", "ended", "50", "periods", "50", "100", "200", "400", "800", "800", "800",
                          "clean", "50"], out
+
+
+# The per-step path under a late thread: every cell, forward and backward, float64, bidirectional,
+# packed, on 2 threads; B * H large enough that every gate pass splits across both threads (the
+# Elman RNN's grain is 8192 elements). Prints the increase of the stall and one-thread counters.
+STEPS_SNIPPET = """
+    import torch, rnnfused
+    from rnnfused import _C
+    from helpers import LAYER_MODES, assert_twins_agree, sequence_inputs, twin_layers
+    torch.set_num_threads(2)
+    _C._set_cpu_path("steps")
+    _C._end_cpu_engine_solo()
+    _C._set_cpu_engine_straggler_delay_us(DELAY_US)
+    torch.use_deterministic_algorithms(DETERMINISTIC)
+    counters = ["_cpu_engine_stalls", "_cpu_engine_solo_runs"]
+    before = [getattr(_C, name)() for name in counters]
+    for mode in LAYER_MODES:
+        _C._end_cpu_engine_solo()  # each cell's calls start on both threads
+        extra = {"proj_size": PROJ} if mode == "lstm" and PROJ else {}
+        ref, ours = twin_layers(mode, 5, 259, dtype=torch.float64, bidirectional=True, **extra)
+        assert_twins_agree(ref, ours, sequence_inputs("packed_unsorted", 4, 67, 5, None, torch.float64))
+    print("counts", *[getattr(_C, name)() - b for name, b in zip(counters, before)])
+"""
+
+
+@pytest.mark.parametrize("proj", [0, 131])
+def test_stalled_per_step_pass_puts_the_call_on_one_thread(proj):
+    """The per-step path (one GEMM and one gate pass per step, each a parallel region): a thread
+    other than the calling one sleeps 3 ms in each gate pass, as a thread whose core another
+    process took. The call notes the stall, runs the rest of its steps (and its GEMMs) on the
+    calling thread, and starts a one-thread period as a stalled team does; the numbers are still
+    torch.nn's, for every cell, with and without the LSTM's projection. Without the delay nothing
+    stalls and nothing runs on one thread (one stray stall is allowed: another process, or a new
+    thread sharing its creator's core until the scheduler moves it);
+    under torch.use_deterministic_algorithms(True) the loops keep their threads despite the delay
+    (on one thread their GEMMs may round differently)."""
+    def counts(delay_us, deterministic=False):
+        head = f"DELAY_US = {delay_us}\nPROJ = {proj}\nDETERMINISTIC = {deterministic}\n"
+        out = _run(head + textwrap.dedent(STEPS_SNIPPET)).split()
+        assert out[-3] == "counts", out
+        return int(out[-2]), int(out[-1])
+
+    stalls, solo = counts(3000)
+    assert stalls >= len(LAYER_MODES) and solo >= len(LAYER_MODES)
+    assert counts(0)[0] <= 1
+    assert counts(3000, deterministic=True) == (0, 0)
+
+
+def test_one_thread_period_puts_per_step_calls_on_one_thread():
+    """Within a one-thread period (a stall noted by hand here, as a stalled team notes it) a call of
+    the per-step path runs on its calling thread alone (counted once per call), training forward
+    and backward included, with torch.nn's numbers; once the period is ended, calls use both
+    threads again."""
+    out = _run("""
+        import torch, rnnfused
+        from rnnfused import _C
+        from helpers import assert_twins_agree, sequence_inputs, twin_layers
+        torch.set_num_threads(2)
+        _C._set_cpu_path("steps")
+        ref, ours = twin_layers("gru", 5, 64, dtype=torch.float64)
+        inputs = sequence_inputs("padded", 6, 67, 5, None, torch.float64)
+        _C._end_cpu_engine_solo()
+        _C._note_cpu_engine_team_stall()  # 50 ms on one thread
+        solo = _C._cpu_engine_solo_runs()
+        assert_twins_agree(ref, ours, inputs)  # each twin: one forward and one backward call
+        print("solo", _C._cpu_engine_solo_runs() - solo)
+        _C._end_cpu_engine_solo()
+        solo = _C._cpu_engine_solo_runs()
+        assert_twins_agree(ref, ours, inputs)
+        print("after_end", _C._cpu_engine_solo_runs() - solo)
+    """).split()
+    assert out[-4:] == ["solo", "2", "after_end", "0"], out

@@ -27,6 +27,7 @@
 #include "buffer_cache.h"
 #include "op_helpers.h"
 #include "pointwise.h"
+#include "team.h"  // CallThreads
 
 namespace rnnfused::cpu {
 namespace {
@@ -101,6 +102,8 @@ void run_forward(const StepPlan& plan, int64_t G, int64_t H, double eps, bool tr
   common.keep_c_stride = keep_c.stride;
   const StepWeight<T> recurrent(true, B, GH, P, f.whh.data_ptr<T>(), P);                   // h W_hh^T
   const StepWeight<T> projection(true, B, P, H, proj ? f.whr.data_ptr<T>() : nullptr, H);  // r W_hr^T
+  CallThreads threads;  // on one thread in a one-thread period, or once its time loop stalls (team.h)
+  threads.start_steps(B);
   for (const auto s : c10::irange(plan.steps())) {
     const int64_t t = plan.step_at(s);
     const int64_t rows = plan.batch_sizes[t], off = plan.offsets[t];
@@ -134,6 +137,7 @@ void run_forward(const StepPlan& plan, int64_t G, int64_t H, double eps, bool tr
         hs[i] = out[off * P + i] = h;
       }
     }
+    threads.after_step(rows);
   }
 }
 
@@ -180,6 +184,8 @@ void run_backward(const StepPlan& plan, int64_t G, int64_t H, void (*row_kernel)
   common.keep_c_stride = keep_c.stride;
   const StepWeight<T> recurrent(false, B, P, GH, f.whh.data_ptr<T>(), P);                  // dP W_hh
   const StepWeight<T> projection(false, B, H, P, proj ? f.whr.data_ptr<T>() : nullptr, H);  // dL/dh~ W_hr
+  CallThreads threads;  // on one thread in a one-thread period, or once its time loop stalls (team.h)
+  threads.start_steps(B);
   for (int64_t s = plan.steps() - 1; s >= 0; --s) {
     const int64_t t = plan.step_at(s);
     const int64_t rows = plan.batch_sizes[t], off = plan.offsets[t];
@@ -223,6 +229,7 @@ void run_backward(const StepPlan& plan, int64_t G, int64_t H, void (*row_kernel)
     recurrent.multiply(rows, dp + off * GH, GH, T(0), dhp, P);
     for (int64_t i = 0; i < rows * P; ++i) dhs[i] += m ? dhp[i] * m[i] : dhp[i];
     seen_previous_h(rows, from_prev, P, o_all + prev_off * P, h0, m, h_seen.data_ptr<T>() + off * P);
+    threads.after_step(rows);
   }
   // dW_hh = dP^T (h_{t-1} * mask) and dW_hr = dL/dh~^T r over all rows; the gains' and biases' sums.
   gemm<T>(true, false, GH, P, N, T(1), dp, GH, h_seen.data_ptr<T>(), P, T(0), f.grad_whh.data_ptr<T>(), P);

@@ -16,11 +16,14 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
+#include <atomic>
+#include <climits>
 #include <cmath>
 #include <type_traits>
 
 #include "../cell_math.h"
 #include "pointwise.h"
+#include "team.h"  // note_pass_balance, monotonic_ns
 
 namespace rnnfused {
 
@@ -142,11 +145,20 @@ constexpr int64_t kGrainRnn = 8192;    // Elman RNN: one
 
 // Calls f(row, j_begin, j_end) over rows x [0, width), split across threads in flat chunks so
 // that a batch of one row still uses every thread when it is wide enough.
+// Notes how far apart its threads finished (note_pass_balance, team.h: the per-step path's
+// watch for a thread without a core).
 template <typename F>
 inline void for_each_segment(int64_t rows, int64_t width, int64_t grain, const F& f) {
   const int64_t total = rows * width;
   if (total == 0) return;
+  const int64_t start = monotonic_ns();
+  const int64_t straggler_us = engine_straggler_delay_us();  // testing hook: late threads
+  std::atomic<int64_t> threads{0}, first{INT64_MAX}, last{0};
   at::parallel_for(0, total, grain, [&](int64_t begin, int64_t end) {
+    if (straggler_us > 0 && begin > 0) {
+      const timespec delay{static_cast<time_t>(straggler_us / 1000000), static_cast<long>(straggler_us % 1000000) * 1000};
+      nanosleep(&delay, nullptr);
+    }
     int64_t idx = begin;
     while (idx < end) {
       const int64_t row = idx / width;
@@ -155,7 +167,14 @@ inline void for_each_segment(int64_t rows, int64_t width, int64_t grain, const F
       f(row, j, j_end);
       idx += j_end - j;
     }
+    const int64_t done = monotonic_ns() - start;
+    threads.fetch_add(1, std::memory_order_relaxed);
+    for (int64_t seen = first.load(); done < seen && !first.compare_exchange_weak(seen, done);) {
+    }
+    for (int64_t seen = last.load(); done > seen && !last.compare_exchange_weak(seen, done);) {
+    }
   });
+  note_pass_balance(threads.load(), first.load(), last.load());
 }
 
 // Loads and stores of `n` lanes (n == Vec::size() on all but the last chunk of a segment).

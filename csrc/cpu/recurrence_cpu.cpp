@@ -21,6 +21,7 @@
 #include "engine.h"
 #include "op_helpers.h"
 #include "pointwise.h"
+#include "team.h"  // CallThreads
 
 namespace rnnfused::cpu {
 namespace {
@@ -228,6 +229,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_recurrence_cpu(
   check_matrix(op, "c0", c0, gates_x, h0.size(0), H);
   const int64_t B = h0.size(0);
   const StepPlan plan = make_step_plan(op, gates_x.size(0), B, batch_sizes, reverse);
+  CallThreads threads;  // on one thread in a one-thread period, or once its time loop stalls
 
   const auto dtype = gates_x.scalar_type();
   const auto acc = compute_dtype(dtype);
@@ -277,6 +279,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_recurrence_cpu(
     step.r_out = proj ? r : hs;
     const StepWeight<T> recurrent(true, B, 4 * H, P, whh.data_ptr<T>(), P);          // h W_hh^T
     const StepWeight<T> projection(true, B, P, H, proj ? whr.data_ptr<T>() : nullptr, H);  // r W_hr^T
+    threads.start_steps(B);
     for (const auto s : c10::irange(plan.steps())) {
       const int64_t t = plan.step_at(s);
       const int64_t rows = plan.batch_sizes[t], off = plan.offsets[t];
@@ -294,6 +297,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_recurrence_cpu(
       if (keep_h) zoneout_blend(rows * P, keep_h.at(off), keep_h.stride, h_prev.data_ptr<T>(), hs, hs);
       round_to_storage(dtype, hs, rows * P);
       std::memcpy(out + off * P, hs, rows * P * sizeof(T));
+      threads.after_step(rows);
     }
   });
   return {to_dtype(output, dtype), to_dtype(h_state, dtype), to_dtype(c_state, dtype), workspace};
@@ -326,6 +330,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   check_optional_grad(op, "grad_c_n", grad_c_n, c0);
   const int64_t B = h0.size(0);
   const StepPlan plan = make_step_plan(op, output.size(0), B, batch_sizes, reverse);
+  CallThreads threads;  // on one thread in a one-thread period, or once its time loop stalls
 
   const auto dtype = output.scalar_type();
   const auto acc = compute_dtype(dtype);
@@ -383,6 +388,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     step.dc_state = dc_state.data_ptr<T>();
     const StepWeight<T> recurrent(false, B, P, 4 * H, whh.data_ptr<T>(), P);           // dG W_hh
     const StepWeight<T> projection(false, B, H, P, proj ? whr.data_ptr<T>() : nullptr, H);  // dh W_hr
+    threads.start_steps(B);
     for (int64_t s = plan.steps() - 1; s >= 0; --s) {
       const int64_t t = plan.step_at(s);
       const int64_t rows = plan.batch_sizes[t], off = plan.offsets[t];
@@ -424,6 +430,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       if (mask.defined()) multiply_by_mask(rows * P, dh, mask.data_ptr<T>(), dh);
       if (keep_h) add_into(rows * P, dh_kept.data_ptr<T>(), dh);
       if (keep_c) add_into(rows * H, dc_kept.data_ptr<T>(), step.dc_state);
+      threads.after_step(rows);
     }
   });
   }
@@ -452,6 +459,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_recurrence_cpu(const at::Tens
               w_hh.sizes());
   const int64_t B = h0.size(0);
   const StepPlan plan = make_step_plan(op, gates_x.size(0), B, batch_sizes, reverse);
+  CallThreads threads;  // on one thread in a one-thread period, or once its time loop stalls
 
   const auto dtype = gates_x.scalar_type();
   const auto acc = compute_dtype(dtype);
@@ -489,6 +497,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_recurrence_cpu(const at::Tens
     step.bias = bias.data_ptr<T>();
     step.h_state = hs;
     const StepWeight<T> recurrent(true, B, 3 * H, H, whh.data_ptr<T>(), H);  // h W_hh^T
+    threads.start_steps(B);
     for (const auto s : c10::irange(plan.steps())) {
       const int64_t t = plan.step_at(s);
       const int64_t rows = plan.batch_sizes[t], off = plan.offsets[t];
@@ -501,6 +510,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_recurrence_cpu(const at::Tens
       if (keep_h) zoneout_blend(rows * H, keep_h.at(off), keep_h.stride, h_prev.data_ptr<T>(), hs, hs);
       round_to_storage(dtype, hs, rows * H);
       std::memcpy(out + off * H, hs, rows * H * sizeof(T));
+      threads.after_step(rows);
     }
   });
   return {to_dtype(output, dtype), to_dtype(h_state, dtype), workspace};
@@ -521,6 +531,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_recurrence_backwa
   check_optional_grad(op, "grad_h_n", grad_h_n, h0);
   const int64_t B = h0.size(0);
   const StepPlan plan = make_step_plan(op, output.size(0), B, batch_sizes, reverse);
+  CallThreads threads;  // on one thread in a one-thread period, or once its time loop stalls
 
   const auto dtype = output.scalar_type();
   const auto acc = compute_dtype(dtype);
@@ -561,6 +572,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_recurrence_backwa
     step.hidden = H;
     step.dh_state = dh;
     const StepWeight<T> recurrent(false, B, H, 3 * H, whh.data_ptr<T>(), H);  // dG_h W_hh
+    threads.start_steps(B);
     for (int64_t s = plan.steps() - 1; s >= 0; --s) {
       const int64_t t = plan.step_at(s);
       const int64_t rows = plan.batch_sizes[t], off = plan.offsets[t];
@@ -582,6 +594,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_recurrence_backwa
         add_into(rows * H, product.data_ptr<T>(), dh);
       }
       if (keep_h) add_into(rows * H, dh_kept.data_ptr<T>(), dh);
+      threads.after_step(rows);
     }
   });
   }
@@ -611,6 +624,7 @@ std::tuple<at::Tensor, at::Tensor> rnn_recurrence_cpu(const at::Tensor& gates_x,
   TORCH_CHECK(w_hh.size(1) == H, op, ": w_hh must be [hidden, hidden] = [", H, ", ", H, "], got ", w_hh.sizes());
   const int64_t B = h0.size(0);
   const StepPlan plan = make_step_plan(op, gates_x.size(0), B, batch_sizes, reverse);
+  CallThreads threads;  // on one thread in a one-thread period, or once its time loop stalls
 
   const auto dtype = gates_x.scalar_type();
   const auto acc = compute_dtype(dtype);
@@ -649,6 +663,7 @@ std::tuple<at::Tensor, at::Tensor> rnn_recurrence_cpu(const at::Tensor& gates_x,
     step.bias = bias.data_ptr<T>();
     step.h_state = hs;
     const StepWeight<T> recurrent(true, B, H, H, whh.data_ptr<T>(), H);  // h W_hh^T
+    threads.start_steps(B);
     for (const auto s : c10::irange(plan.steps())) {
       const int64_t t = plan.step_at(s);
       const int64_t rows = plan.batch_sizes[t], off = plan.offsets[t];
@@ -660,6 +675,7 @@ std::tuple<at::Tensor, at::Tensor> rnn_recurrence_cpu(const at::Tensor& gates_x,
       if (keep_h) zoneout_blend(rows * H, keep_h.at(off), keep_h.stride, h_prev.data_ptr<T>(), hs, hs);
       round_to_storage(dtype, hs, rows * H);
       std::memcpy(out + off * H, hs, rows * H * sizeof(T));
+      threads.after_step(rows);
     }
   });
   return {to_dtype(output, dtype), to_dtype(h_state, dtype)};
@@ -680,6 +696,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_recurrence_backwa
   check_optional_grad(op, "grad_h_n", grad_h_n, h0);
   const int64_t B = h0.size(0);
   const StepPlan plan = make_step_plan(op, output.size(0), B, batch_sizes, reverse);
+  CallThreads threads;  // on one thread in a one-thread period, or once its time loop stalls
 
   const auto dtype = output.scalar_type();
   const auto acc = compute_dtype(dtype);
@@ -727,6 +744,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_recurrence_backwa
     step.hidden = H;
     step.dh_state = dh;
     const StepWeight<T> recurrent(false, B, H, H, whh.data_ptr<T>(), H);  // dG W_hh
+    threads.start_steps(B);
     for (int64_t s = plan.steps() - 1; s >= 0; --s) {
       const int64_t t = plan.step_at(s);
       const int64_t rows = plan.batch_sizes[t], off = plan.offsets[t];
@@ -742,6 +760,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_recurrence_backwa
       recurrent.multiply(rows, step.grad_gates, H, T(0), dh, H);
       if (mask.defined()) multiply_by_mask(rows * H, dh, mask.data_ptr<T>(), dh);
       if (keep_h) add_into(rows * H, dh_kept.data_ptr<T>(), dh);
+      threads.after_step(rows);
     }
   });
   }
@@ -792,6 +811,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_inference_cpu(
   const int64_t B = h0.size(0);
   const auto dtype = input.scalar_type();
   const StepPlan plan = make_step_plan(op, input.size(0), B, batch_sizes, reverse);
+  CallThreads threads;  // on one thread in a one-thread period, or once its time loop stalls
   const bool own_dtype = dtype == at::kFloat || dtype == at::kDouble;
   const auto element_size = static_cast<int64_t>(c10::elementSize(dtype));
   const bool full_steps = plan.rows == plan.steps() * B;  // no step with fewer rows than the batch

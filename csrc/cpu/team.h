@@ -39,11 +39,13 @@
 // 50 ms (5.8-6.4 ms there; 0.25 ms calls 1.14 -> 1.24 ms).
 #pragma once
 
+#include <ATen/Context.h>  // deterministicAlgorithms
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <memory>
 #include <thread>
 #include <vector>
 
@@ -274,8 +276,9 @@ void run_team(int64_t slices, int64_t phases, const Prepare& prepare, const Run&
 #if AT_PARALLEL_OPENMP
   // at::parallel_for with grain 1 gives each OpenMP thread at most one contiguous chunk of slices,
   // all chunks running at once (one parallel region); inside another parallel region all slices
-  // run on this thread, as in a one-thread period after a stall.
-  if (slices > 1 && !at::in_parallel_region()) {
+  // run on this thread, as in a one-thread period after a stall, and so do they when the caller
+  // has one OpenMP thread (torch.set_num_threads(1), OneThreadBlas).
+  if (slices > 1 && !at::in_parallel_region() && at::get_num_threads() > 1) {
     whole_team = solo_until_ns().load(std::memory_order_relaxed) <= start;
     solo = !whole_team;
     if (solo) count_engine_solo_run();
@@ -300,5 +303,137 @@ void run_team(int64_t slices, int64_t phases, const Prepare& prepare, const Run&
     }
   }
 }
+
+// ---------------------------------------------------------------------------------------------
+// The per-step path (recurrence_cpu.cpp: one BLAS GEMM and one gate pass per step, each its own
+// OpenMP parallel region) under contention. Each region waits for its slowest thread, and a
+// thread that shares its core with another busy process now and then loses it for one of that
+// process's time slices: the region it is in, and so the step, then takes milliseconds instead of
+// tens of microseconds. There is no phase to take over, so the call watches its steps and its
+// gate passes (pointwise_impl.h's for_each_segment notes how far apart their threads finished),
+// and once it has stalled the rest of the call, and the calls of the next period, run on one
+// thread: the one-thread period of the teams above (note_team_stall). Seen on a 2-core Intel Xeon
+// VM with another process spinning on one core (2026-12-01; LSTM B = 16, T = 50, I = 256,
+// H = 512, proj_size = 128, forward + backward): steps of 55-130 us, and a few per call of
+// 4-22 ms, some of them in a row. Medians per call before this rule, two threads / one thread:
+// 116 / 35 ms under contention (19 / 37 alone); LSTM B = 64, T = 25, I = H = 512: 324 / 138
+// (75 / 137 alone).
+// ---------------------------------------------------------------------------------------------
+
+// A pass whose threads finished more than kLatePassNs apart, the last more than twice as late as
+// the first (counting from the start of the pass), was late: its threads run equal shares, and
+// those that keep their cores finish within microseconds of each other. One that finished
+// kStallNs apart stalled.
+constexpr int64_t kLatePassNs = 250000;
+// A call in which at least this share of its split passes (1 / kLatePassShare), and at least
+// kMinLatePasses of them, were late has stalled, as one with a stalled pass or step has.
+constexpr int64_t kLatePassShare = 8;
+constexpr int64_t kMinLatePasses = 4;
+
+// The gate passes run on more than one thread (split), and the late and stalled ones among them,
+// counted per calling thread.
+struct PassBalance {
+  int64_t split = 0;
+  int64_t late = 0;
+  int64_t stalled = 0;
+};
+
+inline PassBalance& pass_balance() {
+  thread_local PassBalance balance;
+  return balance;
+}
+
+// A pass that ran on `threads` threads, the first finishing `first_ns` and the last `last_ns`
+// after it started.
+inline void note_pass_balance(int64_t threads, int64_t first_ns, int64_t last_ns) {
+  if (threads < 2) return;
+  PassBalance& balance = pass_balance();
+  ++balance.split;
+  const int64_t gap = last_ns - first_ns;
+  if (gap > kLatePassNs && last_ns > 2 * first_ns) ++balance.late;
+  if (gap > kStallNs) ++balance.stalled;
+}
+
+// The threads of one call of a recurrence op. Within a one-thread period (a recent stall of a
+// team or of another call) the whole call runs on its calling thread: the GEMMs before and after
+// its time loop (gates_x, dW), its per-step GEMMs and passes (a team inside it runs as in a
+// parallel region). Otherwise a per-step time loop calls start_steps() before its first step and
+// after_step() after each; once the loop has stalled (a stalled pass, too many late ones, or a
+// step that took kStallNs and kStallPhases times the fastest step of as many rows so far), the
+// call notes the stall (starting a period) and runs the rest of itself on one thread: the GEMMs
+// after the loop too, which under contention stall as the loop's did (LSTM B = 16, T = 50,
+// proj_size = 128, forward + backward under contention, same machine, medians of 40 calls in
+// separate runs: 40-58 ms with them on one thread, 86 with them on both). A call that ran split passes without a late one (its own or those of
+// the calls it made) sets the next period back to the shortest, as a clean whole team does.
+//
+// On one thread a GEMM may round differently: MKL may split a product's sums across its threads
+// (measured on a 2-core Intel Xeon: the per-step products at B = 1 and 5, and dW_hh at B = 256,
+// H = 64, differed by up to about 1e-6 relative; none at B = 16 to 64). So a call that runs on one
+// thread under contention is not bitwise the call on an idle machine, as torch.nn's results are
+// not bitwise across thread counts. Under torch.use_deterministic_algorithms(True) calls keep
+// their threads whatever happens (the teams' one-thread runs compute the same values, and stay).
+class CallThreads {
+ public:
+  CallThreads() : start_(pass_balance()) {
+    if (at::in_parallel_region() || at::get_num_threads() < 2) return;  // one thread already
+    if (at::globalContext().deterministicAlgorithms()) return;
+    if (solo_until_ns().load(std::memory_order_relaxed) > monotonic_ns()) {
+      count_engine_solo_run();
+      one_thread_ = std::make_unique<OneThreadBlas>();
+      return;
+    }
+    watching_ = true;
+  }
+  ~CallThreads() {
+    const PassBalance& now = pass_balance();
+    if (watching_ && now.split > start_.split && now.late == start_.late) {
+      solo_period_ns().store(kSoloNs, std::memory_order_relaxed);
+    }
+  }
+  CallThreads(const CallThreads&) = delete;
+  CallThreads& operator=(const CallThreads&) = delete;
+
+  // Before the first step of a per-step time loop whose steps have at most `batch` rows.
+  void start_steps(int64_t batch) {
+    if (!watching_) return;
+    fastest_ns_.assign(static_cast<size_t>(batch) + 1, 0);
+    step_start_ns_ = monotonic_ns();
+    first_step_ = true;
+  }
+
+  // After each step (`rows` rows) of the time loop.
+  void after_step(int64_t rows) {
+    if (!watching_) return;
+    const int64_t now = monotonic_ns();
+    const int64_t took = now - step_start_ns_;
+    step_start_ns_ = now;
+    if (first_step_) {
+      // Not the first step's passes: in a process's first call they may start the thread pool,
+      // and the new thread may share the caller's core for a few milliseconds.
+      first_step_ = false;
+      start_ = pass_balance();
+    }
+    int64_t& fastest = fastest_ns_[static_cast<size_t>(rows)];
+    const bool slow_step = fastest > 0 && took > std::max(kStallNs, kStallPhases * fastest);
+    if (fastest == 0 || took < fastest) fastest = took;
+    const PassBalance& balance = pass_balance();
+    const int64_t split = balance.split - start_.split;
+    const int64_t late = balance.late - start_.late;
+    if (slow_step || balance.stalled > start_.stalled || (late >= kMinLatePasses && late * kLatePassShare >= split)) {
+      note_team_stall(now);
+      count_engine_solo_run();
+      one_thread_ = std::make_unique<OneThreadBlas>();
+      watching_ = false;
+    }
+  }
+
+ private:
+  PassBalance start_;
+  bool watching_ = false;
+  std::vector<int64_t> fastest_ns_;  // per row count: the fastest step so far (0: none yet)
+  int64_t step_start_ns_ = 0;
+  bool first_step_ = false;
+  std::unique_ptr<OneThreadBlas> one_thread_;
+};
 
 }  // namespace rnnfused::cpu
