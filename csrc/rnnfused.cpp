@@ -104,6 +104,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("_set_cpu_engine_straggler_inside_phase", &rnnfused::cpu::set_engine_straggler_delay_inside_phase,
         "Testing hook: the straggler delay comes after the thread claimed its phase (a thread that lost its "
         "core in the middle of a phase) instead of before");
+  m.def("_set_cpu_engine_straggler_before_start", &rnnfused::cpu::set_engine_straggler_delay_before_start,
+        "Testing hook: the straggler delay comes once, before the thread starts running the team (a thread that "
+        "has no core when the team starts) instead of before each phase");
   m.def("_cpu_engine_stalls", &rnnfused::cpu::engine_stalls,
         "Testing hook: how many stalled teams were noted: a thread waited at least 2 ms (and 8 times the last team's "
         "average phase) for a phase that another thread was running, or at least a quarter of the team's phases (and 8) "

@@ -439,6 +439,36 @@ def test_team_mostly_taken_over_puts_the_next_teams_on_one_thread(product):
     assert out[-4] == "counts" and all(int(n) > 0 for n in out[-3:]), out
 
 
+@pytest.mark.parametrize("product", ["tiles", "blas"])
+def test_thread_that_never_starts_puts_the_next_teams_on_one_thread(product):
+    """A thread that has not started running its team 1 ms after the team started (it sleeps 20 ms
+    first, longer than the team's phases take, as a thread whose core another process has when
+    the team starts) leaves its phases to
+    the calling thread, each after a spin: the team counts as stalled, and the teams of the next
+    period run on their calling thread alone. The numbers are still torch.nn's (T = 300, H = 128,
+    so that the phases and the spins before their takeovers outlast the millisecond)."""
+    if product == "blas" and _C.cpu_blas() != "blas":
+        pytest.skip("this torch exports no BLAS")
+    out = _run(f"""
+        import torch, rnnfused
+        from rnnfused import _C
+        from helpers import LAYER_MODES, assert_twins_agree, sequence_inputs, twin_layers
+        torch.set_num_threads(2)
+        _C._set_cpu_path("fused")
+        _C._set_cpu_engine_min_flops(0)
+        _C._set_cpu_engine_blas_override({1 if product == "blas" else -1})
+        _C._set_cpu_engine_straggler_delay_us(20000)
+        _C._set_cpu_engine_straggler_before_start(True)
+        before = _C._cpu_engine_stalls(), _C._cpu_engine_solo_runs()
+        for mode in LAYER_MODES:
+            _C._end_cpu_engine_solo()
+            ref, ours = twin_layers(mode, 7, 128, dtype=torch.float64)
+            assert_twins_agree(ref, ours, sequence_inputs("padded", 300, 1, 7, None, torch.float64))
+        print("counts", _C._cpu_engine_stalls() - before[0], _C._cpu_engine_solo_runs() - before[1])
+    """).split()
+    assert out[-3] == "counts" and int(out[-2]) >= len(LAYER_MODES) and int(out[-1]) > 0, out
+
+
 def test_one_thread_period_doubles_while_teams_keep_stalling():
     """Each stalled team (noted here through the testing hook, as a team that stalled notes itself
     when it ends) puts the teams of the next period on one thread and doubles the next period (50,

@@ -253,11 +253,12 @@ void set_engine_min_flops_per_thread(int64_t flops);
 // Testing hooks of the team (team.h): make the threads that own slices other than the first late
 // by this many microseconds before each phase (0: off), or inside each phase they claimed (and
 // the threads other than the calling one in each gate pass of the per-step path, before their
-// share); count the phases that a thread ran for a late slice's owner, the stalls noted (teams
+// share), or once before they start running the team; count the phases that a thread ran for a late slice's owner, the stalls noted (teams
 // and per-step calls, team.h) and the teams and calls run on one thread after one; end the
 // one-thread period now.
 void set_engine_straggler_delay_us(int64_t us);
 void set_engine_straggler_delay_inside_phase(bool inside);
+void set_engine_straggler_delay_before_start(bool before);
 int64_t engine_takeovers();
 int64_t engine_stalls();
 int64_t engine_solo_runs();

@@ -142,6 +142,7 @@ CpuPath g_cpu_path = cpu_path_from_environment();
 int64_t g_straggler_delay_us = 0;
 std::atomic<int64_t> g_takeovers{0};
 bool g_straggler_inside_phase = false;
+bool g_straggler_before_start = false;
 std::atomic<int64_t> g_stalls{0};
 std::atomic<int64_t> g_solo_runs{0};
 std::atomic<int64_t> g_blas_calls{0};
@@ -228,6 +229,8 @@ void count_engine_takeover() { g_takeovers.fetch_add(1, std::memory_order_relaxe
 int64_t engine_takeovers() { return g_takeovers.load(std::memory_order_relaxed); }
 bool engine_straggler_delay_inside_phase() { return g_straggler_inside_phase; }
 void set_engine_straggler_delay_inside_phase(bool inside) { g_straggler_inside_phase = inside; }
+bool engine_straggler_delay_before_start() { return g_straggler_before_start; }
+void set_engine_straggler_delay_before_start(bool before) { g_straggler_before_start = before; }
 void count_engine_stall() { g_stalls.fetch_add(1, std::memory_order_relaxed); }
 int64_t engine_stalls() { return g_stalls.load(std::memory_order_relaxed); }
 void count_engine_solo_run() { g_solo_runs.fetch_add(1, std::memory_order_relaxed); }

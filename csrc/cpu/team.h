@@ -61,6 +61,7 @@ namespace rnnfused::cpu {
 // stalls noted and of the teams run on one thread after one.
 int64_t engine_straggler_delay_us();
 bool engine_straggler_delay_inside_phase();  // the delay after claiming a phase instead of before
+bool engine_straggler_delay_before_start();   // the delay once, before the thread starts the team
 void count_engine_takeover();
 void count_engine_stall();
 void count_engine_solo_run();
@@ -128,10 +129,19 @@ inline std::atomic<int64_t>& last_phase_ns() {
 // unchanged.
 constexpr int64_t kTakeoverShare = 4;
 constexpr int64_t kMinTakeovers = 8;
+// A team whose phase is taken over from a thread that has not started running it this long after
+// the team started is stalled too: a thread woken from its wait starts within about a hundred
+// microseconds on an idle machine, while one whose core another process has may not start before
+// the team ends, and then every phase of its slices cost the waiting thread its spin first
+// (Elman RNN (tanh), B = 1, T = 100, H = I = 256, eval forward on the Intel Xeon VM under
+// contention, 2026-12-01: 12.8 ms per call, median of 200, against 0.37 alone; 2 stalls noted in
+// the 200 calls, while about 70 of each call's 100 phases were taken over).
+constexpr int64_t kLateArrivalNs = 1000000;
 
 class PhaseFlags {
  public:
-  explicit PhaseFlags(int64_t slices) : flags_(static_cast<size_t>(slices)) {}
+  // start_ns: when the team started (monotonic_ns).
+  PhaseFlags(int64_t slices, int64_t start_ns) : flags_(static_cast<size_t>(slices)), start_ns_(start_ns) {}
 
   // The thread that owns `slice` has started running the team.
   void arrive(int64_t slice) { flags_[slice].owner_arrived.store(true, std::memory_order_relaxed); }
@@ -172,6 +182,8 @@ class PhaseFlags {
           if (late >= kMinTakeovers && late * kTakeoverShare >= done + 1) {
             stalled_.store(true, std::memory_order_relaxed);
           }
+        } else if (!stalled() && monotonic_ns() - start_ns_ > kLateArrivalNs) {
+          stalled_.store(true, std::memory_order_relaxed);  // its owner has not even started
         }
         run(slice, done);
         publish(slice, done + 1);
@@ -224,6 +236,7 @@ class PhaseFlags {
   // before: a thread that wakes late, after the team's threads were idle, misses the first phases).
   alignas(64) std::atomic<int64_t> late_takeovers_{0};
   std::atomic<bool> stalled_{false};
+  int64_t start_ns_;
 };
 
 // Runs `phases` phases on `slices` slices: prepare(slice) before the slice's first phase, then
@@ -233,13 +246,15 @@ class PhaseFlags {
 template <typename Prepare, typename Run, typename BarrierBefore>
 void run_team(int64_t slices, int64_t phases, const Prepare& prepare, const Run& run,
               const BarrierBefore& barrier_before) {
-  PhaseFlags flags(slices);
+  const int64_t start = monotonic_ns();
+  PhaseFlags flags(slices, start);
   auto run_phase = [&](int64_t slice, int64_t q) {
     if (q == 0) prepare(slice);
     run(slice, q);
   };
   const int64_t delay_us = engine_straggler_delay_us();
   const bool delay_inside = engine_straggler_delay_inside_phase();
+  const bool delay_before_start = engine_straggler_delay_before_start();
   auto straggle = [&](int64_t begin) {
     if (delay_us > 0 && begin > 0) {
       const timespec delay{static_cast<time_t>(delay_us / 1000000), static_cast<long>(delay_us % 1000000) * 1000};
@@ -250,10 +265,11 @@ void run_team(int64_t slices, int64_t phases, const Prepare& prepare, const Run&
   // chunk) leave it between two phases, and the calling thread runs every phase left, without
   // spinning before it takes one over: the rest of the call runs as a one-thread team would.
   auto body = [&](int64_t begin, int64_t end) {
+    if (delay_before_start) straggle(begin);
     for (int64_t slice = begin; slice < end; ++slice) flags.arrive(slice);
     for (int64_t q = 0; q < phases; ++q) {
       if (begin > 0 && flags.stalled()) return;
-      if (!delay_inside) straggle(begin);
+      if (!delay_inside && !delay_before_start) straggle(begin);
       if (q > 0 && barrier_before(q)) {
         for (int64_t slice = 0; slice < slices; ++slice) flags.wait_for(slice, q, run_phase);
       }
@@ -270,7 +286,6 @@ void run_team(int64_t slices, int64_t phases, const Prepare& prepare, const Run&
       for (int64_t slice = 0; slice < slices; ++slice) flags.wait_for(slice, phases, run_phase);
     }
   };
-  const int64_t start = monotonic_ns();
   bool whole_team = false;
   bool solo = false;  // on one thread in a one-thread period
 #if AT_PARALLEL_OPENMP
