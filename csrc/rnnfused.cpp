@@ -123,6 +123,27 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("_end_cpu_engine_solo", &rnnfused::cpu::end_engine_solo,
         "Testing hook: teams use all their threads again from now, whatever the last stall; the next "
         "one-thread period is the shortest again");
+  // A context manager: inside it, within a one-thread period, this thread's GEMMs run on one thread.
+  struct OneThreadPeriodScope {
+    std::unique_ptr<rnnfused::cpu::OneThreadBlas> one_thread;
+  };
+  py::class_<OneThreadPeriodScope>(
+      m, "_CpuOneThreadPeriod",
+      "Within a one-thread period after a stall (another process took a core), the calling thread's MKL and "
+      "OpenMP calls inside the block run on one thread (counted as a one-thread run); otherwise nothing "
+      "changes. __enter__ returns whether it applied.")
+      .def(py::init<>())
+      .def("__enter__",
+           [](OneThreadPeriodScope& scope) {
+             scope.one_thread = rnnfused::cpu::one_thread_in_period();
+             return scope.one_thread != nullptr;
+           })
+      .def("__exit__", [](OneThreadPeriodScope& scope, const py::args&) {
+        scope.one_thread.reset();
+        return false;
+      });
+  m.def("_cpu_one_thread_period_applies", &rnnfused::cpu::one_thread_period_applies,
+        "Whether _CpuOneThreadPeriod would put the calling thread on one thread now");
   m.def("_cpu_engine_min_flops", &rnnfused::cpu::engine_min_flops_per_thread,
         "Testing hook: the per-step work each thread of the engine's team must have");
   m.def("_set_cpu_engine_min_flops", &rnnfused::cpu::set_engine_min_flops_per_thread,

@@ -22,6 +22,7 @@ and unit, where s~_t is what the cell computes (for the LSTM h~_t = o tanh(c~_t)
 candidate cell state c~_t = f c_{t-1} + i g). The modules pass 0/1 draws (1 with probability p) in training
 and the scalar p in eval mode.
 """
+import contextlib
 import threading
 
 import torch
@@ -99,6 +100,17 @@ def _eager_cpu_plain(input, tensors):
     return tensors
 
 
+def _gemm_threads(input, tensors):
+    """The threads of a layer's GEMMs outside the recurrence ops (the input projection and its
+    backward): in eager CPU calls on plain tensors, a scope that puts them on one thread while a
+    one-thread period runs (csrc/cpu/team.h: another process took a core, and the ops run on one
+    thread; a GEMM on two threads would leave OpenMP's other thread spinning after it, on the core
+    the calling thread needs). Elsewhere nothing changes."""
+    if _eager_cpu_plain(input, tensors) is None:
+        return contextlib.nullcontext()
+    return _C._CpuOneThreadPeriod()
+
+
 def _records_graph(tensors):
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
@@ -141,13 +153,16 @@ def _infers_from_input(input, w_ih, w_hh, h0, batch_sizes, tensors):
 def _cached_projection(input, w_ih, b_ih):
     """Whether ``x W_ih^T (+ b_ih)`` under autograd goes through _ProjectionIntoCache: in eager
     CPU training (what autograd records is then that Function, not an addmm) on contiguous float32
-    or float64 tensors, where the projection is large enough for the CPU buffer cache."""
+    or float64 tensors, where the projection is large enough for the CPU buffer cache, or within a
+    one-thread period (then its backward's GEMMs run on one thread too, _gemm_threads; a smaller
+    projection gets a plain tensor from _cpu_empty_recycled)."""
     tensors = _eager_cpu_plain(input, (input, w_ih, b_ih))
     if tensors is None or not _records_graph(tensors) or input.dtype not in (torch.float32, torch.float64):
         return False
     if not (input.is_contiguous() and w_ih.is_contiguous()):
         return False
-    return input.shape[0] * w_ih.shape[0] * input.element_size() >= _C._cpu_recycled_min_bytes
+    return (input.shape[0] * w_ih.shape[0] * input.element_size() >= _C._cpu_recycled_min_bytes
+            or _C._cpu_one_thread_period_applies())
 
 
 def _cache_mm(a, b):
@@ -181,9 +196,10 @@ class _ProjectionIntoCache(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         input, weight = ctx.saved_tensors
-        grad_input = _cache_mm(grad, weight) if ctx.needs_input_grad[0] else None
-        grad_weight = grad.t().mm(input) if ctx.needs_input_grad[1] else None
-        grad_bias = grad.sum(0) if ctx.needs_input_grad[2] else None
+        with _gemm_threads(grad, (grad, input, weight)):
+            grad_input = _cache_mm(grad, weight) if ctx.needs_input_grad[0] else None
+            grad_weight = grad.t().mm(input) if ctx.needs_input_grad[1] else None
+            grad_bias = grad.sum(0) if ctx.needs_input_grad[2] else None
         return grad_input, grad_weight, grad_bias
 
 
@@ -194,8 +210,15 @@ def _linear(input, w_ih, b_ih=None):
     GEMM's own time (measured: T100 B64 H512 LSTM, 57 ms fresh vs 41 ms into a kept buffer). The
     buffer grows to the largest projection the thread has run and is freed with the thread (as
     oneDNN keeps its scratchpad, where torch.nn's LSTM writes the same projection). Under
-    autograd, into a buffer of the CPU buffer cache where _cached_projection allows."""
-    if _cached_projection(input, w_ih, b_ih):
+    autograd, into a buffer of the CPU buffer cache where _cached_projection allows. On one thread
+    within a one-thread period (_gemm_threads)."""
+    cached = _cached_projection(input, w_ih, b_ih)  # before the scope: inside it one thread is left
+    with _gemm_threads(input, (input, w_ih, b_ih)):
+        return _linear_in_scope(input, w_ih, b_ih, cached)
+
+
+def _linear_in_scope(input, w_ih, b_ih, cached):
+    if cached:
         return _ProjectionIntoCache.apply(input, w_ih, b_ih)
     if not _reusable_projection(input, w_ih, b_ih):
         return F.linear(input, w_ih, b_ih)

@@ -555,9 +555,9 @@ def test_stalled_per_step_pass_puts_the_call_on_one_thread(proj):
 
 def test_one_thread_period_puts_per_step_calls_on_one_thread():
     """Within a one-thread period (a stall noted by hand here, as a stalled team notes it) a call of
-    the per-step path runs on its calling thread alone (counted once per call), training forward
-    and backward included, with torch.nn's numbers; once the period is ended, calls use both
-    threads again."""
+    the per-step path runs on its calling thread alone, training forward and backward included,
+    and so do the layer's input projection and its backward (each of the four counted once), with
+    torch.nn's numbers; once the period is ended, calls use both threads again."""
     out = _run("""
         import torch, rnnfused
         from rnnfused import _C
@@ -569,11 +569,44 @@ def test_one_thread_period_puts_per_step_calls_on_one_thread():
         _C._end_cpu_engine_solo()
         _C._note_cpu_engine_team_stall()  # 50 ms on one thread
         solo = _C._cpu_engine_solo_runs()
-        assert_twins_agree(ref, ours, inputs)  # each twin: one forward and one backward call
+        assert_twins_agree(ref, ours, inputs)  # ours: the projection and the op, forward and backward
         print("solo", _C._cpu_engine_solo_runs() - solo)
         _C._end_cpu_engine_solo()
         solo = _C._cpu_engine_solo_runs()
         assert_twins_agree(ref, ours, inputs)
         print("after_end", _C._cpu_engine_solo_runs() - solo)
     """).split()
-    assert out[-4:] == ["solo", "2", "after_end", "0"], out
+    assert out[-4:] == ["solo", "4", "after_end", "0"], out
+
+
+def test_one_thread_period_scope_for_the_gemms_outside_the_ops():
+    """rnnfused's layers run their input projection (and its backward) inside _C._CpuOneThreadPeriod:
+    within a one-thread period the block runs on one thread (torch.get_num_threads() is 1 inside,
+    the caller's count again after it); outside a period, and under
+    torch.use_deterministic_algorithms(True), nothing changes (_cpu_one_thread_period_applies says
+    which). A layer trained within a period (its projection then through _ProjectionIntoCache,
+    whatever its size) gives torch.nn's numbers."""
+    out = _run("""
+        import torch, rnnfused
+        from rnnfused import _C
+        from helpers import assert_twins_agree, sequence_inputs, twin_layers
+        torch.set_num_threads(2)
+        def inside():
+            applies = _C._cpu_one_thread_period_applies()
+            with _C._CpuOneThreadPeriod() as applied:
+                threads = torch.get_num_threads()
+            return applies, applied, threads, torch.get_num_threads()
+        _C._end_cpu_engine_solo()
+        print("outside", *inside())
+        _C._note_cpu_engine_team_stall()
+        print("period", *inside())
+        torch.use_deterministic_algorithms(True)
+        print("deterministic", *inside())
+        torch.use_deterministic_algorithms(False)
+        ref, ours = twin_layers("rnn_relu", 5, 64, dtype=torch.float64)
+        _C._note_cpu_engine_team_stall()
+        assert_twins_agree(ref, ours, sequence_inputs("padded", 6, 3, 5, None, torch.float64))
+        print("ok")
+    """).split()
+    assert out[-16:] == ["outside", "False", "False", "2", "2", "period", "True", "True", "1", "2",
+                         "deterministic", "False", "False", "2", "2", "ok"], out

@@ -33,6 +33,7 @@
 #include <c10/core/ScalarType.h>
 
 #include <cstdint>
+#include <memory>
 #include <string>
 
 #include "../checks.h"
@@ -267,5 +268,16 @@ void end_engine_solo();
 int64_t engine_solo_period_ms();
 // Testing hook: notes a stalled team now, as a team that stalled does when it ends.
 void note_engine_team_stall();
+
+// Within a one-thread period after a stall (team.h), and outside torch.use_deterministic_algorithms
+// and parallel regions with more than one thread: a scope that puts this thread's MKL and OpenMP
+// calls on one thread; otherwise nullptr. For the GEMMs that the layers make outside the ops (the
+// input projection and its backward, rnnfused/functional.py): on two threads each leaves
+// OpenMP's other thread spinning for a while after it, on the core the calling thread would have
+// (batch-1 Elman RNN eval forward under contention on a 2-core Intel Xeon VM, 2026-12-01: the op
+// ran on one thread, yet 115 of 200 calls took over 2 ms against 0.5 alone).
+std::unique_ptr<OneThreadBlas> one_thread_in_period();
+// Whether one_thread_in_period() would put this thread on one thread now.
+bool one_thread_period_applies();
 
 }  // namespace rnnfused::cpu
