@@ -156,7 +156,8 @@ inline void for_each_segment(int64_t rows, int64_t width, int64_t grain, const F
   std::atomic<int64_t> threads{0}, first{INT64_MAX}, last{0};
   at::parallel_for(0, total, grain, [&](int64_t begin, int64_t end) {
     if (straggler_us > 0 && begin > 0) {
-      const timespec delay{static_cast<time_t>(straggler_us / 1000000), static_cast<long>(straggler_us % 1000000) * 1000};
+      const timespec delay{static_cast<time_t>(straggler_us / 1000000),
+                           static_cast<long>(straggler_us % 1000000) * 1000};
       nanosleep(&delay, nullptr);
     }
     int64_t idx = begin;

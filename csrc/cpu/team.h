@@ -378,8 +378,9 @@ inline void note_pass_balance(int64_t threads, int64_t first_ns, int64_t last_ns
 // call notes the stall (starting a period) and runs the rest of itself on one thread: the GEMMs
 // after the loop too, which under contention stall as the loop's did (LSTM B = 16, T = 50,
 // proj_size = 128, forward + backward under contention, same machine, medians of 40 calls in
-// separate runs: 40-58 ms with them on one thread, 86 with them on both). A call that ran split passes without a late one (its own or those of
-// the calls it made) sets the next period back to the shortest, as a clean whole team does.
+// separate runs: 40-58 ms with them on one thread, 86 with them on both). A call that ran split
+// passes without a late one (its own or those of the calls it made) sets the next period back to
+// the shortest, as a clean whole team does.
 //
 // On one thread a GEMM may round differently: MKL may split a product's sums across its threads
 // (measured on a 2-core Intel Xeon: the per-step products at B = 1 and 5, and dW_hh at B = 256,
