@@ -275,7 +275,7 @@ void note_engine_team_stall();
 // input projection and its backward, rnnfused/functional.py): on two threads each leaves
 // OpenMP's other thread spinning for a while after it, on the core the calling thread would have
 // (batch-1 Elman RNN eval forward under contention on a 2-core Intel Xeon VM, 2026-12-01: the op
-// ran on one thread, yet 115 of 200 calls took over 2 ms against 0.5 alone).
+// ran on one thread, yet 120 of 200 calls took over 2 ms against 0.5 alone).
 std::unique_ptr<OneThreadBlas> one_thread_in_period();
 // Whether one_thread_in_period() would put this thread on one thread now.
 bool one_thread_period_applies();
