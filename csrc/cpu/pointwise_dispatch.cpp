@@ -237,12 +237,7 @@ void count_engine_solo_run() { g_solo_runs.fetch_add(1, std::memory_order_relaxe
 int64_t engine_solo_runs() { return g_solo_runs.load(std::memory_order_relaxed); }
 int64_t engine_solo_period_ms() { return solo_period_ns().load(std::memory_order_relaxed) / 1000000; }
 void note_engine_team_stall() { note_team_stall(monotonic_ns()); }
-bool one_thread_period_applies() {
-  if (at::in_parallel_region() || at::get_num_threads() < 2 || at::globalContext().deterministicAlgorithms()) {
-    return false;
-  }
-  return solo_until_ns().load(std::memory_order_relaxed) > monotonic_ns();
-}
+bool one_thread_period_applies() { return may_run_on_one_thread() && in_one_thread_period(); }
 std::unique_ptr<OneThreadBlas> one_thread_in_period() {
   if (!one_thread_period_applies()) return nullptr;
   count_engine_solo_run();

@@ -369,6 +369,15 @@ inline void note_pass_balance(int64_t threads, int64_t first_ns, int64_t last_ns
   if (gap > kStallNs) ++balance.stalled;
 }
 
+// Whether this thread's calls may be put on one thread: it has more than one (not inside a
+// parallel region), and torch.use_deterministic_algorithms is off (CallThreads below says why).
+inline bool may_run_on_one_thread() {
+  return !at::in_parallel_region() && at::get_num_threads() > 1 && !at::globalContext().deterministicAlgorithms();
+}
+
+// Whether a one-thread period runs now.
+inline bool in_one_thread_period() { return solo_until_ns().load(std::memory_order_relaxed) > monotonic_ns(); }
+
 // The threads of one call of a recurrence op. Within a one-thread period (a recent stall of a
 // team or of another call) the whole call runs on its calling thread: the GEMMs before and after
 // its time loop (gates_x, dW), its per-step GEMMs and passes (a team inside it runs as in a
@@ -391,9 +400,8 @@ inline void note_pass_balance(int64_t threads, int64_t first_ns, int64_t last_ns
 class CallThreads {
  public:
   CallThreads() : start_(pass_balance()) {
-    if (at::in_parallel_region() || at::get_num_threads() < 2) return;  // one thread already
-    if (at::globalContext().deterministicAlgorithms()) return;
-    if (solo_until_ns().load(std::memory_order_relaxed) > monotonic_ns()) {
+    if (!may_run_on_one_thread()) return;
+    if (in_one_thread_period()) {
       count_engine_solo_run();
       one_thread_ = std::make_unique<OneThreadBlas>();
       return;
