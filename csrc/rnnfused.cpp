@@ -18,6 +18,7 @@
 
 #include "cpu/blas.h"
 #include "cpu/buffer_cache.h"
+#include "cpu/bulk_gemm.h"
 #include "cpu/engine.h"
 #include "cpu/pointwise.h"
 #include "op_schemas.h"
@@ -142,6 +143,27 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         scope.one_thread.reset();
         return false;
       });
+  m.def(
+      "_cpu_bulk_mm",
+      [](const at::Tensor& a, const at::Tensor& b, const c10::optional<at::Tensor>& bias,
+         const c10::optional<at::Tensor>& out) { return rnnfused::cpu::bulk_mm(a, b, bias, out); },
+      py::arg("a"), py::arg("b"), py::arg("bias") = py::none(), py::arg("out") = py::none(),
+      "a @ b (+ bias), into out where given: the input projection and the GEMMs of its backward "
+      "(csrc/cpu/bulk_gemm.h); torch.mm / torch.addmm exactly where the brgemm rule says no");
+  m.def(
+      "_cpu_bulk_gemm_uses_brgemm",
+      [](int64_t m, int64_t n, int64_t k) { return rnnfused::cpu::bulk_gemm_uses_brgemm(at::kFloat, m, n, k); },
+      "Whether a float32 [m, k] x [k, n] product of _cpu_bulk_mm runs on oneDNN's brgemm micro-kernel");
+  m.def("_cpu_step_gemm_uses_brgemm", &rnnfused::cpu::step_gemm_uses_brgemm,
+        "Whether the fused engine's per-slice float32 products run on oneDNN's brgemm micro-kernel");
+  m.def("_cpu_bulk_gemm_mode", &rnnfused::cpu::bulk_gemm_mode,
+        "The rule of _cpu_bulk_mm: 'auto', 'blas' or 'brgemm' (RNNFUSED_CPU_GEMM)");
+  m.def("_set_cpu_bulk_gemm_mode", [](const std::string& mode) { rnnfused::cpu::set_bulk_gemm_mode(mode.c_str()); },
+        "Testing hook: sets the rule of _cpu_bulk_mm ('auto', 'blas' or 'brgemm')");
+  m.def("_cpu_bulk_brgemm_available", &rnnfused::cpu::bulk_brgemm_available,
+        "Whether this torch ships oneDNN's float32 brgemm micro-kernel (and torch.backends.mkldnn is enabled)");
+  m.def("_cpu_bulk_brgemm_calls", &rnnfused::cpu::bulk_brgemm_calls,
+        "Testing hook: the products _cpu_bulk_mm and the ops' backward ran on the micro-kernel since load");
   m.def("_cpu_one_thread_period_applies", &rnnfused::cpu::one_thread_period_applies,
         "Whether _CpuOneThreadPeriod would put the calling thread on one thread now");
   m.def("_cpu_engine_min_flops", &rnnfused::cpu::engine_min_flops_per_thread,

@@ -162,34 +162,37 @@ def _cached_projection(input, w_ih, b_ih):
     if not (input.is_contiguous() and w_ih.is_contiguous()):
         return False
     return (input.shape[0] * w_ih.shape[0] * input.element_size() >= _C._cpu_recycled_min_bytes
-            or _C._cpu_one_thread_period_applies())
+            or _C._cpu_one_thread_period_applies()
+            or (input.dtype == torch.float32
+                and _C._cpu_bulk_gemm_uses_brgemm(input.shape[0], w_ih.shape[0], input.shape[1])))
 
 
 def _cache_mm(a, b):
     """a @ b, into a buffer of the CPU buffer cache where no graph is being recorded (a backward
     without create_graph) and the product is large enough for it."""
-    if torch.is_grad_enabled() or a.shape[0] * b.shape[1] * a.element_size() < _C._cpu_recycled_min_bytes:
+    if torch.is_grad_enabled():
         return a.mm(b)
-    return torch.mm(a, b, out=_C._cpu_empty_recycled([a.shape[0], b.shape[1]], a))
+    if a.shape[0] * b.shape[1] * a.element_size() < _C._cpu_recycled_min_bytes:
+        return _C._cpu_bulk_mm(a, b)
+    return _C._cpu_bulk_mm(a, b, out=_C._cpu_empty_recycled([a.shape[0], b.shape[1]], a))
 
 
 class _ProjectionIntoCache(torch.autograd.Function):
     """``F.linear(input, weight, bias)`` for 2-D CPU tensors under autograd, written into a buffer of
     rnnfused's CPU buffer cache (csrc/cpu/buffer_cache.h) instead of a fresh tensor: the [N, G*H]
     projection of a training step is tens of megabytes, which glibc maps afresh on every call (a
-    page fault per 4 KiB page). Forward and backward make the calls that F.linear and its
-    autograd make (addmm or mm; grad_input = grad W, grad_weight = grad^T x, grad_bias = the sum
-    of grad's rows), so the results are bitwise the same (tests/test_buffer_cache.py); the
-    backward is itself differentiable (double backward). grad_input goes into the cache as well
-    where no graph is being recorded."""
+    page fault per 4 KiB page). Forward and backward make the products that F.linear and its
+    autograd make (grad_input = grad W, grad_weight = grad^T x, grad_bias = the sum of grad's rows)
+    through _C._cpu_bulk_mm: the same ATen calls (addmm or mm), so results bitwise those of
+    F.linear, except where oneDNN's brgemm micro-kernel runs them instead (processors other than
+    Intel's with AVX-512, where torch's MKL runs AVX2 kernels: csrc/cpu/bulk_gemm.h); the backward
+    is itself differentiable (double backward: recorded, it makes the ATen calls). grad_input goes
+    into the cache as well where no graph is being recorded."""
 
     @staticmethod
     def forward(ctx, input, weight, bias):
         out = _C._cpu_empty_recycled([input.shape[0], weight.shape[0]], input)
-        if bias is None:
-            torch.mm(input, weight.t(), out=out)
-        else:
-            torch.addmm(bias, input, weight.t(), out=out)
+        _C._cpu_bulk_mm(input, weight.t(), bias, out)
         ctx.save_for_backward(input, weight)
         return out
 
@@ -198,7 +201,10 @@ class _ProjectionIntoCache(torch.autograd.Function):
         input, weight = ctx.saved_tensors
         with _gemm_threads(grad, (grad, input, weight)):
             grad_input = _cache_mm(grad, weight) if ctx.needs_input_grad[0] else None
-            grad_weight = grad.t().mm(input) if ctx.needs_input_grad[1] else None
+            grad_weight = None
+            if ctx.needs_input_grad[1]:
+                # With create_graph the backward is recorded: the ATen call autograd knows.
+                grad_weight = grad.t().mm(input) if torch.is_grad_enabled() else _C._cpu_bulk_mm(grad.t(), input)
             grad_bias = grad.sum(0) if ctx.needs_input_grad[2] else None
         return grad_input, grad_weight, grad_bias
 
@@ -231,9 +237,7 @@ def _linear_in_scope(input, w_ih, b_ih, cached):
         with torch.inference_mode(False):
             buffer = _projection_buffers.buffer = torch.empty(count, dtype=input.dtype)
     out = buffer[:count].view(input.shape[0], w_ih.shape[0])
-    if b_ih is None:
-        return torch.mm(input, w_ih.t(), out=out)
-    return torch.addmm(b_ih, input, w_ih.t(), out=out)
+    return _C._cpu_bulk_mm(input, w_ih.t(), b_ih, out)
 
 
 def _project(input, w_ih, b_ih):

@@ -175,26 +175,45 @@ def test_environment_variable():
     assert "RNNFUSED_CPU_BUFFER_CACHE_MB must be a whole number of megabytes" in result.stderr
 
 
+@pytest.fixture
+def bulk_gemm_mode():
+    """Sets the rule of the projection's GEMMs (csrc/cpu/bulk_gemm.h) for one test."""
+    before = _C._cpu_bulk_gemm_mode()
+    yield _C._set_cpu_bulk_gemm_mode
+    _C._set_cpu_bulk_gemm_mode(before)
+
+
+@pytest.mark.parametrize("mode", ["blas", "brgemm"])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_training_projection_is_bitwise_f_linear(with_bias):
+def test_training_projection_matches_f_linear(with_bias, mode, bulk_gemm_mode):
     """The projection under autograd (functional._ProjectionIntoCache) against F.linear and its
-    autograd: the same values, bitwise, for the output and every gradient."""
+    autograd, for the output and every gradient: bitwise where its GEMMs are the ATen calls
+    ("blas"), to float32 rounding where oneDNN's brgemm micro-kernel runs them (each of the three
+    products counted)."""
     from rnnfused import functional
+    if mode == "brgemm" and not _C._cpu_bulk_brgemm_available():
+        pytest.skip("this torch ships no float32 brgemm micro-kernel")
+    bulk_gemm_mode(mode)
     generator = torch.Generator().manual_seed(3)
     x = torch.randn(4096, 48, generator=generator, requires_grad=True)
     w = torch.randn(1024, 48, generator=generator, requires_grad=True)
     b = torch.randn(1024, generator=generator, requires_grad=True) if with_bias else None
     grad = torch.randn(4096, 1024, generator=generator)
     assert functional._cached_projection(x, w, b)
+    calls = _C._cpu_bulk_brgemm_calls()
     ours = functional._linear(x, w, b)
     assert type(ours.grad_fn).__name__ == "_ProjectionIntoCacheBackward"
     ref = torch.nn.functional.linear(x, w, b)
-    assert torch.equal(ours, ref)
     inputs = (x, w) + ((b,) if with_bias else ())
-    for got, want in zip(torch.autograd.grad(ours, inputs, grad), torch.autograd.grad(ref, inputs, grad)):
-        assert torch.equal(got, want)
-    # Small, strided or untracked inputs take F.linear.
-    assert not functional._cached_projection(x[:8], w, b)
+    pairs = [(ours, ref)] + list(zip(torch.autograd.grad(ours, inputs, grad), torch.autograd.grad(ref, inputs, grad)))
+    for got, want in pairs:
+        if mode == "blas":
+            assert torch.equal(got, want)
+        else:
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+    assert _C._cpu_bulk_brgemm_calls() - calls == (3 if mode == "brgemm" else 0)
+    # Small (unless the micro-kernel runs them), strided or untracked inputs take F.linear.
+    assert functional._cached_projection(x[:8], w, b) == (mode == "brgemm")
     assert not functional._cached_projection(x.detach(), w.detach(), None)
     assert not functional._cached_projection(x.t().contiguous().t(), w, b)
 

@@ -245,8 +245,9 @@ def test_path_switch_and_errors(cpu_path):
 def test_auto_path_gives_the_same_numbers_at_the_threshold(mode, cpu_path):
     """'auto' runs batches of up to 16 rows on the engine and larger ones per step (but on processors
     other than Intel's inference on the engine at every batch, and training up to 128 rows for the
-    LSTM, 64 for the GRU, 16 for the Elman RNN): at B = 16 and B = 17 the numbers are torch.nn's
-    either way (float64)."""
+    LSTM, 64 for the GRU, 16 for the Elman RNN, or at every batch where the engine's products run
+    on oneDNN's brgemm micro-kernel): at B = 16 and B = 17 the numbers are torch.nn's either way
+    (float64)."""
     runs = _C._cpu_engine_runs
     cpu_path("auto")
     for gates, training in itertools.product((4, 3, 1), (False, True)):
@@ -255,11 +256,22 @@ def test_auto_path_gives_the_same_numbers_at_the_threshold(mode, cpu_path):
     for gates, training in itertools.product((4, 3, 1), (False, True)):
         assert not runs(17, gates, training)
     _C._set_cpu_vendor_override(-1)
-    for gates in (4, 3, 1):
-        assert runs(17, gates, False) and runs(1000, gates, False)
-    assert runs(17, 4, True) and runs(128, 4, True) and not runs(129, 4, True)
-    assert runs(17, 3, True) and runs(64, 3, True) and not runs(65, 3, True)
-    assert not runs(17, 1, True)
+    gemm_mode = _C._cpu_bulk_gemm_mode()
+    try:
+        _C._set_cpu_bulk_gemm_mode("blas")
+        assert not _C._cpu_step_gemm_uses_brgemm()
+        for gates in (4, 3, 1):
+            assert runs(17, gates, False) and runs(1000, gates, False)
+        assert runs(17, 4, True) and runs(128, 4, True) and not runs(129, 4, True)
+        assert runs(17, 3, True) and runs(64, 3, True) and not runs(65, 3, True)
+        assert not runs(17, 1, True)
+        if _C._cpu_bulk_brgemm_available():
+            _C._set_cpu_bulk_gemm_mode("brgemm")
+            assert _C._cpu_step_gemm_uses_brgemm()
+            for gates, training in itertools.product((4, 3, 1), (False, True)):
+                assert runs(17, gates, training) and runs(1000, gates, training)
+    finally:
+        _C._set_cpu_bulk_gemm_mode(gemm_mode)
     cpu_path("fused")
     assert runs(17, 3, True) and runs(1000, 1, False) and runs(1000, 4, True)
     cpu_path("steps")

@@ -323,7 +323,8 @@ def test_where_it_runs_the_blas_products(counted, cpu_path):
     above the register tiles' batches (16 rows) and from 2 rows in float32 where MKL's packed GEMM
     is there and every step has the full batch, and at 1 row where W_hh (G * H * H floats) takes
     more than 512 KiB and at most 1 MiB; on other processors above 16 rows for the Elman
-    RNN only; never on the per-step path, never with the register tiles forced ("fused"),
+    RNN only, or where the products run on oneDNN's brgemm micro-kernel (float32 compute) above 16
+    rows for every cell and from 8 for the Elman RNN; never on the per-step path, never with the register tiles forced ("fused"),
     never on ATen's GEMM (it would run inside the engine's parallel region)."""
     cpu_path("auto")
     blas = _C._cpu_engine_blas_product
@@ -331,6 +332,8 @@ def test_where_it_runs_the_blas_products(counted, cpu_path):
         assert not blas(64, 4, True, 3, 64)
         return
     mkl_packed = _C._cpu_blas_packs()
+    gemm_mode = _C._cpu_bulk_gemm_mode()
+    _C._set_cpu_bulk_gemm_mode("blas")  # MKL's packed GEMM in the engine's products everywhere
     try:
         _C._set_cpu_vendor_override(1)
         assert _C._cpu_is_intel()
@@ -354,6 +357,15 @@ def test_where_it_runs_the_blas_products(counted, cpu_path):
         for gates in (4, 3):
             assert not blas(17, 4, True, gates, 64) and not blas(64, 8, True, gates, 64)
             assert not blas(256, 4, True, gates, 64) and not blas(1, 4, True, gates, 64)
+        if _C._cpu_bulk_brgemm_available():
+            _C._set_cpu_bulk_gemm_mode("brgemm")  # the products on the micro-kernel
+            for gates in (4, 3, 1):
+                assert blas(17, 4, True, gates, 64) and blas(256, 4, False, gates, 64)
+                assert not blas(2, 4, True, gates, 64) and not blas(1, 4, True, gates, 256)
+            assert blas(8, 4, True, 1, 64) and blas(16, 4, False, 1, 64) and not blas(7, 4, True, 1, 64)
+            assert not blas(16, 4, True, 4, 64) and not blas(16, 4, True, 3, 64)
+            assert blas(17, 8, True, 1, 64) and not blas(17, 8, True, 3, 64)  # float64: MKL's rule
+            _C._set_cpu_bulk_gemm_mode("blas")
     finally:
         _C._set_cpu_vendor_override(0)
     with torch.no_grad():
@@ -367,9 +379,14 @@ def test_where_it_runs_the_blas_products(counted, cpu_path):
             assert _C._cpu_engine_blas_calls() == before
             rnnfused.RNN(24, 24).eval()(torch.randn(3, 40, 24))  # the Elman RNN on the BLAS products
             assert _C._cpu_engine_blas_calls() == before + 1
-        assert counted.calls == 3
+            if _C._cpu_bulk_brgemm_available():
+                _C._set_cpu_bulk_gemm_mode("brgemm")  # and the GRU too on the micro-kernel
+                rnnfused.GRU(24, 24).eval()(torch.randn(3, 40, 24))
+                assert _C._cpu_engine_blas_calls() == before + 2
+        assert counted.calls == 3 + _C._cpu_bulk_brgemm_available()
     finally:
         _C._set_cpu_vendor_override(0)
+        _C._set_cpu_bulk_gemm_mode(gemm_mode)
     cpu_path("fused")
     assert not blas(64, 4, True, 3, 64)
     cpu_path("steps")

@@ -1,5 +1,7 @@
 #include "blas.h"
 
+#include "bulk_gemm.h"  // brgemm_on_this_thread
+
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
@@ -137,9 +139,10 @@ bool mkl_packing_available() {
 }  // namespace
 
 template <typename T>
-int64_t StepWeight<T>::packed_size(int64_t rows, int64_t n, int64_t k) {
+int64_t StepWeight<T>::packed_size(int64_t rows, int64_t n, int64_t k, bool one_thread) {
   if constexpr (std::is_same_v<T, float>) {
     const bool shapes_fit = rows > 0 && n > 0 && k > 0 && fits_int(rows) && fits_int(n) && fits_int(k);
+    if (one_thread && shapes_fit && step_gemm_uses_brgemm()) return n * k;
     if (!g_force_aten && mkl_packing_available() && shapes_fit) {
       return static_cast<int64_t>(cblas_sgemm_pack_get_size(kMklBMatrix, int(rows), int(n), int(k)) / sizeof(float)) +
              16;
@@ -192,10 +195,29 @@ bool cpu_is_intel() {
 void set_cpu_vendor_override(int override) { g_vendor_override = override; }
 
 template <typename T>
-StepWeight<T>::StepWeight(bool trans_b, int64_t rows, int64_t n, int64_t k, const T* b, int64_t ldb, T* storage)
+StepWeight<T>::StepWeight(bool trans_b, int64_t rows, int64_t n, int64_t k, const T* b, int64_t ldb, T* storage,
+                          bool one_thread)
     : trans_b_(trans_b), rows_(rows), n_(n), k_(k), ldb_(ldb), b_(b) {
   if constexpr (std::is_same_v<T, float>) {
-    const int64_t size = packed_size(rows, n, k);
+    const int64_t size = packed_size(rows, n, k, one_thread);
+    if (b != nullptr && size > 0 && one_thread && step_gemm_uses_brgemm()) {
+      if (storage == nullptr) {
+        packed_storage_.reset(new float[size]);
+        storage = packed_storage_.get();
+      }
+      // B as [k, n] rows: element (kk, j) of op(B) is b[j * ldb + kk] transposed, b[kk * ldb + j] not.
+      for (int64_t kk = 0; kk < k; ++kk) {
+        float* row = storage + kk * n;
+        if (trans_b) {
+          for (int64_t j = 0; j < n; ++j) row[j] = b[j * ldb + kk];
+        } else {
+          std::memcpy(row, b + kk * ldb, sizeof(float) * n);
+        }
+      }
+      packed_ = storage;
+      brgemm_ = true;
+      return;
+    }
     if (b != nullptr && size > 0 && fits_int(ldb)) {
       if (storage == nullptr) {
         packed_storage_.reset(new float[size]);
@@ -211,7 +233,11 @@ StepWeight<T>::StepWeight(bool trans_b, int64_t rows, int64_t n, int64_t k, cons
 template <typename T>
 void StepWeight<T>::multiply(int64_t m, const T* a, int64_t lda, T beta, T* c, int64_t ldc) const {
   if constexpr (std::is_same_v<T, float>) {
-    if (packed_ != nullptr && m == rows_ && fits_int(lda) && fits_int(ldc)) {
+    if (brgemm_ && (beta == 0.0f || beta == 1.0f)) {
+      brgemm_on_this_thread(m, n_, k_, a, lda, packed_, n_, beta != 0.0f, c, ldc);
+      return;
+    }
+    if (packed_ != nullptr && !brgemm_ && m == rows_ && fits_int(lda) && fits_int(ldc)) {
       cblas_sgemm_compute(kCblasRowMajor, kCblasNoTrans, kMklPacked, int(m), int(n_), int(k_), a,
                           int(std::max<int64_t>(lda, 1)), packed_, int(n_), beta, c, int(std::max<int64_t>(ldc, 1)));
       return;

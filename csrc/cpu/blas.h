@@ -23,11 +23,15 @@ void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, 
 template <typename T>
 class StepWeight {
  public:
-  // `storage`: where the packed form goes (packed_size(rows, n, k) elements), so that a caller
-  // that keeps a buffer across calls spares the allocation and its page faults; null: allocated.
-  StepWeight(bool trans_b, int64_t rows, int64_t n, int64_t k, const T* b, int64_t ldb, T* storage = nullptr);
+  // `storage`: where the packed form goes (packed_size(rows, n, k, one_thread) elements), so that
+  // a caller that keeps a buffer across calls spares the allocation and its page faults; null:
+  // allocated. `one_thread`: multiply() is called on one thread (inside a team's slice), where
+  // step_gemm_uses_brgemm() (below) the products run on oneDNN's brgemm micro-kernel over
+  // B copied once as [k, n] rows, since MKL's packed GEMM runs AVX2 kernels on those processors.
+  StepWeight(bool trans_b, int64_t rows, int64_t n, int64_t k, const T* b, int64_t ldb, T* storage = nullptr,
+             bool one_thread = false);
   // Elements of the packed form for this shape (0 where B is used as it is).
-  static int64_t packed_size(int64_t rows, int64_t n, int64_t k);
+  static int64_t packed_size(int64_t rows, int64_t n, int64_t k, bool one_thread = false);
   // C[m, n] = A[m, k] op(B) + beta * C (row-major). The packed form serves m == rows (MKL
   // documents packed operands for the shape they were packed for); other m take plain gemm.
   void multiply(int64_t m, const T* a, int64_t lda, T beta, T* c, int64_t ldc) const;
@@ -39,6 +43,7 @@ class StepWeight {
   const T* b_;
   std::unique_ptr<float[]> packed_storage_;
   const float* packed_ = nullptr;
+  bool brgemm_ = false;  // packed_ holds B as [k, n] rows for the micro-kernel
 };
 
 // While alive, GEMMs called from this thread run on this thread alone: MKL's thread count for the
@@ -69,6 +74,12 @@ bool blas_packs_float();
 bool cpu_is_intel();
 // Testing hook: 1 answers as an Intel processor, -1 as another, 0 detects.
 void set_cpu_vendor_override(int override);
+
+// Whether StepWeight's float32 products on one thread (the fused engine's per-slice GEMMs,
+// engine.h's engine_blas_product) run on oneDNN's brgemm micro-kernel instead of MKL's packed
+// GEMM: bulk_gemm.h's rule (RNNFUSED_CPU_GEMM; on processors other than Intel's with AVX-512)
+// without its minimum size. Defined in bulk_gemm.cpp.
+bool step_gemm_uses_brgemm();
 
 // "blas": the sgemm_/dgemm_ that libtorch_cpu itself calls (MKL or OpenBLAS);
 // "aten": at::addmm_out on wrapped buffers, used where libtorch exports no BLAS symbols.

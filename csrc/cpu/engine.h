@@ -148,6 +148,13 @@ inline int64_t gate_blocks(CellKind cell) { return cell == CellKind::Lstm ? 4 : 
 // 3% either way), so it stays on the per-step path above 16 rows. On the Intel Xeon measured, the
 // per-step path or the BLAS products beat the tiles above 16 rows for every cell (above and at
 // engine_blas_product below), and the per-step path stays there.
+// Where the engine's per-slice products run on oneDNN's brgemm micro-kernel (step_gemm_uses_brgemm
+// in blas.h: processors other than Intel's with AVX-512, where MKL runs AVX2 kernels), the engine
+// runs at every batch: on an AMD EPYC (Zen 5, AVX-512, 2 threads, 2026-12-01, H = I = 512, T = 25
+// unless said, training forward + backward, ms, per-step path / engine with those products /
+// torch.nn side by side) Elman RNN (tanh) B = 64 16.2 / 12.4 / 26.8-30.7, B = 128 31.1 / 24.7 /
+// 53.4-55.4; GRU B = 64 38.3 / 36.6 / 78.8-88.1, B = 128 104.8 / 71.0 / 150.5-162.5; LSTM B = 256,
+// T = 10 104.0 / 79.7 / 89.2-91.2.
 constexpr int64_t kEngineMaxLstmTrainingBatch = 128;
 constexpr int64_t kEngineMaxGruTrainingBatch = 64;
 inline bool engine_runs(int64_t batch, int64_t gates, bool training) {
@@ -155,7 +162,7 @@ inline bool engine_runs(int64_t batch, int64_t gates, bool training) {
   if (path != CpuPath::Auto) return path == CpuPath::Fused;
   if (batch <= kEngineMaxBatch) return true;
   if (cpu_is_intel()) return false;
-  if (!training) return true;
+  if (!training || step_gemm_uses_brgemm()) return true;
   return batch <= (gates == 4 ? kEngineMaxLstmTrainingBatch : gates == 3 ? kEngineMaxGruTrainingBatch : kEngineMaxBatch);
 }
 
@@ -235,6 +242,17 @@ constexpr int64_t kEngineBlasMinBatch = 2;
 // H = 160 0.41 / 0.44; larger too (10 calls per round, alternating): LSTM H = 384 2.04 / 2.11,
 // H = 512 5.30 / 6.54, H = 768 19.9 / 24.6, GRU H = 512 2.97 / 3.70. Forward + backward (10 calls
 // per round): LSTM H = 256 3.19 / 2.90, GRU H = 256 2.39 / 2.31.
+// Where the products run on oneDNN's brgemm micro-kernel (step_gemm_uses_brgemm, blas.h): above
+// kEngineMaxBatch rows for every cell, and from kEngineBrgemmMinRnnBatch rows for the Elman RNN.
+// Measured on an AMD EPYC (Zen 5, AVX-512, 2 threads, 2026-12-01, I = H, ms, register tiles /
+// brgemm products, the two alternating in one process, medians of three rounds): H = 512, T = 25,
+// eval forward B = 32 LSTM 13.4 / 10.7, GRU 9.6 / 7.1, Elman RNN 3.3 / 2.5; B = 64 LSTM 24.7 /
+// 18.2, GRU 17.9 / 12.4, Elman RNN 6.6 / 4.4; training within 3% either way (LSTM B = 64 53.8 /
+// 52.3). H = 256, T = 100: Elman RNN eval forward B = 8 1.14 / 0.85, B = 16 1.95 / 1.51 (training
+// 2.66 / 2.56, 4.46 / 4.54); the LSTM and GRU at B <= 16 within -9% / +11% (LSTM B = 8 forward
+// 2.98 / 2.69, B = 16 training 15.1 / 15.7; GRU B = 16 forward 3.65 / 3.74, training 12.1 / 13.0),
+// B <= 4 the tiles faster for every cell (LSTM B = 1 forward 0.56 / 0.87).
+constexpr int64_t kEngineBrgemmMinRnnBatch = 8;
 constexpr int64_t kEngineBlasBatch1MinWeightBytes = 1 << 19;
 constexpr int64_t kEngineBlasBatch1MaxWeightBytes = 1 << 20;
 bool engine_blas_product(int64_t batch, int64_t element_size, bool full_steps, int64_t gates, int64_t hidden);

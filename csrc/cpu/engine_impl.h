@@ -459,8 +459,8 @@ void forward_loop(const ForwardProblem<T>& p, const Finish& finish_element) {
       BlasSlice<T>& bs = blas_slices[slice];
       bs.w_hh = take(width * H);
       bs.w_ih = take(blas_project ? width * I : 0);
-      bs.packed_hh = take(StepWeight<T>::packed_size(plan.batch, width, H));
-      bs.packed_ih = take(blas_project ? StepWeight<T>::packed_size(blas_projection_rows, width, I) : 0);
+      bs.packed_hh = take(StepWeight<T>::packed_size(plan.batch, width, H, true));
+      bs.packed_ih = take(blas_project ? StepWeight<T>::packed_size(blas_projection_rows, width, I, true) : 0);
       bs.gates_h = take(plan.batch * width);
       bs.gates_x = take(blas_projection_rows * width);
     }
@@ -512,7 +512,7 @@ void forward_loop(const ForwardProblem<T>& p, const Finish& finish_element) {
                           std::unique_ptr<StepWeight<T>>& product) {
     const int64_t Hs = j1 - j0;
     for (int g = 0; g < G; ++g) std::memcpy(gathered + g * Hs * K, weight + (g * H + j0) * K, Hs * K * sizeof(T));
-    product = std::make_unique<StepWeight<T>>(true, rows, G * Hs, K, gathered, K, packed);
+    product = std::make_unique<StepWeight<T>>(true, rows, G * Hs, K, gathered, K, packed, true);
   };
   // One step of a slice with the BLAS product (rows [rows], a[r]: the rows' h_{t-1}).
   auto blas_step = [&](BlasSlice<T>& bs, int64_t j0, int64_t j1, int64_t s, int64_t off, int64_t rows,
@@ -693,7 +693,7 @@ void backward_loop(const BackwardProblem<T>& p, int64_t G, const T* grad_for_dh,
   for (int64_t slice = 0; blas && slice < team; ++slice) {
     const auto [b0, b1] = slice_blocks(blocks, team, slice);
     blas_offsets.push_back(blas_size);
-    blas_size += (StepWeight<T>::packed_size(plan.batch, std::min(H, b1 * V) - b0 * V, K) + 15) / 16 * 16;
+    blas_size += (StepWeight<T>::packed_size(plan.batch, std::min(H, b1 * V) - b0 * V, K, true) + 15) / 16 * 16;
   }
   std::vector<std::unique_ptr<StepWeight<T>>> blas_weights(blas ? team : 0);
   T* const panels = panel_buffer<T>(blas ? blas_size + 16 : blocks * K * V);
@@ -712,7 +712,7 @@ void backward_loop(const BackwardProblem<T>& p, int64_t G, const T* grad_for_dh,
         if (blas) {
           const int64_t j0 = b0 * V, j1 = std::min(H, b1 * V);
           blas_weights[slice] = std::make_unique<StepWeight<T>>(false, plan.batch, j1 - j0, K, p.w_hh + j0, H,
-                                                                blas_base + blas_offsets[slice]);
+                                                                blas_base + blas_offsets[slice], true);
           return;
         }
         pack_column_panels(p.w_hh, H, H, K, b0, b1, panels);

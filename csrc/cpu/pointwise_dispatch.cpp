@@ -209,7 +209,12 @@ bool engine_blas_product(int64_t batch, int64_t element_size, bool full_steps, i
   if (std::strcmp(blas_backend(), "blas") != 0 || cpu_path() == CpuPath::Steps) return false;
   if (g_blas_override != 0) return g_blas_override > 0;
   if (cpu_path() != CpuPath::Auto) return false;
-  if (!cpu_is_intel()) return batch > kEngineMaxBatch && gates == 1;
+  if (!cpu_is_intel()) {
+    if (element_size == 4 && step_gemm_uses_brgemm()) {
+      return batch > kEngineMaxBatch || (gates == 1 && batch >= kEngineBrgemmMinRnnBatch);
+    }
+    return batch > kEngineMaxBatch && gates == 1;
+  }
   const int64_t w_hh_bytes = gates * hidden * hidden * 4;
   const bool one_row = batch == 1 && w_hh_bytes > kEngineBlasBatch1MinWeightBytes &&
                        w_hh_bytes <= kEngineBlasBatch1MaxWeightBytes;

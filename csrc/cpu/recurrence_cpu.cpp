@@ -18,6 +18,7 @@
 #include "../recurrence.h"
 #include "blas.h"
 #include "buffer_cache.h"
+#include "bulk_gemm.h"
 #include "engine.h"
 #include "op_helpers.h"
 #include "pointwise.h"
@@ -435,9 +436,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   });
   }
   const at::Tensor hprev = masked_rows(plan, previous_h(plan, out, h0_c), mask);
-  at::Tensor grad_w_hh = grad_gates.t().mm(hprev);
+  at::Tensor grad_w_hh = bulk_mm(grad_gates.t(), hprev);
   at::Tensor grad_b_hh = grad_gates.sum(0);
-  at::Tensor grad_w_hr = proj ? grad_h_rows.t().mm(r_rows) : at::empty({0}, options);
+  at::Tensor grad_w_hr = proj ? bulk_mm(grad_h_rows.t(), r_rows) : at::empty({0}, options);
   return {to_dtype(grad_gates, dtype), to_dtype(grad_w_hh, dtype), to_dtype(grad_b_hh, dtype),
           to_dtype(grad_w_hr, dtype), to_dtype(dh_state, dtype), to_dtype(dc_state, dtype)};
 }
@@ -598,7 +599,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_recurrence_backwa
     }
   });
   }
-  at::Tensor grad_w_hh = grad_gates_h.t().mm(masked_rows(plan, hprev, mask));
+  at::Tensor grad_w_hh = bulk_mm(grad_gates_h.t(), masked_rows(plan, hprev, mask));
   at::Tensor grad_b_hh = grad_gates_h.sum(0);
   return {to_dtype(grad_gates_x, dtype), to_dtype(grad_w_hh, dtype), to_dtype(grad_b_hh, dtype),
           to_dtype(dh_state, dtype)};
@@ -765,7 +766,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_recurrence_backwa
   });
   }
   const at::Tensor hprev = masked_rows(plan, previous_h(plan, out, h0_c), mask);
-  at::Tensor grad_w_hh = grad_gates.t().mm(hprev);
+  at::Tensor grad_w_hh = bulk_mm(grad_gates.t(), hprev);
   at::Tensor grad_b_hh = grad_gates.sum(0);
   return {to_dtype(grad_gates, dtype), to_dtype(grad_w_hh, dtype), to_dtype(grad_b_hh, dtype),
           to_dtype(dh_state, dtype)};
