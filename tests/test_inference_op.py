@@ -324,7 +324,8 @@ def test_where_it_runs_the_blas_products(counted, cpu_path):
     is there and every step has the full batch, and at 1 row where W_hh (G * H * H floats) takes
     more than 512 KiB and at most 1 MiB; on other processors above 16 rows for the Elman
     RNN only, or where the products run on oneDNN's brgemm micro-kernel (float32 compute) above 16
-    rows for every cell and from 8 for the Elman RNN; never on the per-step path, never with the register tiles forced ("fused"),
+    rows for every cell and from 8 for the Elman RNN and where W_hh takes more than 1 MiB; never on
+    the per-step path, never with the register tiles forced ("fused"),
     never on ATen's GEMM (it would run inside the engine's parallel region)."""
     cpu_path("auto")
     blas = _C._cpu_engine_blas_product
@@ -364,6 +365,8 @@ def test_where_it_runs_the_blas_products(counted, cpu_path):
                 assert not blas(2, 4, True, gates, 64) and not blas(1, 4, True, gates, 256)
             assert blas(8, 4, True, 1, 64) and blas(16, 4, False, 1, 64) and not blas(7, 4, True, 1, 64)
             assert not blas(16, 4, True, 4, 64) and not blas(16, 4, True, 3, 64)
+            assert not blas(16, 4, True, 4, 256) and blas(8, 4, True, 4, 257)  # W_hh over 1 MiB
+            assert blas(8, 4, False, 3, 512) and not blas(7, 4, True, 3, 512)
             assert blas(17, 8, True, 1, 64) and not blas(17, 8, True, 3, 64)  # float64: MKL's rule
             _C._set_cpu_bulk_gemm_mode("blas")
     finally:

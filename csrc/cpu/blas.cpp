@@ -142,7 +142,7 @@ template <typename T>
 int64_t StepWeight<T>::packed_size(int64_t rows, int64_t n, int64_t k, bool one_thread) {
   if constexpr (std::is_same_v<T, float>) {
     const bool shapes_fit = rows > 0 && n > 0 && k > 0 && fits_int(rows) && fits_int(n) && fits_int(k);
-    if (one_thread && shapes_fit && step_gemm_uses_brgemm()) return n * k;
+    if (one_thread && shapes_fit && step_gemm_uses_brgemm()) return k * transposed_row_stride(n);
     if (!g_force_aten && mkl_packing_available() && shapes_fit) {
       return static_cast<int64_t>(cblas_sgemm_pack_get_size(kMklBMatrix, int(rows), int(n), int(k)) / sizeof(float)) +
              16;
@@ -206,13 +206,11 @@ StepWeight<T>::StepWeight(bool trans_b, int64_t rows, int64_t n, int64_t k, cons
         storage = packed_storage_.get();
       }
       // B as [k, n] rows: element (kk, j) of op(B) is b[j * ldb + kk] transposed, b[kk * ldb + j] not.
-      for (int64_t kk = 0; kk < k; ++kk) {
-        float* row = storage + kk * n;
-        if (trans_b) {
-          for (int64_t j = 0; j < n; ++j) row[j] = b[j * ldb + kk];
-        } else {
-          std::memcpy(row, b + kk * ldb, sizeof(float) * n);
-        }
+      packed_ld_ = transposed_row_stride(n);
+      if (trans_b) {
+        transpose_into(b, ldb, k, n, storage, packed_ld_);
+      } else {
+        for (int64_t kk = 0; kk < k; ++kk) std::memcpy(storage + kk * packed_ld_, b + kk * ldb, sizeof(float) * n);
       }
       packed_ = storage;
       brgemm_ = true;
@@ -234,7 +232,7 @@ template <typename T>
 void StepWeight<T>::multiply(int64_t m, const T* a, int64_t lda, T beta, T* c, int64_t ldc) const {
   if constexpr (std::is_same_v<T, float>) {
     if (brgemm_ && (beta == 0.0f || beta == 1.0f)) {
-      brgemm_on_this_thread(m, n_, k_, a, lda, packed_, n_, beta != 0.0f, c, ldc);
+      brgemm_on_this_thread(m, n_, k_, a, lda, packed_, packed_ld_, beta != 0.0f, c, ldc);
       return;
     }
     if (packed_ != nullptr && !brgemm_ && m == rows_ && fits_int(lda) && fits_int(ldc)) {

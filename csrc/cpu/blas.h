@@ -43,7 +43,8 @@ class StepWeight {
   const T* b_;
   std::unique_ptr<float[]> packed_storage_;
   const float* packed_ = nullptr;
-  bool brgemm_ = false;  // packed_ holds B as [k, n] rows for the micro-kernel
+  bool brgemm_ = false;    // packed_ holds B as [k, n] rows for the micro-kernel,
+  int64_t packed_ld_ = 0;  // with this row stride
 };
 
 // While alive, GEMMs called from this thread run on this thread alone: MKL's thread count for the

@@ -45,7 +45,8 @@ constexpr int64_t kBlockRows = 64;
 constexpr int64_t kBlockCols = 128;
 constexpr int64_t kBlockDepth = 256;
 
-// dst[r * ld_dst + c] = src[c * ld_src + r] for r < rows, c < cols, in tiles that stay in L1.
+}  // namespace
+
 void transpose_into(const float* src, int64_t ld_src, int64_t rows, int64_t cols, float* dst, int64_t ld_dst) {
   constexpr int64_t kTile = 16;
   for (int64_t c0 = 0; c0 < cols; c0 += kTile) {
@@ -60,6 +61,8 @@ void transpose_into(const float* src, int64_t ld_src, int64_t rows, int64_t cols
   }
 }
 
+namespace {
+
 #ifdef CPUBLAS_BRGEMM_F32F32F32
 // C[m, n] = A B (+ C where `accumulate`), float32, on the micro-kernel.
 //   A: [m, k] with row stride lda, or (a_transposed) stored as [k, m] with row stride lda.
@@ -72,15 +75,16 @@ void brgemm_product(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda
   // spread over the threads.
   std::vector<float> b_rows;
   if (b_transposed) {
-    b_rows.resize(static_cast<size_t>(k * n));
+    const int64_t stride = transposed_row_stride(n);
+    b_rows.resize(static_cast<size_t>(k * stride));
     at::parallel_for(0, (n + kBlockCols - 1) / kBlockCols, 1, [&](int64_t begin, int64_t end) {
       for (int64_t block = begin; block < end; ++block) {
         const int64_t j0 = block * kBlockCols, width = std::min(kBlockCols, n - j0);
-        transpose_into(b + j0 * ldb, ldb, k, width, b_rows.data() + j0, n);
+        transpose_into(b + j0 * ldb, ldb, k, width, b_rows.data() + j0, stride);
       }
     });
     b = b_rows.data();
-    ldb = n;
+    ldb = stride;
   }
   const int64_t row_blocks = (m + kBlockRows - 1) / kBlockRows;
   const int64_t col_blocks = (n + kBlockCols - 1) / kBlockCols;
@@ -90,16 +94,17 @@ void brgemm_product(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda
   int64_t col_groups = 1;
   while (row_blocks * col_groups < 4 * threads && col_groups < col_blocks) ++col_groups;
   at::parallel_for(0, row_blocks * col_groups, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> a_rows(a_transposed ? static_cast<size_t>(kBlockRows * k) : 0);
+    const int64_t a_stride = transposed_row_stride(k);
+    std::vector<float> a_rows(a_transposed ? static_cast<size_t>(kBlockRows * a_stride) : 0);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t row_block = item / col_groups, group = item % col_groups;
       const int64_t i0 = row_block * kBlockRows, rows = std::min(kBlockRows, m - i0);
       const float* a_block = a + i0 * lda;
       int64_t ld_a = lda;
       if (a_transposed) {
-        transpose_into(a + i0, lda, rows, k, a_rows.data(), k);
+        transpose_into(a + i0, lda, rows, k, a_rows.data(), a_stride);
         a_block = a_rows.data();
-        ld_a = k;
+        ld_a = a_stride;
       }
       const int64_t first = group * col_blocks / col_groups, last = (group + 1) * col_blocks / col_groups;
       for (int64_t col_block = first; col_block < last; ++col_block) {

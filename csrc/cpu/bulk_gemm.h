@@ -37,6 +37,14 @@ void set_bulk_gemm_mode(const char* mode);
 int64_t bulk_brgemm_calls();
 
 // step_gemm_uses_brgemm(): blas.h.
+// dst[r * ld_dst + c] = src[c * ld_src + r] for r < rows, c < cols, in tiles that stay in L1 (the
+// operands that the micro-kernel reads as rows).
+void transpose_into(const float* src, int64_t ld_src, int64_t rows, int64_t cols, float* dst, int64_t ld_dst);
+// The row stride of a copy of `cols` floats per row that transpose_into writes: 64 bytes more than
+// the row, so that the tile's rows do not all fall in one set of the L1 cache (rows of 4 KiB
+// multiples did: transposing W_hh's slice of an H = 512 LSTM took a fifth of its eval forward at
+// B = 64 on the AMD EPYC, Zen 5).
+inline int64_t transposed_row_stride(int64_t cols) { return cols + 16; }
 // C[m, n] = A[m, k] B[k, n] (+ C where `accumulate`), float32, on the micro-kernel, on the calling
 // thread. A, B and C row-major with row strides lda, ldb, ldc. Only where bulk_brgemm_available().
 void brgemm_on_this_thread(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb,

@@ -243,16 +243,22 @@ constexpr int64_t kEngineBlasMinBatch = 2;
 // H = 512 5.30 / 6.54, H = 768 19.9 / 24.6, GRU H = 512 2.97 / 3.70. Forward + backward (10 calls
 // per round): LSTM H = 256 3.19 / 2.90, GRU H = 256 2.39 / 2.31.
 // Where the products run on oneDNN's brgemm micro-kernel (step_gemm_uses_brgemm, blas.h): above
-// kEngineMaxBatch rows for every cell, and from kEngineBrgemmMinRnnBatch rows for the Elman RNN.
-// Measured on an AMD EPYC (Zen 5, AVX-512, 2 threads, 2026-12-01, I = H, ms, register tiles /
-// brgemm products, the two alternating in one process, medians of three rounds): H = 512, T = 25,
-// eval forward B = 32 LSTM 13.4 / 10.7, GRU 9.6 / 7.1, Elman RNN 3.3 / 2.5; B = 64 LSTM 24.7 /
-// 18.2, GRU 17.9 / 12.4, Elman RNN 6.6 / 4.4; training within 3% either way (LSTM B = 64 53.8 /
-// 52.3). H = 256, T = 100: Elman RNN eval forward B = 8 1.14 / 0.85, B = 16 1.95 / 1.51 (training
-// 2.66 / 2.56, 4.46 / 4.54); the LSTM and GRU at B <= 16 within -9% / +11% (LSTM B = 8 forward
-// 2.98 / 2.69, B = 16 training 15.1 / 15.7; GRU B = 16 forward 3.65 / 3.74, training 12.1 / 13.0),
-// B <= 4 the tiles faster for every cell (LSTM B = 1 forward 0.56 / 0.87).
-constexpr int64_t kEngineBrgemmMinRnnBatch = 8;
+// kEngineMaxBatch rows for every cell, and from kEngineBrgemmMinBatch rows for the Elman RNN and
+// where W_hh takes more than kEngineBrgemmMinWeightBytes (the register tiles' panels no longer
+// stay in the cores' L2 of 1 MiB). Measured on an AMD EPYC (Zen 5, AVX-512, 2 threads, 2026-12-01,
+// I = H, ms, register tiles / brgemm products, the two alternating in one process, medians of
+// three rounds): H = 512, T = 25, eval forward B = 32 LSTM 13.4 / 10.7, GRU 9.6 / 7.1, Elman RNN
+// 3.3 / 2.5; B = 64 LSTM 24.7 / 18.2 (15.6 once the transposed copies had padded rows), GRU 17.9
+// / 12.4, Elman RNN 6.6 / 4.4; B = 16 LSTM 6.32 / 4.64, GRU 4.81 / 3.44; B = 8 LSTM 3.74 / 2.81,
+// GRU 2.56 / 2.11; B = 2 LSTM 1.57 / 1.68, GRU 1.01 / 1.03; LSTM H = 384, T = 50 B = 8 4.11 /
+// 2.81, B = 16 6.99 / 4.66; training within 3% either way at B >= 8 (LSTM B = 64 50.6 / 49.7), the
+// tiles 5-12% faster at B = 2. H = 256, T = 100: Elman RNN eval forward B = 8 1.14 / 0.85, B = 16
+// 1.95 / 1.51 (training 2.66 / 2.56, 4.46 / 4.54); the LSTM (W_hh 1 MiB) and GRU at B <= 16 within
+// -9% / +11% (LSTM B = 8 forward 2.98 / 2.69, B = 16 training 15.1 / 15.7; GRU B = 16 forward 3.65
+// / 3.74, training 12.1 / 13.0), B <= 4 the tiles faster for every cell (LSTM B = 1 forward 0.56 /
+// 0.87).
+constexpr int64_t kEngineBrgemmMinBatch = 8;
+constexpr int64_t kEngineBrgemmMinWeightBytes = 1 << 20;
 constexpr int64_t kEngineBlasBatch1MinWeightBytes = 1 << 19;
 constexpr int64_t kEngineBlasBatch1MaxWeightBytes = 1 << 20;
 bool engine_blas_product(int64_t batch, int64_t element_size, bool full_steps, int64_t gates, int64_t hidden);

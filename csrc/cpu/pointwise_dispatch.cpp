@@ -211,7 +211,8 @@ bool engine_blas_product(int64_t batch, int64_t element_size, bool full_steps, i
   if (cpu_path() != CpuPath::Auto) return false;
   if (!cpu_is_intel()) {
     if (element_size == 4 && step_gemm_uses_brgemm()) {
-      return batch > kEngineMaxBatch || (gates == 1 && batch >= kEngineBrgemmMinRnnBatch);
+      const bool large_weight = gates * hidden * hidden * 4 > kEngineBrgemmMinWeightBytes;
+      return batch > kEngineMaxBatch || (batch >= kEngineBrgemmMinBatch && (gates == 1 || large_weight));
     }
     return batch > kEngineMaxBatch && gates == 1;
   }
