@@ -89,7 +89,8 @@ def results_markdown(result):
     if "cuda" in settings["devices"] and env.get("gpu"):
         devices.append(f"GPU {env['gpu']} (CUDA {env['cuda']}, cuDNN {env['cudnn']})")
     build = env["rnnfused"]
-    build_text = (f"rnnfused {build.get('version')} (CPU {build.get('cpu_isa')}, {build.get('cpu_blas')}; "
+    gemm_text = f", large GEMMs {build['cpu_gemm']}" if build.get("cpu_gemm") else ""
+    build_text = (f"rnnfused {build.get('version')} (CPU {build.get('cpu_isa')}, {build.get('cpu_blas')}{gemm_text}; "
                   f"CUDA kernels {'built' if build.get('cuda') else 'not built'})")
     precision = env["precision"]
     gemm = ", ".join(f"{key} {value['gflops']:.1f} GFLOP/s ({value['size']}^3 torch.mm, fastest block)"

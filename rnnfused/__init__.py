@@ -25,10 +25,11 @@ def cuda_built():
 
 def build_info():
     """What this build runs on: CUDA kernels present, CPU instruction set ('avx512', 'avx2' or
-    'default'), the CPU time loop ('auto', 'fused' or 'steps'; see RNNFUSED_CPU_PATH) and the GEMM
-    behind the per-step path."""
+    'default'), the CPU time loop ('auto', 'fused' or 'steps'; see RNNFUSED_CPU_PATH), the GEMM
+    behind the per-step path, and what runs the large float32 GEMMs ('brgemm': oneDNN's micro-kernel,
+    on processors other than Intel's with AVX-512, see RNNFUSED_CPU_GEMM; 'blas' elsewhere)."""
     return {"version": __version__, "cuda": _C.cuda_built(), "cpu_isa": _C.cpu_isa(), "cpu_path": _C.cpu_path(),
-            "cpu_blas": _C.cpu_blas()}
+            "cpu_blas": _C.cpu_blas(), "cpu_gemm": "brgemm" if _C._cpu_step_gemm_uses_brgemm() else "blas"}
 
 
 def empty_cpu_cache():
