@@ -334,6 +334,7 @@ def test_where_it_runs_the_blas_products(counted, cpu_path):
         return
     mkl_packed = _C._cpu_blas_packs()
     gemm_mode = _C._cpu_bulk_gemm_mode()
+    ops_run = 0  # layer_inference calls of the brgemm section below
     _C._set_cpu_bulk_gemm_mode("blas")  # MKL's packed GEMM in the engine's products everywhere
     try:
         _C._set_cpu_vendor_override(1)
@@ -367,13 +368,30 @@ def test_where_it_runs_the_blas_products(counted, cpu_path):
             assert not blas(16, 4, True, 4, 64) and not blas(16, 4, True, 3, 64)
             assert not blas(16, 4, True, 4, 256) and blas(8, 4, True, 4, 257)  # W_hh over 1 MiB
             assert blas(8, 4, False, 3, 512) and not blas(7, 4, True, 3, 512)
+            try:  # within a one-thread period, from half of that (one core's L2)
+                _C._note_cpu_engine_team_stall()
+                assert blas(16, 4, True, 4, 256) and blas(8, 4, True, 3, 210)
+                assert not blas(8, 4, True, 4, 128) and not blas(4, 4, True, 4, 256)
+                with torch.no_grad():  # the op in the period, on one thread: the products too
+                    before = _C._cpu_engine_blas_calls()
+                    rnnfused.LSTM(256, 256).eval()(torch.randn(3, 16, 256))
+                    ops_run += 1
+                    assert _C._cpu_engine_blas_calls() == before + 1
+                torch.use_deterministic_algorithms(True)  # which keeps the threads, and the rule
+                try:
+                    assert not blas(16, 4, True, 4, 256)
+                finally:
+                    torch.use_deterministic_algorithms(False)
+            finally:
+                _C._end_cpu_engine_solo()
+            assert not blas(16, 4, True, 4, 256)
             assert blas(17, 8, True, 1, 64) and not blas(17, 8, True, 3, 64)  # float64: MKL's rule
             _C._set_cpu_bulk_gemm_mode("blas")
     finally:
         _C._set_cpu_vendor_override(0)
     with torch.no_grad():
         rnnfused.GRU(24, 24).double().eval()(torch.randn(3, 40, 24, dtype=torch.float64))
-        assert counted.calls == 1
+        assert counted.calls == 1 + ops_run
     _C._set_cpu_vendor_override(-1)  # another vendor at B = 40: the GRU on the register tiles
     try:
         before = _C._cpu_engine_blas_calls()
@@ -386,7 +404,7 @@ def test_where_it_runs_the_blas_products(counted, cpu_path):
                 _C._set_cpu_bulk_gemm_mode("brgemm")  # and the GRU too on the micro-kernel
                 rnnfused.GRU(24, 24).eval()(torch.randn(3, 40, 24))
                 assert _C._cpu_engine_blas_calls() == before + 2
-        assert counted.calls == 3 + _C._cpu_bulk_brgemm_available()
+        assert counted.calls == 3 + ops_run + _C._cpu_bulk_brgemm_available()
     finally:
         _C._set_cpu_vendor_override(0)
         _C._set_cpu_bulk_gemm_mode(gemm_mode)

@@ -257,6 +257,12 @@ constexpr int64_t kEngineBlasMinBatch = 2;
 // -9% / +11% (LSTM B = 8 forward 2.98 / 2.69, B = 16 training 15.1 / 15.7; GRU B = 16 forward 3.65
 // / 3.74, training 12.1 / 13.0), B <= 4 the tiles faster for every cell (LSTM B = 1 forward 0.56 /
 // 0.87).
+// Within a one-thread period (team.h: another process took a core) the call runs on one thread,
+// whose L2 holds half of what two hold: there from kEngineBrgemmMinBatch rows where W_hh takes
+// more than half of kEngineBrgemmMinWeightBytes (same machine, T = 100, I = H = 256, B = 16, eval
+// forward on one thread, ms, register tiles / brgemm products / torch.nn on one thread: LSTM 12.60
+// / 8.39 / 7.5, GRU 9.38 / 6.26 / 15.7). Not where the thread count is 1 by the user's choice, so
+// that results stay the same at every thread count on an idle machine.
 constexpr int64_t kEngineBrgemmMinBatch = 8;
 constexpr int64_t kEngineBrgemmMinWeightBytes = 1 << 20;
 constexpr int64_t kEngineBlasBatch1MinWeightBytes = 1 << 19;

@@ -211,7 +211,11 @@ bool engine_blas_product(int64_t batch, int64_t element_size, bool full_steps, i
   if (cpu_path() != CpuPath::Auto) return false;
   if (!cpu_is_intel()) {
     if (element_size == 4 && step_gemm_uses_brgemm()) {
-      const bool large_weight = gates * hidden * hidden * 4 > kEngineBrgemmMinWeightBytes;
+      // Within a one-thread period the call runs on one thread, whose L2 holds half of two's (not
+      // one_thread_period_applies(): inside the op, CallThreads has already put it on one thread).
+      const bool one_thread = in_one_thread_period() && !at::globalContext().deterministicAlgorithms();
+      const int64_t weight_limit = kEngineBrgemmMinWeightBytes / (one_thread ? 2 : 1);
+      const bool large_weight = gates * hidden * hidden * 4 > weight_limit;
       return batch > kEngineMaxBatch || (batch >= kEngineBrgemmMinBatch && (gates == 1 || large_weight));
     }
     return batch > kEngineMaxBatch && gates == 1;
