@@ -21,6 +21,8 @@
 //   products as BLAS GEMMs instead of the register tiles: its rows of W_hh (and W_ih), or in the
 //   backward W_hh's columns of its units, packed once per call by MKL, one single-thread GEMM per
 //   step into a buffer of the slice that the element functions then read while it is in cache.
+//   On processors other than Intel's with AVX-512 these GEMMs run on oneDNN's brgemm micro-kernel
+//   (step_gemm_uses_brgemm, blas.h), where MKL runs AVX2 kernels.
 // - Steps are separated by a barrier that spins briefly, then yields the core, so that a waiting
 //   thread never holds a core another process needs for long; a thread that has waited
 //   past the spin runs the late slice's step itself (team.h), so a thread that lost its core to
